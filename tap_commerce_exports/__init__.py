@@ -1,0 +1,1 @@
+"""tap-commerce-exports: Intelligems, Next Commerce and Voucherify bulk CSV exports as Singer streams."""

@@ -1,0 +1,258 @@
+"""The export-job engine: create -> poll -> resolve the file URL -> download whole -> (parse).
+
+Each API says how it spells those steps by implementing `ExportApi`; the lifecycle is written once
+in `ExportRunner`. "Where do we wait" is `ExportRunner._wait_until_ready`; a failed export is
+re-created a bounded number of times in `ExportRunner.prepare`; an expired file URL is renewed the
+cheapest way the API allows (`ExportApi.fresh_file_url`).
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tap_commerce_exports.engine.download import DownloadedFile, FileDownloader
+from tap_commerce_exports.engine.windows import Window
+
+
+class ExportState(enum.Enum):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ExportFailed(RuntimeError):
+    """An export could not be produced; the message names the stream, window and export id."""
+
+
+class ExportTimedOut(ExportFailed):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One export a stream wants: a type, a window (None: everything) and a partition."""
+
+    stream_name: str
+    export_type: str
+    window: Window | None
+    partition: dict[str, Any] = field(default_factory=dict)
+    fields: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        where = "".join(f" {key}={value}" for key, value in self.partition.items())
+        return f"{self.stream_name}{where} {self.window or '(whole export)'}"
+
+
+@dataclass
+class ExportHandle:
+    """What the API told us about one export, in the API's own words plus our reading of them."""
+
+    export_id: str
+    status: str
+    state: ExportState
+    file_url: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PollPolicy:
+    """Poll from `interval` up to `max_interval` (x1.5 each time); give up after `timeout` seconds."""
+
+    interval: float = 5.0
+    max_interval: float = 60.0
+    timeout: float = 3600.0
+    progress_every: float = 30.0
+
+    def intervals(self):
+        wait = self.interval
+        while True:
+            yield wait
+            wait = min(self.max_interval, wait * 1.5)
+
+
+class ExportApi(ABC):
+    """How one API spells the export lifecycle. Only `create` is required."""
+
+    name: str = "api"
+    #: Re-create an export that ended FAILED at most this many times.
+    max_recreates: int = 3
+    #: Rows at which an export is silently truncated (Next Commerce); None when uncapped.
+    row_cap: int | None = None
+
+    @abstractmethod
+    def create(self, request: ExportRequest) -> ExportHandle:
+        """Start an export. Synchronous APIs answer READY with a file URL at once."""
+
+    def poll(self, request: ExportRequest, handle: ExportHandle) -> ExportHandle:
+        """Ask for the export's status again."""
+        return handle
+
+    def file_url(self, request: ExportRequest, handle: ExportHandle) -> str:
+        """Where the finished file is (Next Commerce needs a separate call for it)."""
+        if not handle.file_url:
+            raise ExportFailed(f"{request.describe()}: export {handle.export_id} is ready but has no file URL")
+        return handle.file_url
+
+    def fresh_file_url(self, request: ExportRequest, handle: ExportHandle) -> str | None:
+        """A new URL for the same file after the old one expired; None: the export must be re-created."""
+        return None
+
+    def file_headers(self) -> dict[str, str]:
+        """Headers for the file host. Empty unless that host needs the API's credentials."""
+        return {}
+
+    def find_reusable(self, request: ExportRequest) -> ExportHandle | None:
+        """An export the API already holds for exactly this request (a re-run after a crash)."""
+        return None
+
+    def resume(self, request: ExportRequest, export_id: str) -> ExportHandle | None:
+        """The export remembered in state, if the API still has it; None: create a new one."""
+        return None
+
+
+@dataclass
+class ReadyExport:
+    """A finished export whose file is on local disk, whole."""
+
+    request: ExportRequest
+    handle: ExportHandle
+    file: DownloadedFile
+    waited_seconds: float
+    polls: int
+    #: Data rows in the file, counted only for APIs that truncate at a row cap.
+    row_count: int | None = None
+
+    @property
+    def at_row_cap(self) -> bool:
+        return self.row_count is not None and self.row_count >= self.request_row_cap
+
+    request_row_cap: int = 0
+
+
+def count_csv_rows(path: str) -> int:
+    """Data rows in a CSV file (quoted newlines are part of a row, so lines are not rows)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as text:
+        return max(0, sum(1 for _ in csv.reader(text)) - 1)
+
+
+@dataclass
+class _Tracked:
+    handle: ExportHandle
+    started: float
+    polls: int = 0
+
+
+class ExportRunner:
+    """Runs the lifecycle for one request. Thread-safe: one runner serves all of a tap's exports."""
+
+    def __init__(
+        self,
+        api: ExportApi,
+        downloader: FileDownloader,
+        poll_policy: PollPolicy,
+        logger: logging.Logger,
+        on_export_started: Callable[[ExportRequest, ExportHandle], None] | None = None,
+    ) -> None:
+        self.api = api
+        self.downloader = downloader
+        self.poll_policy = poll_policy
+        self.logger = logger
+        self.on_export_started = on_export_started
+
+    def prepare(self, request: ExportRequest, remembered_export_id: str | None = None) -> ReadyExport:
+        """Create (or reuse) the export, wait for it, and download its file whole."""
+        failures: list[str] = []
+        for attempt in range(self.api.max_recreates + 1):
+            tracked = self._start(request, remembered_export_id if attempt == 0 else None)
+            tracked = self._wait_until_ready(request, tracked)
+            if tracked.handle.state is ExportState.READY:
+                file = self._download(request, tracked)
+                waited = time.monotonic() - tracked.started
+                ready = ReadyExport(request, tracked.handle, file, waited, tracked.polls)
+                if self.api.row_cap:
+                    ready.row_count, ready.request_row_cap = count_csv_rows(file.path), self.api.row_cap
+                return ready
+            failures.append(f"{tracked.handle.export_id} ({tracked.handle.status})")
+            self.logger.warning(
+                "%s: export %s ended %s; creating it again (%d of %d)",
+                request.describe(), tracked.handle.export_id, tracked.handle.status, attempt + 1,
+                self.api.max_recreates,
+            )
+        raise ExportFailed(
+            f"{request.describe()}: export failed {len(failures)} times: {', '.join(failures)}; giving up"
+        )
+
+    def _start(self, request: ExportRequest, remembered_export_id: str | None) -> _Tracked:
+        handle = None
+        if remembered_export_id:
+            handle = self.api.resume(request, remembered_export_id)
+            if handle:
+                self.logger.info("%s: resuming export %s from state", request.describe(), handle.export_id)
+        if handle is None:
+            handle = self.api.find_reusable(request)
+            if handle:
+                self.logger.info("%s: reusing existing export %s", request.describe(), handle.export_id)
+        if handle is None:
+            handle = self.api.create(request)
+            self.logger.info(
+                "%s: created export %s (status %s)", request.describe(), handle.export_id, handle.status
+            )
+        if self.on_export_started:
+            self.on_export_started(request, handle)
+        return _Tracked(handle, time.monotonic())
+
+    def _wait_until_ready(self, request: ExportRequest, tracked: _Tracked) -> _Tracked:
+        policy = self.poll_policy
+        last_status = tracked.handle.status
+        last_report = tracked.started
+        for wait in policy.intervals():
+            if tracked.handle.state is not ExportState.PENDING:
+                return tracked
+            elapsed = time.monotonic() - tracked.started
+            if elapsed >= policy.timeout:
+                raise ExportTimedOut(
+                    f"{request.describe()}: export {tracked.handle.export_id} was still "
+                    f"'{tracked.handle.status}' after {elapsed:.0f}s (export_timeout_seconds={policy.timeout:g}); "
+                    "raise export_timeout_seconds or try a smaller export_window_days"
+                )
+            time.sleep(min(wait, max(0.0, policy.timeout - elapsed)))
+            tracked.handle = self.api.poll(request, tracked.handle)
+            tracked.polls += 1
+            now = time.monotonic()
+            if tracked.handle.status != last_status or now - last_report >= policy.progress_every:
+                self.logger.info(
+                    "%s: export %s is %s after %.0fs (%d polls)",
+                    request.describe(), tracked.handle.export_id, tracked.handle.status, now - tracked.started,
+                    tracked.polls,
+                )
+                last_status, last_report = tracked.handle.status, now
+        raise AssertionError("unreachable")  # intervals() never ends
+
+    def _download(self, request: ExportRequest, tracked: _Tracked) -> DownloadedFile:
+        describe = f"{request.describe()} export {tracked.handle.export_id}"
+
+        def refresh() -> str:
+            url = self.api.fresh_file_url(request, tracked.handle)
+            if url is None:
+                # The API cannot re-sign this file: a new export is the only way to a fresh URL.
+                tracked.handle = self.api.create(request)
+                self.logger.info("%s: re-created as export %s for a fresh URL", describe, tracked.handle.export_id)
+                tracked.handle = self._wait_until_ready(request, tracked).handle
+                if tracked.handle.state is not ExportState.READY:
+                    raise ExportFailed(f"{describe}: re-created export ended {tracked.handle.status}")
+                url = self.api.file_url(request, tracked.handle)
+            return url
+
+        url = self.api.file_url(request, tracked.handle)
+        file = self.downloader.fetch(url, describe=describe, refresh_url=refresh, headers=self.api.file_headers())
+        self.logger.info(
+            "%s: downloaded %d bytes in %.1fs (%d attempt%s)",
+            describe, file.size_bytes, file.seconds, file.attempts, "" if file.attempts == 1 else "s",
+        )
+        return file

@@ -1,0 +1,205 @@
+"""Where we retry API calls: one client for every API, with rate limits, timeouts and redaction.
+
+API calls go through `ApiClient`, which carries the API's credentials, paces itself under the
+documented rate limit, honours the API's own "wait this long" headers on 429, and retries bursts of
+5xx and dropped connections with exponential backoff. It never puts a secret in an error message:
+errors name the method and the path, not the query string or the headers.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+import backoff
+import requests
+
+TIMEOUT = (10.0, 120.0)  # connect, read: every request has both
+RETRIABLE_STATUSES = {500, 502, 503, 504}
+
+
+class ApiError(RuntimeError):
+    """An API answered with an error we cannot retry our way out of."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _RateLimited(Exception):
+    def __init__(self, wait_seconds: float) -> None:
+        self.wait_seconds = wait_seconds
+
+
+class _Retriable(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def without_query(url: str) -> str:
+    """A URL safe to log: signed URLs carry their credentials in the query string."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def retry_after_seconds(response: requests.Response, default: float = 1.0) -> float:
+    """How long the API asked us to wait, from whichever header it uses.
+
+    Retry-After (seconds or an HTTP date), Voucherify's X-Rate-Limit-Retry (seconds) and
+    Intelligems' x-ratelimit-reset (epoch milliseconds).
+    """
+    headers = response.headers
+    if value := headers.get("Retry-After"):
+        if value.strip().replace(".", "", 1).isdigit():
+            return float(value)
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    if value := headers.get("X-Rate-Limit-Retry"):
+        return float(value)
+    if value := headers.get("x-ratelimit-reset"):
+        return max(0.0, float(value) / 1000.0 - time.time())
+    return default
+
+
+class RequestPacer:
+    """Client-side token bucket: stay under an API's documented requests-per-second, across threads."""
+
+    def __init__(self, per_second: float | None, burst: int = 1) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self._lock = threading.Lock()
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._paused_until = 0.0
+
+    def wait_turn(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                wait = self._paused_until - now
+                if wait <= 0 and self.per_second is None:
+                    return
+                if wait <= 0:
+                    self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.per_second)
+                    self._last = now
+                    if self._tokens >= 1.0:
+                        self._tokens -= 1.0
+                        return
+                    wait = (1.0 - self._tokens) / self.per_second
+            time.sleep(wait)
+
+    def pause_for(self, seconds: float) -> None:
+        """Everyone waits: the API said the budget is spent (429, or remaining == 0)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+
+@dataclass
+class ApiClient:
+    """Calls one API: base URL, credential headers, pacing and retries.
+
+    `exhausted_budget_wait(response)` lets an API say "remaining is 0, wait N s" from its own
+    headers before it answers 429 (Intelligems' x-ratelimit-remaining / x-ratelimit-reset).
+    """
+
+    api_name: str
+    base_url: str
+    credential_headers: dict[str, str]
+    logger: logging.Logger
+    pacer: RequestPacer = field(default_factory=lambda: RequestPacer(None))
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    max_tries: int = 8
+    max_backoff_seconds: float = 30.0
+    calls: int = 0
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def __post_init__(self) -> None:
+        self.session.headers.update({"Accept": "application/json", "User-Agent": "tap-commerce-exports"})
+        self.session.headers.update(self.extra_headers)
+        self.session.headers.update(self.credential_headers)
+        self._calls_lock = threading.Lock()
+
+    def url(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        return f"{self.base_url.rstrip('/')}/{path.lstrip('/')}"
+
+    def get(self, path: str, *, params: dict | None = None, ok: Iterable[int] = (200,)) -> Any:
+        return self.request("GET", path, params=params, ok=ok)
+
+    def post(self, path: str, *, body: Any, ok: Iterable[int] = (200, 201)) -> Any:
+        return self.request("POST", path, json_body=body, ok=ok)
+
+    def request(
+        self, method: str, path: str, *, params: dict | None = None, json_body: Any = None, ok: Iterable[int] = (200,)
+    ) -> Any:
+        """The parsed JSON answer (None for an empty body), after retries; ApiError otherwise."""
+        response = self._send_with_retries(method, self.url(path), params, json_body)
+        if response.status_code not in set(ok):
+            raise ApiError(self._describe_failure(method, path, response), response.status_code)
+        return response.json() if response.content else None
+
+    def _send_with_retries(self, method: str, url: str, params: dict | None, body: Any) -> requests.Response:
+        send = backoff.on_exception(
+            backoff.expo,
+            _Retriable,
+            max_tries=self.max_tries,
+            max_value=self.max_backoff_seconds,
+            factor=0.5,
+            on_backoff=lambda d: self.logger.warning(
+                "%s: %s %s failed (%s), retry %d of %d in %.1fs",
+                self.api_name, method, without_query(url), d["exception"].reason, d["tries"], self.max_tries - 1,
+                d["wait"],
+            ),
+            on_giveup=lambda d: self._give_up(method, url, d["exception"]),
+        )(
+            backoff.on_exception(
+                backoff.runtime,
+                _RateLimited,
+                value=lambda exc: exc.wait_seconds,
+                jitter=None,
+                max_tries=self.max_tries * 2,
+                on_backoff=lambda d: self.logger.info(
+                    "%s: rate limited, waiting %.1fs as the API asked", self.api_name, d["wait"]
+                ),
+                on_giveup=lambda d: self._give_up(method, url, d["exception"]),
+            )(self._send_once)
+        )
+        return send(method, url, params, body)
+
+    def _give_up(self, method: str, url: str, exc: Exception) -> None:
+        reason = getattr(exc, "reason", None) or "rate limited too many times"
+        raise ApiError(f"{self.api_name}: {method} {without_query(url)} failed after {self.max_tries} tries: {reason}")
+
+    def _send_once(self, method: str, url: str, params: dict | None, body: Any) -> requests.Response:
+        self.pacer.wait_turn()
+        with self._calls_lock:
+            self.calls += 1
+        try:
+            response = self.session.request(method, url, params=params, json=body, timeout=TIMEOUT)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retriable(type(exc).__name__) from None
+        if response.status_code == 429:
+            wait = retry_after_seconds(response)
+            self.pacer.pause_for(wait)
+            raise _RateLimited(wait)
+        if response.status_code in RETRIABLE_STATUSES:
+            raise _Retriable(f"HTTP {response.status_code}")
+        if (wait := self.exhausted_budget_wait(response)) is not None:
+            self.pacer.pause_for(wait)
+        return response
+
+    def exhausted_budget_wait(self, response: requests.Response) -> float | None:
+        remaining = response.headers.get("x-ratelimit-remaining")
+        if remaining is not None and remaining.strip() == "0" and "x-ratelimit-reset" in response.headers:
+            return retry_after_seconds(response)
+        return None
+
+    def _describe_failure(self, method: str, path: str, response: requests.Response) -> str:
+        detail = response.text[:300].strip() if response.content else ""
+        return f"{self.api_name}: {method} {without_query(self.url(path))} answered HTTP {response.status_code}: {detail}"

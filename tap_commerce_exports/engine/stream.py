@@ -1,0 +1,241 @@
+"""Where windows move the bookmark: the Singer stream every export type is an instance of.
+
+A stream asks its source's API for one export per window, reads each finished file in window
+order and, only after the last row of a window has been written, moves the bookmark to the end of
+that window and writes STATE. A run killed at any moment therefore resumes at the first window
+whose rows were not all emitted: rows may be sent twice (targets dedupe on the primary key),
+never lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator
+
+from singer_sdk.streams import Stream
+
+from tap_commerce_exports.engine.csv_records import Column, CsvLayout, CsvRecordReader
+from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
+from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
+from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
+
+UNKNOWN_COLUMN_SCHEMA = {"type": ["string", "null"], "description": "Column not known to the tap; kept as text."}
+
+
+@dataclass
+class SourceRuntime:
+    """What a source's streams share: its API, the runner that drives it, and the tap's pool."""
+
+    api: ExportApi
+    runner: ExportRunner
+    scheduler: ExportScheduler
+    naive_zone: dt.tzinfo = UTC
+
+
+@dataclass
+class StreamTotals:
+    windows: int = 0
+    exports: int = 0
+    rows: int = 0
+    bytes: int = 0
+    polls: int = 0
+    seconds: float = 0.0
+    splits: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class ExportStream(Stream):
+    """One export type of one API as a Singer stream. Subclasses only declare what differs."""
+
+    #: The API's name for this export type.
+    export_type: ClassVar[str]
+    #: Columns the tap knows, with their kinds. Other columns in a file are kept as strings.
+    known_columns: ClassVar[tuple[Column, ...]] = ()
+    #: The context key of a partitioned stream (campaign_id, experience_id); None if not partitioned.
+    partition_key: ClassVar[str | None] = None
+    #: Fields to ask the API for, in order (APIs that take a field list).
+    requested_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, tap: Any, runtime: SourceRuntime) -> None:
+        self.runtime = runtime
+        self._queues: dict[tuple, ExportQueue] = {}
+        self.totals = StreamTotals()
+        super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
+
+    # ------------------------------------------------------------- declarations
+
+    def columns(self) -> list[Column]:
+        """The known columns; a subclass may add some from settings (Voucherify metadata fields)."""
+        return list(self.known_columns)
+
+    def fields_to_request(self) -> tuple[str, ...]:
+        return self.requested_fields
+
+    def partition_values(self) -> list[str]:
+        """Partition values for a partitioned stream; subclasses ask their API."""
+        raise NotImplementedError(f"{self.name} is partitioned by {self.partition_key} but lists no partitions")
+
+    def _build_schema(self) -> dict:
+        properties = {column.key: column.json_schema() for column in self.columns()}
+        return {"type": "object", "properties": properties}
+
+    @property
+    def partitions(self) -> list[dict] | None:
+        if not self.partition_key:
+            return None
+        if not hasattr(self, "_partitions"):
+            self._partitions = [{self.partition_key: value} for value in self.partition_values()]
+        return self._partitions
+
+    # ---------------------------------------------------------------- windows
+
+    def _increment_stream_state(self, latest_record: dict, *, context: Any = None) -> None:
+        """Bookmarks move per finished window (`_advance_bookmark`), never per record."""
+
+    def bookmark(self, context: dict | None) -> dt.datetime | None:
+        state = self.get_context_state(context)
+        if self.replication_key and state.get("replication_key") == self.replication_key:
+            value = state.get("replication_key_value")
+            return parse_instant(value) if value else None
+        return None
+
+    def export_requests(self, context: dict | None) -> list[ExportRequest]:
+        """This run's exports for one partition, in window order."""
+        partition = dict(context or {})
+        if not self.replication_key:
+            return [ExportRequest(self.name, self.export_type, None, partition, self.fields_to_request())]
+        span = self.export_span(context)
+        if span is None:
+            return []
+        windows = plan_windows(span, float(self.config.get("export_window_days", 30)))
+        return [ExportRequest(self.name, self.export_type, window, partition, self.fields_to_request())
+                for window in windows]
+
+    def export_span(self, context: dict | None) -> Window | None:
+        """The range due for this partition; subclasses may clamp it (an experience's lifetime)."""
+        config = self.config
+        return export_range(
+            bookmark=self.bookmark(context),
+            start_date=parse_instant(config["start_date"]),
+            end_date=parse_instant(config["end_date"]) if config.get("end_date") else None,
+            lookback_hours=float(config.get("lookback_hours", 0)),
+            now=dt.datetime.now(UTC),
+        )
+
+    def _advance_bookmark(self, context: dict | None, window: Window | None) -> None:
+        if window is None or not self.replication_key:
+            return
+        state = self.get_context_state(context)
+        state["replication_key"] = self.replication_key
+        state["replication_key_value"] = window.end.isoformat()
+        self.state_manager.is_flushed = False
+        self._write_state_message()
+
+    # ----------------------------------------------------------------- exports
+
+    def start_exports(self) -> None:
+        """Queue this stream's first exports now, so they run while earlier streams are read."""
+        for context in self.partitions or [None]:
+            self._queue_for(context)
+
+    def _queue_for(self, context: dict | None) -> ExportQueue:
+        key = tuple(sorted((context or {}).items()))
+        if key not in self._queues:
+            runtime = self.runtime
+            self._queues[key] = ExportQueue(
+                runtime.scheduler,
+                runtime.runner.prepare,
+                self.export_requests(context),
+                lookahead=runtime.scheduler.max_concurrent_exports,
+            )
+        return self._queues[key]
+
+    def get_records(self, context: dict | None) -> Iterable[dict]:
+        queue = self._queue_for(context)
+        try:
+            while queue:
+                ready = queue.next_ready()
+                if ready.at_row_cap:
+                    queue.push_front(self._split(ready))
+                    continue
+                yield from self._records_of(ready, context)
+                self._advance_bookmark(context, ready.request.window)
+        finally:
+            queue.cancel()
+            self._queues.pop(tuple(sorted((context or {}).items())), None)
+
+    def _split(self, ready: ReadyExport) -> list[ExportRequest]:
+        request, window = ready.request, ready.request.window
+        ready.file.remove()
+        if window is None or window.seconds < 2:
+            raise RuntimeError(
+                f"{request.describe()}: export {ready.handle.export_id} holds {ready.row_count} rows, the API's cap, "
+                "and its window cannot be split further; rows would be lost"
+            )
+        self.totals.splits += 1
+        halves = window.halves()
+        self.logger.warning(
+            "%s: export %s hit the API's row cap (%d rows) and may be truncated; exporting %s and %s separately",
+            request.describe(), ready.handle.export_id, ready.row_count, halves[0], halves[1],
+        )
+        return [ExportRequest(request.stream_name, request.export_type, half, request.partition, request.fields)
+                for half in halves]
+
+    def _records_of(self, ready: ReadyExport, context: dict | None) -> Iterator[dict]:
+        describe = f"{ready.request.describe()} export {ready.handle.export_id}"
+        reader = CsvRecordReader(
+            self._columns_by_key(),
+            describe=describe,
+            naive_zone=self.runtime.naive_zone,
+            requested_fields=list(ready.request.fields) or None,
+        )
+        partition_values = dict(context or {})
+        started = time.monotonic()
+        try:
+            with open(ready.file.path, encoding="utf-8-sig", newline="") as text:
+                for record in reader.read(text, on_layout=self._accept_layout):
+                    record.update(partition_values)
+                    yield record
+        finally:
+            ready.file.remove()
+        self._count(ready, reader.rows_read, time.monotonic() - started)
+        self.logger.info(
+            "%s: emitted %d rows (%d bytes) in %.1fs", describe, reader.rows_read, ready.file.size_bytes,
+            time.monotonic() - started,
+        )
+
+    def _count(self, ready: ReadyExport, rows: int, seconds: float) -> None:
+        totals = self.totals
+        totals.windows += 1
+        totals.exports += 1
+        totals.rows += rows
+        totals.bytes += ready.file.size_bytes
+        totals.polls += ready.polls
+        totals.seconds += seconds + ready.waited_seconds
+
+    # ------------------------------------------------------------ schema drift
+
+    def _columns_by_key(self) -> dict[str, Column]:
+        known = {column.key: column for column in self.columns()}
+        for key in self.schema["properties"]:
+            known.setdefault(key, Column(key))
+        return known
+
+    def _accept_layout(self, layout: CsvLayout) -> None:
+        """A file brought columns the schema lacks: keep them as strings and tell the target first."""
+        new_keys = [key for key in layout.unknown_keys if key not in self.schema["properties"]]
+        if not new_keys:
+            return
+        self.logger.warning(
+            "%s: the export has columns the tap does not know: %s; keeping them as strings",
+            self.name, ", ".join(new_keys),
+        )
+        for schema in filter(None, (self._schema, self._input_schema)):
+            for key in new_keys:
+                schema["properties"].setdefault(key, dict(UNKNOWN_COLUMN_SCHEMA))
+        self._tap.mapper.register_raw_stream_schema(self.name, self.schema, self.primary_keys)
+        self._stream_maps = []
+        if self.selected:
+            self._write_schema_message()

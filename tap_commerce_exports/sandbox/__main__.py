@@ -1,0 +1,3 @@
+from tap_commerce_exports.sandbox.server import main
+
+main()

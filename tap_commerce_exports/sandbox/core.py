@@ -1,0 +1,332 @@
+"""The sandbox's shared machinery: hosts, request log, faults, rate limits, signed URLs, schema checks.
+
+Each emulated API (voucherify.py, nextcommerce.py, intelligems.py) builds on these pieces and only
+says what its own API does. Everything here is thread-safe: hosts serve requests on threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Callable, Iterable, Iterator
+
+import jsonschema
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
+from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.wrappers import Request, Response
+
+Handler = Callable[..., Response]
+
+
+# ---------------------------------------------------------------- request log
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One request as a host received it, for tests to assert on."""
+
+    host: str
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+    status: int
+    at: float
+
+
+class RequestLog:
+    """Every request every host received, in order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[LoggedRequest] = []
+
+    def add(self, entry: LoggedRequest) -> None:
+        with self._lock:
+            self._entries.append(entry)
+
+    def entries(self, host: str | None = None, method: str | None = None, path_pattern: str | None = None) -> list[LoggedRequest]:
+        """Requests filtered by host name, method and a regex on the path."""
+        with self._lock:
+            found = list(self._entries)
+        if host:
+            found = [e for e in found if e.host == host]
+        if method:
+            found = [e for e in found if e.method == method.upper()]
+        if path_pattern:
+            found = [e for e in found if re.search(path_pattern, e.path)]
+        return found
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# --------------------------------------------------------------------- faults
+
+
+class Faults:
+    """Faults switched on per run: name -> how many more times it fires (-1: always).
+
+    An emulator asks `faults.fire("download_reset")` at the point where the fault applies; the
+    answer is True while the fault has shots left. Tests arm faults with `arm(name, times)`.
+    Some faults carry a value (for example the latency of an export): `value(name, default)`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shots: dict[str, int] = {}
+        self._values: dict[str, Any] = {}
+        self.fired: dict[str, int] = defaultdict(int)
+
+    def arm(self, name: str, times: int = 1, value: Any = None) -> None:
+        with self._lock:
+            self._shots[name] = times
+            if value is not None:
+                self._values[name] = value
+
+    def disarm(self, name: str | None = None) -> None:
+        with self._lock:
+            if name is None:
+                self._shots.clear()
+                self._values.clear()
+            else:
+                self._shots.pop(name, None)
+                self._values.pop(name, None)
+
+    def fire(self, name: str) -> bool:
+        with self._lock:
+            shots = self._shots.get(name, 0)
+            if shots == 0:
+                return False
+            if shots > 0:
+                self._shots[name] = shots - 1
+            self.fired[name] += 1
+            return True
+
+    def active(self, name: str) -> bool:
+        with self._lock:
+            return self._shots.get(name, 0) != 0
+
+    def value(self, name: str, default: Any = None) -> Any:
+        with self._lock:
+            return self._values.get(name, default)
+
+
+# ---------------------------------------------------------------- rate limits
+
+
+@dataclass
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_seconds: float
+    reset_at_epoch: float
+
+
+class TokenBucket:
+    """A token bucket per key (an API token): `rate` tokens a second, at most `burst` saved."""
+
+    def __init__(self, rate_per_second: float, burst: int) -> None:
+        self.rate = rate_per_second
+        self.burst = burst
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.rejected = 0
+
+    def take(self, key: str) -> RateDecision:
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            allowed = tokens >= 1.0
+            if allowed:
+                tokens -= 1.0
+            else:
+                self.rejected += 1
+            self._buckets[key] = (tokens, now)
+            wait = 0.0 if allowed else (1.0 - tokens) / self.rate
+            refill = (self.burst - tokens) / self.rate
+        return RateDecision(allowed, self.burst, int(tokens), wait, time.time() + refill)
+
+
+# ---------------------------------------------------------------- signed URLs
+
+
+class UrlSigner:
+    """Signs a path with an expiry, like S3 presigned URLs and signed CDN links."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def sign(self, path: str, expires_at: float) -> str:
+        message = f"{path}\n{int(expires_at)}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def check(self, path: str, expires_at: str | None, signature: str | None) -> str:
+        """'ok', 'expired' or 'invalid'."""
+        if not expires_at or not signature or not expires_at.isdigit():
+            return "invalid"
+        if not hmac.compare_digest(self.sign(path, int(expires_at)), signature):
+            return "invalid"
+        return "ok" if time.time() < int(expires_at) else "expired"
+
+
+# -------------------------------------------------------------- schema checks
+
+
+def _openapi30_to_jsonschema(node: Any) -> Any:
+    """OpenAPI 3.0 says `nullable: true`; JSON Schema says `type: [..., "null"]`."""
+    if isinstance(node, list):
+        return [_openapi30_to_jsonschema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    converted = {key: _openapi30_to_jsonschema(value) for key, value in node.items()}
+    if converted.pop("nullable", False):
+        if isinstance(converted.get("type"), str):
+            converted["type"] = [converted["type"], "null"]
+        if "enum" in converted and None not in converted["enum"]:
+            converted["enum"] = [*converted["enum"], None]
+    return converted
+
+
+@lru_cache(maxsize=None)
+def load_spec(filename: str) -> dict:
+    """A vendor OpenAPI document shipped in sandbox/specs/ (see scripts/refresh_specs.py)."""
+    text = resources.files("tap_commerce_exports.sandbox").joinpath("specs", filename).read_text()
+    document = json.loads(text)
+    if str(document.get("openapi", "")).startswith("3.0"):
+        document = _openapi30_to_jsonschema(document)
+    return document
+
+
+class SpecValidator:
+    """Validates request bodies against the requestBody schema of one operation in a vendor spec."""
+
+    def __init__(self, spec_filename: str) -> None:
+        self.spec = load_spec(spec_filename)
+        self._validators: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
+        self._lock = threading.Lock()
+
+    def _validator(self, path: str, method: str) -> jsonschema.protocols.Validator:
+        key = (path, method.lower())
+        with self._lock:
+            if key not in self._validators:
+                operation = self.spec["paths"][path][method.lower()]
+                content = operation["requestBody"]["content"]
+                schema = dict(content.get("application/json", next(iter(content.values())))["schema"])
+                schema["components"] = self.spec.get("components", {})
+                self._validators[key] = jsonschema.Draft202012Validator(schema)
+            return self._validators[key]
+
+    def errors(self, path: str, method: str, body: Any) -> list[str]:
+        """Human-readable validation errors; empty when the body matches the published schema."""
+        validator = self._validator(path, method)
+        return [
+            f"{'/'.join(str(p) for p in error.absolute_path) or '(body)'}: {error.message}"
+            for error in sorted(validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
+        ]
+
+
+# ----------------------------------------------------------------------- hosts
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload), status=status, headers=headers or {}, mimetype="application/json")
+
+
+SECRET_HEADERS = {"authorization", "x-app-token", "intelligems-access-token"}
+
+
+class Host:
+    """One emulated host (an API or a file host) on its own 127.0.0.1 port, served on threads.
+
+    Routes are werkzeug rules mapped to handlers `handler(request, **path_values) -> Response`.
+    Every request is logged (secret header values are kept: tests assert where secrets went).
+    """
+
+    def __init__(self, name: str, log: RequestLog) -> None:
+        self.name = name
+        self.log = log
+        self._rules: list[Rule] = []
+        self._handlers: dict[str, Handler] = {}
+        self._url_map: Map | None = None
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def route(self, path: str, methods: Iterable[str], handler: Handler) -> None:
+        endpoint = f"{handler.__qualname__}:{path}:{','.join(methods)}"
+        self._rules.append(Rule(path, methods=list(methods), endpoint=endpoint, strict_slashes=False))
+        self._handlers[endpoint] = handler
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, f"host {self.name} is not started"
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def start(self, port: int = 0) -> None:
+        self._url_map = Map(self._rules, merge_slashes=False)
+        self._server = make_server("127.0.0.1", port, self._wsgi, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"sandbox-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _wsgi(self, environ: dict, start_response: Callable) -> Iterator[bytes]:
+        request = Request(environ)
+        body: Any = None
+        raw = request.get_data(cache=True)
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+        try:
+            adapter = self._url_map.bind_to_environ(environ)  # type: ignore[union-attr]
+            endpoint, values = adapter.match()
+            response = self._handlers[endpoint](request, **values)
+        except NotFound:
+            response = json_response({"code": 404, "message": "Resource not found", "path": request.path}, 404)
+        except MethodNotAllowed:
+            response = json_response({"code": 405, "message": "Method not allowed"}, 405)
+        except HTTPException as exc:
+            response = exc.get_response(environ)  # type: ignore[assignment]
+        self.log.add(
+            LoggedRequest(
+                host=self.name,
+                method=request.method,
+                path=request.path,
+                query=dict(request.args),
+                headers={k.lower(): v for k, v in request.headers.items()},
+                body=body,
+                status=response.status_code,
+                at=time.time(),
+            )
+        )
+        return response(environ, start_response)
+
+
+@dataclass
+class SandboxContext:
+    """What every emulator shares: the log, the faults and the export latency."""
+
+    log: RequestLog = field(default_factory=RequestLog)
+    faults: Faults = field(default_factory=Faults)
+    export_latency_seconds: float = 0.3
+

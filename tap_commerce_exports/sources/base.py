@@ -1,0 +1,74 @@
+"""What every source module provides to the tap: its settings, its API and its streams."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from singer_sdk import typing as th
+
+from tap_commerce_exports.engine.export_job import ExportApi
+from tap_commerce_exports.engine.http import RequestPacer
+from tap_commerce_exports.engine.stream import ExportStream
+from tap_commerce_exports.engine.windows import UTC
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class SourceDefinition:
+    """One API: its settings, when it counts as configured, and how to build its API and streams."""
+
+    name: str
+    settings: list[th.Property]
+    credential_settings: tuple[str, ...]
+    build_api: Callable[[dict, logging.Logger], ExportApi]
+    stream_types: tuple[type[ExportStream], ...]
+    naive_zone: Callable[[dict], dt.tzinfo] = lambda config: UTC
+    validate: Callable[[dict], None] = lambda config: None
+    check_connection: Callable[[ExportApi], str] | None = None
+
+    def is_configured(self, config: dict) -> bool:
+        """A source's streams are discovered only when its credentials are set."""
+        return all(config.get(setting) for setting in self.credential_settings)
+
+
+def checked_base_url(config: dict, setting: str) -> str:
+    """An API URL setting, refusing plain http except on loopback (the sandbox)."""
+    url = str(config.get(setting) or "").strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"setting {setting!r} must be an http(s) URL, got {url!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            f"setting {setting!r} uses plain http for {parts.hostname}; only https is allowed "
+            "(plain http is accepted for loopback hosts such as 127.0.0.1, for the sandbox)"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def string_list(config: dict, setting: str) -> list[str]:
+    """A list setting given as a JSON array or as one comma-separated string (env vars)."""
+    value: Any = config.get(setting) or []
+    if isinstance(value, str):
+        value = [part for part in value.split(",")]
+    return [str(item).strip() for item in value if str(item).strip()]
+
+
+def pacer(per_second: float | None, burst: int = 1) -> RequestPacer:
+    return RequestPacer(per_second, burst)

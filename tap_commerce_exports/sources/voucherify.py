@@ -1,0 +1,309 @@
+"""Voucherify: asynchronous CSV exports of orders, campaign transactions and other export objects.
+
+How Voucherify spells the lifecycle:
+- create: `POST /v1/orders/export`, `POST /v1/campaigns/{id}/transactions/export` or
+  `POST /v1/exports` with `parameters: {order, fields, filters}`;
+- poll: `GET /v1/exports/{id}` until `DONE` (`ERROR` re-creates the export, a bounded number of times);
+- file: `result.url` of the DONE export, on the download host, which needs the X-App headers too;
+  an expired token is renewed by reading the export again (no new export).
+
+Windows filter on a date field with `$after`/`$before`, which are strict: the window's start is
+sent 1 ms early so `[start, end)` is covered exactly (Voucherify timestamps have millisecond
+precision). CSV headers are human labels ("Source ID") in the order of the requested fields, so
+records are keyed by the requested field names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+from urllib.parse import quote
+
+from singer_sdk import typing as th
+
+from tap_commerce_exports.engine.csv_records import Column, header_key
+from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.engine.http import ApiClient, ApiError
+from tap_commerce_exports.engine.stream import ExportStream
+from tap_commerce_exports.sources.base import SourceDefinition, checked_base_url, pacer, string_list
+
+STATES = {"SCHEDULED": ExportState.PENDING, "IN_PROGRESS": ExportState.PENDING,
+          "DONE": ExportState.READY, "ERROR": ExportState.FAILED}
+TRANSACTION_CAMPAIGN_TYPES = ("GIFT_VOUCHERS", "LOYALTY_PROGRAM")
+CAMPAIGN_PAGE_SIZE = 100
+
+
+def _voucherify_time(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class VoucherifyApi(ExportApi):
+    name = "voucherify"
+    max_recreates = 3
+
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+
+    # -- create
+    def create(self, request: ExportRequest) -> ExportHandle:
+        stream = STREAM_TYPES_BY_NAME[request.stream_name]
+        parameters: dict[str, Any] = {"fields": list(request.fields)}
+        if stream.sort_order:
+            parameters["order"] = stream.sort_order
+        if request.window is not None and stream.filter_field:
+            parameters["filters"] = {
+                "junction": "and",
+                stream.filter_field: {"conditions": {
+                    "$after": _voucherify_time(request.window.start - dt.timedelta(milliseconds=1)),
+                    "$before": _voucherify_time(request.window.end),
+                }},
+            }
+        path, body = self._create_call(request, parameters)
+        return self._handle(self.client.post(path, body=body))
+
+    @staticmethod
+    def _create_call(request: ExportRequest, parameters: dict) -> tuple[str, dict]:
+        if request.export_type == "order":
+            return "/v1/orders/export", {"parameters": parameters}
+        if request.export_type == "campaign_transactions":
+            campaign = quote(str(request.partition["campaign_id"]), safe="")
+            return f"/v1/campaigns/{campaign}/transactions/export", {"parameters": parameters}
+        return "/v1/exports", {"exported_object": request.export_type, "parameters": parameters}
+
+    # -- poll and file
+    def poll(self, request: ExportRequest, handle: ExportHandle) -> ExportHandle:
+        return self._handle(self.client.get(f"/v1/exports/{quote(handle.export_id, safe='')}"))
+
+    def fresh_file_url(self, request: ExportRequest, handle: ExportHandle) -> str | None:
+        # Each read of a DONE export carries a new download token.
+        return self.poll(request, handle).file_url
+
+    def file_headers(self) -> dict[str, str]:
+        return dict(self.client.credential_headers)
+
+    def resume(self, request: ExportRequest, export_id: str) -> ExportHandle | None:
+        try:
+            return self._handle(self.client.get(f"/v1/exports/{quote(export_id, safe='')}"))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    @staticmethod
+    def _handle(export: dict) -> ExportHandle:
+        status = str(export.get("status") or "")
+        url = (export.get("result") or {}).get("url")
+        return ExportHandle(str(export["id"]), status, STATES.get(status, ExportState.PENDING), url)
+
+    # -- partitions
+    def transaction_campaign_ids(self) -> list[str]:
+        """Every gift card and loyalty campaign, all pages."""
+        ids: list[str] = []
+        for campaign_type in TRANSACTION_CAMPAIGN_TYPES:
+            page = 1
+            while True:
+                answer = self.client.get(
+                    "/v1/campaigns", params={"campaign_type": campaign_type, "limit": CAMPAIGN_PAGE_SIZE, "page": page}
+                )
+                campaigns = answer.get("campaigns") or []
+                ids += [str(campaign["id"]) for campaign in campaigns]
+                if len(campaigns) < CAMPAIGN_PAGE_SIZE:
+                    break
+                page += 1
+        return ids
+
+
+# ------------------------------------------------------------------------ streams
+
+
+def _columns(spec: str) -> tuple[Column, ...]:
+    """'key:kind key2 key3:kind' -> Columns; a key without a kind is a string."""
+    columns = []
+    for item in spec.split():
+        key, _, kind = item.partition(":")
+        columns.append(Column(key, kind or "string"))
+    return tuple(columns)
+
+
+class VoucherifyStream(ExportStream):
+    """A Voucherify export object. `filter_field` is the date the window filters on."""
+
+    filter_field: str | None = None
+    sort_order: str | None = None
+
+    @property
+    def api(self) -> VoucherifyApi:
+        return self.runtime.api  # type: ignore[return-value]
+
+    def fields_to_request(self) -> tuple[str, ...]:
+        return tuple(column.key for column in self.known_columns if column.key != self.partition_key)
+
+
+class OrdersStream(VoucherifyStream):
+    name = "voucherify_orders"
+    export_type = "order"
+    primary_keys = ("id",)
+    replication_key = "updated_at"
+    filter_field = "updated_at"
+    sort_order = "updated_at"
+    known_columns = _columns(
+        "id source_id created_at:datetime updated_at:datetime status amount:integer discount_amount:integer "
+        "items_discount_amount:integer total_discount_amount:integer total_amount:integer customer_id "
+        "referrer_id metadata:json"
+    )
+
+    def metadata_fields(self) -> list[str]:
+        return string_list(self.config, "voucherify_order_metadata_fields")
+
+    def columns(self) -> list[Column]:
+        return [*self.known_columns, *(Column(header_key(f"metadata.{name}")) for name in self.metadata_fields())]
+
+    def fields_to_request(self) -> tuple[str, ...]:
+        return (*super().fields_to_request(), *(f"metadata.{name}" for name in self.metadata_fields()))
+
+
+class CampaignTransactionsStream(VoucherifyStream):
+    name = "voucherify_campaign_transactions"
+    export_type = "campaign_transactions"
+    primary_keys = ("id",)
+    replication_key = "created_at"
+    partition_key = "campaign_id"
+    filter_field = "created_at"
+    sort_order = "created_at"
+    known_columns = _columns(
+        "id type source_id reason balance:integer amount:integer created_at:datetime voucher_id source "
+        "details:json related_transaction_id campaign_id"
+    )
+
+    def partition_values(self) -> list[str]:
+        return string_list(self.config, "voucherify_campaign_ids") or self.api.transaction_campaign_ids()
+
+
+class VouchersStream(VoucherifyStream):
+    name = "voucherify_vouchers"
+    export_type = "voucher"
+    primary_keys = ("id",)
+    replication_key = "updated_at"
+    filter_field = "updated_at"
+    sort_order = "updated_at"
+    known_columns = _columns(
+        "id code voucher_type value:number formula discount_type campaign campaign_id category "
+        "start_date:datetime expiration_date:datetime gift_balance:integer loyalty_balance:integer "
+        "redemption_quantity:integer redemption_count:integer active:boolean qr_code bar_code metadata:json "
+        "is_referral_code:boolean created_at:datetime updated_at:datetime validity_timeframe_interval "
+        "validity_timeframe_duration validity_day_of_week discount_amount_limit:number additional_info "
+        "customer_id customer_source_id discount_effect discount_unit_type discount_unit_effect validation_rules_id"
+    )
+
+
+class RedemptionsStream(VoucherifyStream):
+    name = "voucherify_redemptions"
+    export_type = "redemption"
+    primary_keys = ("id",)
+    replication_key = "date"
+    filter_field = "created_at"  # the redemption's creation, exported as `date`
+    sort_order = "created_at"
+    known_columns = _columns(
+        "id object date:datetime voucher_code campaign promotion_tier_id customer_id customer_source_id "
+        "customer_name tracking_id order_id order_amount:integer gift_amount:integer loyalty_points:integer "
+        "result failure_code failure_message metadata:json"
+    )
+
+
+class PublicationsStream(VoucherifyStream):
+    name = "voucherify_publications"
+    export_type = "publication"
+    # The export offers no publication id: a voucher is published to a customer at one moment.
+    primary_keys = ("voucher_code", "customer_id", "date")
+    replication_key = "date"
+    filter_field = "created_at"  # the publication's creation, exported as `date`
+    sort_order = "created_at"
+    known_columns = _columns(
+        "voucher_code customer_id customer_source_id date:datetime channel campaign is_winner:boolean metadata:json"
+    )
+
+
+class CustomersStream(VoucherifyStream):
+    name = "voucherify_customers"
+    export_type = "customer"
+    primary_keys = ("id",)
+    replication_key = "updated_at"
+    filter_field = "updated_at"
+    sort_order = "updated_at"
+    known_columns = _columns(
+        "id name description email source_id created_at:datetime updated_at:datetime address_city "
+        "address_state address_line_1 address_line_2 address_country address_postal_code "
+        "redemptions_total_redeemed:integer redemptions_total_failed:integer redemptions_total_succeeded:integer "
+        "redemptions_total_rolled_back:integer redemptions_total_rollback_failed:integer "
+        "redemptions_total_rollback_succeeded:integer orders_total_amount:integer orders_total_count:integer "
+        "orders_average_amount:integer orders_last_order_amount:integer orders_last_order_date:datetime "
+        "loyalty_points:integer loyalty_referred_customers:integer phone birthday:date birthdate:date metadata:json"
+    )
+
+
+class PointsExpirationsStream(VoucherifyStream):
+    """Point buckets and when they expire: a snapshot, exported whole each run (no date to window on)."""
+
+    name = "voucherify_points_expirations"
+    export_type = "points_expiration"
+    primary_keys = ("id",)
+    replication_key = None
+    sort_order = "expires_at"
+    known_columns = _columns("id campaign_id voucher_id points:integer status expires_at:date")
+
+
+STREAM_TYPES: tuple[type[VoucherifyStream], ...] = (
+    OrdersStream, CampaignTransactionsStream, VouchersStream, RedemptionsStream, PublicationsStream,
+    CustomersStream, PointsExpirationsStream,
+)
+STREAM_TYPES_BY_NAME = {stream.name: stream for stream in STREAM_TYPES}
+
+
+# ------------------------------------------------------------------------ source
+
+
+def build_api(config: dict, logger: logging.Logger) -> VoucherifyApi:
+    client = ApiClient(
+        api_name="voucherify",
+        base_url=checked_base_url(config, "voucherify_api_url"),
+        credential_headers={"X-App-Id": config["voucherify_app_id"], "X-App-Token": config["voucherify_app_token"]},
+        logger=logger,
+        extra_headers={"Content-Type": "application/json"},
+        # Voucherify's limits depend on the plan (e.g. 100/min); its 429s say how long to wait.
+        pacer=pacer(config.get("voucherify_requests_per_second"), burst=5),
+    )
+    return VoucherifyApi(client)
+
+
+def check_connection(api: ExportApi) -> str:
+    assert isinstance(api, VoucherifyApi)
+    api.client.get("/v1/campaigns", params={"limit": 1, "page": 1})
+    return "authenticated; campaigns listed"
+
+
+SOURCE = SourceDefinition(
+    name="voucherify",
+    settings=[
+        th.Property("voucherify_app_id", th.StringType, secret=False,
+                    description="Voucherify application ID (X-App-Id). Voucherify streams are discovered when set."),
+        th.Property("voucherify_app_token", th.StringType, secret=True,
+                    description="Voucherify secret key (X-App-Token)."),
+        th.Property("voucherify_api_url", th.StringType, default="https://api.voucherify.io",
+                    description="API base URL for your cluster: https://api.voucherify.io, "
+                                "https://us1.api.voucherify.io or https://as1.api.voucherify.io."),
+        th.Property("voucherify_campaign_ids", th.ArrayType(th.StringType),
+                    description="Campaigns whose transactions to export. Default: every GIFT_VOUCHERS and "
+                                "LOYALTY_PROGRAM campaign."),
+        th.Property("voucherify_order_metadata_fields", th.ArrayType(th.StringType),
+                    description="Order metadata properties to export as their own columns "
+                                "(`payment_mean` becomes column `metadata_payment_mean`)."),
+        th.Property("voucherify_requests_per_second", th.NumberType,
+                    description="Client-side pace for API calls (your plan's limit). Default: unpaced, "
+                                "relying on 429 X-Rate-Limit-Retry."),
+    ],
+    credential_settings=("voucherify_app_id", "voucherify_app_token"),
+    build_api=build_api,
+    stream_types=STREAM_TYPES,
+    check_connection=check_connection,
+)
