@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-SPECS_DIR = Path(__file__).resolve().parents[1] / "tap_commerce_exports" / "sandbox" / "specs"
+SPECS_DIR = Path(__file__).resolve().parents[1] / "tap_commerce_exports" / "specs"
 
 
 def main(reference_dir: str) -> None:

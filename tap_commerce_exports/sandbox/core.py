@@ -15,15 +15,14 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from typing import Any, Callable, Iterable, Iterator
 
-import jsonschema
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
+
+from tap_commerce_exports.openapi import SpecValidator, load_spec  # noqa: F401  (emulators validate with it)
 
 Handler = Callable[..., Response]
 
@@ -182,62 +181,6 @@ class UrlSigner:
         if not hmac.compare_digest(self.sign(path, int(expires_at)), signature):
             return "invalid"
         return "ok" if time.time() < int(expires_at) else "expired"
-
-
-# -------------------------------------------------------------- schema checks
-
-
-def _openapi30_to_jsonschema(node: Any) -> Any:
-    """OpenAPI 3.0 says `nullable: true`; JSON Schema says `type: [..., "null"]`."""
-    if isinstance(node, list):
-        return [_openapi30_to_jsonschema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    converted = {key: _openapi30_to_jsonschema(value) for key, value in node.items()}
-    if converted.pop("nullable", False):
-        if isinstance(converted.get("type"), str):
-            converted["type"] = [converted["type"], "null"]
-        if "enum" in converted and None not in converted["enum"]:
-            converted["enum"] = [*converted["enum"], None]
-    return converted
-
-
-@lru_cache(maxsize=None)
-def load_spec(filename: str) -> dict:
-    """A vendor OpenAPI document shipped in sandbox/specs/ (see scripts/refresh_specs.py)."""
-    text = resources.files("tap_commerce_exports.sandbox").joinpath("specs", filename).read_text()
-    document = json.loads(text)
-    if str(document.get("openapi", "")).startswith("3.0"):
-        document = _openapi30_to_jsonschema(document)
-    return document
-
-
-class SpecValidator:
-    """Validates request bodies against the requestBody schema of one operation in a vendor spec."""
-
-    def __init__(self, spec_filename: str) -> None:
-        self.spec = load_spec(spec_filename)
-        self._validators: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
-        self._lock = threading.Lock()
-
-    def _validator(self, path: str, method: str) -> jsonschema.protocols.Validator:
-        key = (path, method.lower())
-        with self._lock:
-            if key not in self._validators:
-                operation = self.spec["paths"][path][method.lower()]
-                content = operation["requestBody"]["content"]
-                schema = dict(content.get("application/json", next(iter(content.values())))["schema"])
-                schema["components"] = self.spec.get("components", {})
-                self._validators[key] = jsonschema.Draft202012Validator(schema)
-            return self._validators[key]
-
-    def errors(self, path: str, method: str, body: Any) -> list[str]:
-        """Human-readable validation errors; empty when the body matches the published schema."""
-        validator = self._validator(path, method)
-        return [
-            f"{'/'.join(str(p) for p in error.absolute_path) or '(body)'}: {error.message}"
-            for error in sorted(validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
-        ]
 
 
 # ----------------------------------------------------------------------- hosts
