@@ -179,11 +179,15 @@ class ExportRunner:
                     ready.row_count, ready.request_row_cap = count_csv_rows(file.path), self.api.row_cap
                 return ready
             failures.append(f"{tracked.handle.export_id} ({tracked.handle.status})")
+            if attempt == self.api.max_recreates:
+                break
+            delay = min(self.poll_policy.interval * 2**attempt, self.poll_policy.max_interval)
             self.logger.warning(
-                "%s: export %s ended %s; creating it again (%d of %d)",
-                request.describe(), tracked.handle.export_id, tracked.handle.status, attempt + 1,
+                "%s: export %s ended '%s'; creating it again in %.1fs (%d of %d)",
+                request.describe(), tracked.handle.export_id, tracked.handle.status, delay, attempt + 1,
                 self.api.max_recreates,
             )
+            time.sleep(delay)
         raise ExportFailed(
             f"{request.describe()}: export failed {len(failures)} times: {', '.join(failures)}; giving up"
         )

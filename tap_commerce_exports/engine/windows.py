@@ -57,16 +57,23 @@ def export_range(
     """The range a run exports for one stream or partition, or None when nothing is due.
 
     The lookback re-exports the recent past because vendors' exports lag behind their data;
-    it never reaches before `start_date`.
+    it never reaches before `start_date`. Bounds are whole seconds, the precision every one of the
+    APIs accepts, so consecutive windows meet exactly however the APIs round.
     """
+    start_date, now = _whole_second(start_date), _whole_second(now)
+    end_date = _whole_second(end_date) if end_date else None
     if bookmark is None:
         start = start_date
     else:
-        start = max(start_date, bookmark - dt.timedelta(hours=lookback_hours))
+        start = max(start_date, _whole_second(bookmark - dt.timedelta(hours=lookback_hours)))
     end = min(end_date, now) if end_date else now
     if start >= end:
         return None
     return Window(start, end)
+
+
+def _whole_second(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(microsecond=0)
 
 
 def plan_windows(export_span: Window, max_days: float) -> list[Window]:

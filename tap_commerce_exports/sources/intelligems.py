@@ -1,0 +1,308 @@
+"""Intelligems External API (beta): experience (A/B test) exports, one partition per experience.
+
+How Intelligems spells the lifecycle:
+- create: `POST /v25-10-beta/analytics/experience/{id}/export {exportType, startTs, endTs, filters}`
+  is synchronous and answers READY with a presigned S3 URL valid `expiresIn` seconds; `url: null`
+  ("Export timed out, please retry") counts as a failed export and is retried with backoff;
+- there is nothing to poll; an expired URL (403) is renewed by exporting again;
+- the S3 file is fetched with no API credentials (S3 refuses a second auth mechanism).
+
+Each experience is exported only inside its lifetime (start to end/pause, or now); an ended or
+paused experience whose bookmark reached its end makes no more calls. `startTs`/`endTs` are
+10-digit epoch seconds as strings; windows are whole seconds so `[start, end)` maps exactly.
+Experience ids are validated as UUIDs before they go into a path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+from urllib.parse import quote
+
+from singer_sdk import typing as th
+from singer_sdk.streams import Stream
+
+from tap_commerce_exports.engine.csv_records import Column
+from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.engine.http import ApiClient
+from tap_commerce_exports.engine.stream import ExportStream
+from tap_commerce_exports.engine.windows import UTC, Window
+from tap_commerce_exports.openapi import SpecValidator
+from tap_commerce_exports.sources.base import ConfigError, SourceDefinition, checked_base_url, pacer, string_list
+
+PREFIX = "/v25-10-beta"
+EXPORT_PATH = PREFIX + "/analytics/experience/{experienceId}/export"
+LIST_PAGE_SIZE = 100
+# The published path pattern for experienceId.
+UUID = re.compile(
+    r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+    r"|00000000-0000-0000-0000-000000000000|ffffffff-ffff-ffff-ffff-ffffffffffff)$"
+)
+
+
+def checked_experience_id(value: str, where: str) -> str:
+    if not UUID.match(value):
+        raise ConfigError(f"{where}: {value!r} is not an Intelligems experience id (a UUID)")
+    return value
+
+
+def _from_millis(value: Any) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(int(value) / 1000, tz=UTC) if value not in (None, "", 0) else None
+
+
+@dataclass(frozen=True)
+class Experience:
+    id: str
+    name: str
+    status: str
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None  # end or pause; None while it runs
+
+    @classmethod
+    def from_api(cls, item: dict) -> Experience:
+        status = str(item.get("status") or "")
+        stop = {"ended": item.get("endedAtTs"), "paused": item.get("pausedAtTs")}.get(status)
+        return cls(str(item["id"]), str(item.get("name") or ""), status, _from_millis(item.get("startedAtTs")),
+                   _from_millis(stop))
+
+    def lifetime(self, now: dt.datetime) -> Window | None:
+        if self.started_at is None:
+            return None
+        end = self.ended_at or now
+        return Window(self.started_at, end) if end > self.started_at else None
+
+
+class IntelligemsApi(ExportApi):
+    name = "intelligems"
+    max_recreates = 4  # url: null answers are retried this many times, with backoff
+
+    def __init__(self, client: ApiClient, filters: dict | None) -> None:
+        self.client = client
+        self.filters = filters
+        self._experiences: dict[str, Experience] | None = None
+
+    def create(self, request: ExportRequest) -> ExportHandle:
+        experience_id = checked_experience_id(str(request.partition["experience_id"]), request.stream_name)
+        body: dict[str, Any] = {"exportType": request.export_type}
+        if request.window is not None:
+            body["startTs"] = str(int(request.window.start.timestamp()))
+            body["endTs"] = str(int(request.window.end.timestamp()))
+        if self.filters:
+            body["filters"] = self.filters
+        answer = self.client.post(EXPORT_PATH.format(experienceId=quote(experience_id, safe="")), body=body, ok=(200,))
+        url = answer.get("url")
+        message = str(answer.get("message") or "")
+        handle_id = f"{experience_id}/{request.export_type}/{body.get('startTs', '')}-{body.get('endTs', '')}"
+        if not url:
+            return ExportHandle(handle_id, message or "no url", ExportState.FAILED)
+        return ExportHandle(handle_id, message or "ready", ExportState.READY, str(url))
+
+    # -- experiences
+    def experiences(self) -> dict[str, Experience]:
+        """Every experience on the account (all pages), by id."""
+        if self._experiences is None:
+            found: dict[str, Experience] = {}
+            for item in self._list_items():
+                found[str(item["id"])] = Experience.from_api(item)
+            self._experiences = found
+        return self._experiences
+
+    def experience_items(self) -> list[dict]:
+        return list(self._list_items())
+
+    def _list_items(self) -> Iterable[dict]:
+        page = 1
+        while True:
+            answer = self.client.get(PREFIX + "/experiences-list", params={"page": page, "limit": LIST_PAGE_SIZE})
+            yield from answer.get("experiencesList") or []
+            if page >= int(answer.get("totalPages") or 1):
+                return
+            page += 1
+
+    def experience(self, experience_id: str) -> Experience:
+        known = self.experiences() if self._experiences is not None else {}
+        if experience_id in known:
+            return known[experience_id]
+        answer = self.client.get(f"{PREFIX}/experiences/{quote(experience_id, safe='')}")
+        return Experience.from_api(answer["experience"])
+
+
+# ------------------------------------------------------------------------ streams
+
+
+def _columns(spec: str) -> tuple[Column, ...]:
+    columns = []
+    for item in spec.split():
+        key, _, kind = item.partition(":")
+        columns.append(Column(key, kind or "string"))
+    return tuple(columns)
+
+
+class IntelligemsExportStream(ExportStream):
+    """An experience export type; partitioned by experience and clamped to its lifetime."""
+
+    partition_key = "experience_id"
+    replication_key = "created_at"
+
+    @property
+    def api(self) -> IntelligemsApi:
+        return self.runtime.api  # type: ignore[return-value]
+
+    def partition_values(self) -> list[str]:
+        configured = string_list(self.config, "intelligems_experience_ids")
+        if configured:
+            return [checked_experience_id(value, "setting 'intelligems_experience_ids'") for value in configured]
+        started = [e for e in self.api.experiences().values() if e.started_at is not None]
+        skipped = len(self.api.experiences()) - len(started)
+        if skipped:
+            self.logger.info("%s: skipping %d experiences that never started", self.name, skipped)
+        return [checked_experience_id(e.id, "experiences list") for e in started]
+
+    def export_span(self, context: dict | None) -> Window | None:
+        span = super().export_span(context)
+        experience = self.api.experience(str((context or {})["experience_id"]))
+        now = dt.datetime.now(UTC)
+        lifetime = experience.lifetime(now)
+        bookmark = self.bookmark(context)
+        if span is None or lifetime is None:
+            return None
+        if experience.ended_at is not None and bookmark is not None and bookmark >= experience.ended_at:
+            self.logger.info("%s: experience %s is %s and fully exported; no export needed",
+                             self.name, experience.id, experience.status)
+            return None
+        start = max(span.start, lifetime.start.replace(microsecond=0))
+        end = min(span.end, lifetime.end)
+        if end.microsecond:  # keep the whole last second of a lifetime that ends mid-second
+            end = min(span.end, end.replace(microsecond=0) + dt.timedelta(seconds=1))
+        return Window(start, end) if start < end else None
+
+
+class ExperiencesStream(Stream):
+    """The experiences themselves (names, statuses, lifetimes): a small list, read whole each run."""
+
+    name = "intelligems_experiences"
+    primary_keys = ("id",)
+    replication_key = None
+    schema = th.PropertiesList(
+        th.Property("id", th.StringType),
+        th.Property("name", th.StringType),
+        th.Property("status", th.StringType),
+        th.Property("category", th.StringType),
+        th.Property("type", th.StringType),
+        th.Property("description", th.StringType),
+        th.Property("currency", th.StringType),
+        th.Property("created_at", th.DateTimeType),
+        th.Property("started_at", th.DateTimeType),
+        th.Property("paused_at", th.DateTimeType),
+        th.Property("ended_at", th.DateTimeType),
+        th.Property("last_update_at", th.DateTimeType),
+        th.Property("archived_at", th.DateTimeType),
+        th.Property("variations", th.CustomType({"type": ["array", "null"]})),
+    ).to_dict()
+
+    TIMESTAMPS = {"createdAtTs": "created_at", "startedAtTs": "started_at", "pausedAtTs": "paused_at",
+                  "endedAtTs": "ended_at", "lastUpdateTs": "last_update_at", "archivedAtTs": "archived_at"}
+
+    def __init__(self, tap: Any, runtime: Any) -> None:
+        self.runtime = runtime
+        super().__init__(tap=tap)
+
+    def get_records(self, context: dict | None) -> Iterable[dict]:
+        for item in self.runtime.api.experience_items():
+            record = {key: item.get(key) for key in ("id", "name", "status", "category", "type", "description",
+                                                      "currency", "variations")}
+            for source, target in self.TIMESTAMPS.items():
+                moment = _from_millis(item.get(source))
+                record[target] = moment.isoformat() if moment else None
+            yield record
+
+
+class OrdersStream(IntelligemsExportStream):
+    name = "intelligems_orders"
+    export_type = "orders"
+    primary_keys = ("experience_id", "order_id")
+    known_columns = ()
+
+
+class OrderLineItemsStream(IntelligemsExportStream):
+    name = "intelligems_order_line_items"
+    export_type = "order_line_items"
+    primary_keys = ("experience_id", "line_item_id")
+    known_columns = ()
+
+
+class OrderReconciliationStream(IntelligemsExportStream):
+    name = "intelligems_order_reconciliation"
+    export_type = "order_reconciliation"
+    primary_keys = ("experience_id", "order_id")
+    known_columns = ()
+
+
+STREAM_TYPES = (ExperiencesStream, OrdersStream, OrderLineItemsStream, OrderReconciliationStream)
+
+
+# ------------------------------------------------------------------------ source
+
+
+def _filters(config: dict) -> dict | None:
+    filters = config.get("intelligems_filters")
+    if not filters:
+        return None
+    errors = SpecValidator("intelligems-exports.openapi.json").property_errors(EXPORT_PATH, "post", "filters", filters)
+    if errors:
+        raise ConfigError("setting 'intelligems_filters' does not match the published schema: " + "; ".join(errors))
+    return dict(filters)
+
+
+def validate(config: dict) -> None:
+    checked_base_url(config, "intelligems_api_url")
+    for value in string_list(config, "intelligems_experience_ids"):
+        checked_experience_id(value, "setting 'intelligems_experience_ids'")
+    _filters(config)
+
+
+def build_api(config: dict, logger: logging.Logger) -> IntelligemsApi:
+    client = ApiClient(
+        api_name="intelligems",
+        base_url=checked_base_url(config, "intelligems_api_url"),
+        credential_headers={"intelligems-access-token": config["intelligems_api_token"]},
+        logger=logger,
+        extra_headers={"Content-Type": "application/json"},
+        # The export bucket holds 20; x-ratelimit-remaining/-reset and 429 pace us beyond that.
+        pacer=pacer(config.get("intelligems_requests_per_second"), burst=5),
+    )
+    return IntelligemsApi(client, _filters(config))
+
+
+def check_connection(api: ExportApi) -> str:
+    assert isinstance(api, IntelligemsApi)
+    answer = api.client.get(PREFIX + "/experiences-list", params={"page": 1, "limit": 1})
+    return f"authenticated; {answer.get('total', 0)} experiences"
+
+
+SOURCE = SourceDefinition(
+    name="intelligems",
+    settings=[
+        th.Property("intelligems_api_token", th.StringType, secret=True,
+                    description="External API key (header intelligems-access-token). Intelligems streams are "
+                                "discovered when set."),
+        th.Property("intelligems_api_url", th.StringType, default="https://api.intelligems.io",
+                    description="API base URL."),
+        th.Property("intelligems_experience_ids", th.ArrayType(th.StringType),
+                    description="Experiences to export (UUIDs). Default: every experience that has started."),
+        th.Property("intelligems_filters", th.ObjectType(additional_properties=True),
+                    description="Analytics filters sent with every export (`filters` of the export endpoint), "
+                                "validated against the published schema."),
+        th.Property("intelligems_requests_per_second", th.NumberType,
+                    description="Client-side pace for API calls. Default: unpaced, relying on the rate-limit "
+                                "headers and 429."),
+    ],
+    credential_settings=("intelligems_api_token",),
+    build_api=build_api,
+    stream_types=STREAM_TYPES,  # type: ignore[arg-type]
+    validate=validate,
+    check_connection=check_connection,
+)

@@ -1,0 +1,222 @@
+"""Next Commerce (29next) Admin API: asynchronous exports of 13 types.
+
+How Next Commerce spells the lifecycle:
+- create: `POST exports/ {type, date_from, date_to}`; a re-run first looks for an export of the same
+  type and range made in the last day (`GET exports/?type=...`) and reuses it;
+- poll: `GET exports/{id}/` until `available`; there is no failed status, so the timeout is the
+  only way out;
+- file: `GET exports/{id}/download/` gives a temporary signed URL, fetched without credentials; an
+  expired URL is replaced by asking the download endpoint again (no new export).
+
+`date_from`/`date_to` are both inclusive and the API works in whole seconds, so the window
+`[start, end)` is sent as `[start, end - 1 s]` on second boundaries. Exports are capped at
+`nextcommerce_export_row_cap` rows and silently truncated: the engine splits a window whose file
+holds the cap. Timestamps in the files are naive, in the store's timezone (`nextcommerce_store_timezone`).
+Requests are paced under the documented 4 requests/second per token, across all exports.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from singer_sdk import typing as th
+
+from tap_commerce_exports.engine.csv_records import Column, zone
+from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.engine.http import ApiClient, ApiError
+from tap_commerce_exports.engine.stream import ExportStream
+from tap_commerce_exports.engine.windows import UTC, Window
+from tap_commerce_exports.sources.base import ConfigError, SourceDefinition, checked_base_url, pacer
+
+API_VERSION = "2024-04-01"
+REQUESTS_PER_SECOND = 3.8  # documented limit 4/s per token; a little headroom for clock jitter
+STATES = {"pending": ExportState.PENDING, "available": ExportState.READY}
+REUSE_WITHIN = dt.timedelta(days=1)
+
+
+def _whole_second(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+def _api_time(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def api_range(window: Window) -> tuple[str, str]:
+    """`[start, end)` as the API's inclusive `date_from`, `date_to` in whole seconds."""
+    start, end = _whole_second(window.start), _whole_second(window.end)
+    return _api_time(start), _api_time(end - dt.timedelta(seconds=1))
+
+
+class NextCommerceApi(ExportApi):
+    name = "nextcommerce"
+    max_recreates = 0  # no failed status exists; a stuck export ends in the timeout
+
+    def __init__(self, client: ApiClient, row_cap: int) -> None:
+        self.client = client
+        self.row_cap = row_cap
+
+    def create(self, request: ExportRequest) -> ExportHandle:
+        body: dict[str, Any] = {"type": request.export_type}
+        if request.window is not None:
+            body["date_from"], body["date_to"] = api_range(request.window)
+        return self._handle(self.client.post("exports/", body=body, ok=(200, 201)))
+
+    def poll(self, request: ExportRequest, handle: ExportHandle) -> ExportHandle:
+        return self._handle(self.client.get(f"exports/{int(handle.export_id)}/"))
+
+    def file_url(self, request: ExportRequest, handle: ExportHandle) -> str:
+        return str(self.client.get(f"exports/{int(handle.export_id)}/download/")["url"])
+
+    def fresh_file_url(self, request: ExportRequest, handle: ExportHandle) -> str | None:
+        return self.file_url(request, handle)
+
+    def find_reusable(self, request: ExportRequest) -> ExportHandle | None:
+        if request.window is None:
+            return None
+        wanted = api_range(request.window)
+        created_from = (dt.datetime.now(UTC) - REUSE_WITHIN).date().isoformat()
+        page: Any = self.client.get("exports/", params={"type": request.export_type, "date_created_from": created_from})
+        while page:
+            for export in page.get("results") or []:
+                if export.get("type") == request.export_type and self._range_of(export) == wanted:
+                    return self._handle(export)
+            page = self.client.get(page["next"]) if page.get("next") else None
+        return None
+
+    def resume(self, request: ExportRequest, export_id: str) -> ExportHandle | None:
+        try:
+            return self.poll(request, ExportHandle(export_id, "", ExportState.PENDING))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    @staticmethod
+    def _range_of(export: dict) -> tuple[str, str] | None:
+        try:
+            start = dt.datetime.fromisoformat(str(export["date_from"]).replace("Z", "+00:00"))
+            end = dt.datetime.fromisoformat(str(export["date_to"]).replace("Z", "+00:00"))
+        except (KeyError, ValueError):
+            return None
+        return _api_time(_whole_second(start)), _api_time(_whole_second(end))
+
+    @staticmethod
+    def _handle(export: dict) -> ExportHandle:
+        status = str(export.get("status") or "")
+        return ExportHandle(str(export["id"]), status, STATES.get(status, ExportState.PENDING))
+
+
+# ------------------------------------------------------------------------ streams
+
+
+def _columns(spec: str) -> tuple[Column, ...]:
+    columns = []
+    for item in spec.split():
+        key, _, kind = item.partition(":")
+        columns.append(Column(key, kind or "string"))
+    return tuple(columns)
+
+
+class NextCommerceStream(ExportStream):
+    """One Next Commerce export type; the class attributes below are all that differs."""
+
+
+def _stream(code: str, primary_keys: tuple[str, ...], replication_key: str, columns: str) -> type[NextCommerceStream]:
+    return type(
+        f"{''.join(part.title() for part in code.split('_'))}Stream",
+        (NextCommerceStream,),
+        {
+            "name": f"nextcommerce_{code}",
+            "export_type": code,
+            "primary_keys": primary_keys,
+            "replication_key": replication_key,
+            "known_columns": _columns(columns),
+            "__doc__": f"Next Commerce `{code}` export.",
+        },
+    )
+
+
+# Export columns are not published; these are the ones the tap types. Any other column a file
+# brings is kept as text (see engine/csv_records.py).
+STREAM_TYPES: tuple[type[NextCommerceStream], ...] = ()
+
+
+# ------------------------------------------------------------------------ source
+
+
+def _api_url(config: dict) -> str:
+    if config.get("nextcommerce_api_url"):
+        return checked_base_url(config, "nextcommerce_api_url")
+    store = str(config.get("nextcommerce_store") or "").strip()
+    if not store or not store.replace("-", "").isalnum():
+        raise ConfigError(
+            "setting 'nextcommerce_store' must be your store's subdomain (the part before .29next.store), "
+            f"got {store!r}; or set 'nextcommerce_api_url'"
+        )
+    return f"https://{store}.29next.store/api/admin"
+
+
+def validate(config: dict) -> None:
+    _api_url(config)
+    zone_name = str(config.get("nextcommerce_store_timezone") or "UTC")
+    try:
+        zone(zone_name)
+    except Exception:
+        raise ConfigError(
+            f"setting 'nextcommerce_store_timezone' must be an IANA timezone name such as 'America/Chicago', "
+            f"got {zone_name!r}"
+        ) from None
+    cap = config.get("nextcommerce_export_row_cap", 100000)
+    if int(cap) < 2:
+        raise ConfigError(f"setting 'nextcommerce_export_row_cap' must be at least 2, got {cap!r}")
+
+
+def build_api(config: dict, logger: logging.Logger) -> NextCommerceApi:
+    client = ApiClient(
+        api_name="nextcommerce",
+        base_url=_api_url(config),
+        credential_headers={"Authorization": f"Bearer {config['nextcommerce_api_token']}"},
+        logger=logger,
+        extra_headers={"X-29next-API-Version": str(config.get("nextcommerce_api_version") or API_VERSION)},
+        pacer=pacer(REQUESTS_PER_SECOND, burst=1),
+    )
+    return NextCommerceApi(client, int(config.get("nextcommerce_export_row_cap", 100000)))
+
+
+def check_connection(api: ExportApi) -> str:
+    assert isinstance(api, NextCommerceApi)
+    types = api.client.get("exports/types/").get("types") or []
+    host = urlsplit(api.client.base_url).hostname
+    return f"authenticated to {host}; {len(types)} export types available"
+
+
+SOURCE = SourceDefinition(
+    name="nextcommerce",
+    settings=[
+        th.Property("nextcommerce_api_token", th.StringType, secret=True,
+                    description="Admin API access token (OAuth app with exports:read and exports:write). "
+                                "Next Commerce streams are discovered when set."),
+        th.Property("nextcommerce_store", th.StringType,
+                    description="Store subdomain: `mystore` for https://mystore.29next.store."),
+        th.Property("nextcommerce_api_url", th.StringType,
+                    description="Admin API base URL; overrides nextcommerce_store (e.g. the sandbox)."),
+        th.Property("nextcommerce_api_version", th.StringType, default=API_VERSION,
+                    description="Sent as X-29next-API-Version."),
+        th.Property("nextcommerce_store_timezone", th.StringType, default="UTC",
+                    description="IANA timezone of the store: export timestamps are naive, in this zone, "
+                                "and are emitted as UTC instants."),
+        th.Property("nextcommerce_export_row_cap", th.IntegerType, default=100000,
+                    description="Rows at which Next Commerce truncates an export; a window at the cap is split "
+                                "and exported again."),
+    ],
+    credential_settings=("nextcommerce_api_token",),
+    build_api=build_api,
+    stream_types=STREAM_TYPES,
+    naive_zone=lambda config: zone(str(config.get("nextcommerce_store_timezone") or "UTC")),
+    validate=validate,
+    check_connection=check_connection,
+)
