@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import sys
+import time
 
 from singer_sdk import Tap
 from singer_sdk import typing as th
 
 from tap_commerce_exports.engine.download import FileDownloader
 from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
+from tap_commerce_exports.engine.http import install_log_redaction
 from tap_commerce_exports.engine.scheduler import ExportScheduler
 from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime
 from tap_commerce_exports.engine.windows import parse_instant
@@ -49,6 +50,7 @@ class TapCommerceExports(Tap):
     ).to_dict()
 
     def discover_streams(self) -> list[ExportStream]:
+        install_log_redaction()
         self._check_settings()
         self.scheduler = ExportScheduler(int(self.config.get("max_concurrent_exports", 8)))
         streams: list[ExportStream] = []
@@ -95,26 +97,81 @@ class TapCommerceExports(Tap):
                 source.validate(dict(config))
 
     def sync_all(self) -> None:
-        """Start every selected stream's first exports, then read the streams one by one."""
-        started = dt.datetime.now(dt.timezone.utc)
-        export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
-        for stream in export_streams:
-            stream.start_exports()
-        try:
-            super().sync_all()
-        finally:
-            self.scheduler.shutdown()
-        self._log_summary(export_streams, started)
+        """Start every selected stream's first exports, then read the streams one by one.
 
-    def _log_summary(self, streams: list[ExportStream], started: dt.datetime) -> None:
+        A stream or partition that fails does not stop the others: their rows and state are
+        written, and the run ends with a summary of what failed (and a non-zero exit).
+        """
+        started = time.monotonic()
+        self.failures: list[str] = []
+        self._reset_state_progress_markers()
+        self._set_compatible_replication_methods()
+        if self.state:
+            self._state_writer.write_state(self.state)
+        export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
+        try:
+            self._start_exports(export_streams)
+            for stream in self.streams.values():
+                if stream.selected:
+                    self._sync_one(stream)
+        finally:
+            self._stop_workers()
+        self._log_summary(export_streams, time.monotonic() - started)
+        if self.failures:
+            raise SyncFailures(self.failures)
+
+    def _start_exports(self, streams: list[ExportStream]) -> None:
+        for stream in streams:
+            try:
+                stream.start_exports()
+            except Exception as exc:
+                self.record_failure(stream.name, None, exc)
+
+    def _sync_one(self, stream) -> None:
+        if any(failure.startswith(f"{stream.name}:") for failure in self.failures):
+            return  # it could not even list its partitions
+        try:
+            stream.sync()
+        except Exception as exc:
+            self.record_failure(stream.name, None, exc)
+        stream.finalize_state_progress_markers()
+        stream.log_sync_costs()
+
+    def _stop_workers(self) -> None:
+        for stream in self.streams.values():
+            if isinstance(stream, ExportStream):
+                stream.runtime.runner.stopping.set()
+        if hasattr(self, "scheduler"):
+            self.scheduler.shutdown()
+
+    def record_failure(self, stream_name: str, context: dict | None, error: BaseException) -> None:
+        where = "".join(f" {key}={value}" for key, value in (context or {}).items())
+        message = f"{stream_name}:{where} {error}"
+        self.failures.append(message)
+        self.logger.error("Stream %s%s failed, continuing with the others: %s", stream_name, where, error)
+
+    def note_exports_in_flight(self) -> None:
+        """While waiting for a file: put exports started meanwhile into STATE (see ExportStream)."""
+        for stream in self.streams.values():
+            if isinstance(stream, ExportStream) and stream.selected:
+                stream.note_all_exports_in_flight()
+
+    def _log_summary(self, streams: list[ExportStream], elapsed: float) -> None:
         for stream in streams:
             t = stream.totals
             self.logger.info(
-                "Summary %s: %d windows, %d exports, %d rows, %d bytes, %d polls, %d splits",
-                stream.name, t.windows, t.exports, t.rows, t.bytes, t.polls, t.splits,
+                "Summary %s: %d windows, %d exports, %d rows, %d bytes, %d polls, %d splits, %.1fs",
+                stream.name, t.windows, t.exports, t.rows, t.bytes, t.polls, t.splits, t.seconds,
             )
-        elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-        self.logger.info("Sync finished in %.1fs", elapsed)
+        self.logger.info("Sync finished in %.1fs with %d failure(s)", elapsed, len(getattr(self, "failures", [])))
+
+
+class SyncFailures(RuntimeError):
+    """Some streams or partitions failed; the others were synced."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = failures
+        super().__init__(f"{len(failures)} stream(s) or partition(s) failed:\n  " + "\n  ".join(failures))
 
 
 def main() -> None:
@@ -123,6 +180,9 @@ def main() -> None:
     except ConfigError as exc:
         print(f"tap-commerce-exports: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except SyncFailures as exc:
+        print(f"tap-commerce-exports: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

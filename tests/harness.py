@@ -114,7 +114,11 @@ def start_tap_process(config: dict, *, state: dict | None = None, catalog: dict 
         with open(catalog_path, "w") as out:
             json.dump(catalog, out)
         command += ["--catalog", catalog_path]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr goes to a file: a pipe nobody reads fills up and blocks the tap mid-run.
+    stderr = open(os.path.join(workdir, "stderr.log"), "w")  # noqa: SIM115  (closed with the process)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    process.stderr_path = stderr.name  # type: ignore[attr-defined]
+    return process
 
 
 def normalized(value: Any) -> Any:

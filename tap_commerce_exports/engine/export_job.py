@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import enum
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from tap_commerce_exports.engine.download import DownloadedFile, FileDownloader
 from tap_commerce_exports.engine.windows import Window
@@ -34,6 +35,10 @@ class ExportTimedOut(ExportFailed):
     pass
 
 
+class ExportCancelled(RuntimeError):
+    """The run is stopping; workers give up their waits."""
+
+
 @dataclass(frozen=True)
 class ExportRequest:
     """One export a stream wants: a type, a window (None: everything) and a partition."""
@@ -43,10 +48,16 @@ class ExportRequest:
     window: Window | None
     partition: dict[str, Any] = field(default_factory=dict)
     fields: tuple[str, ...] = ()
+    #: An export a previous run created for exactly this request and never read (from state).
+    remembered_export_id: str | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         where = "".join(f" {key}={value}" for key, value in self.partition.items())
         return f"{self.stream_name}{where} {self.window or '(whole export)'}"
+
+    @property
+    def key(self) -> tuple:
+        return (self.stream_name, tuple(sorted(self.partition.items())), self.window)
 
 
 @dataclass
@@ -84,6 +95,8 @@ class ExportApi(ABC):
     max_recreates: int = 3
     #: Rows at which an export is silently truncated (Next Commerce); None when uncapped.
     row_cap: int | None = None
+    #: Whether an export created by an earlier run can be polled and downloaded later.
+    can_resume: bool = False
 
     @abstractmethod
     def create(self, request: ExportRequest) -> ExportHandle:
@@ -157,19 +170,29 @@ class ExportRunner:
         downloader: FileDownloader,
         poll_policy: PollPolicy,
         logger: logging.Logger,
-        on_export_started: Callable[[ExportRequest, ExportHandle], None] | None = None,
     ) -> None:
         self.api = api
         self.downloader = downloader
         self.poll_policy = poll_policy
         self.logger = logger
-        self.on_export_started = on_export_started
+        self.stopping = threading.Event()
+        self._started_lock = threading.Lock()
+        self._started: dict[tuple, str] = {}
 
-    def prepare(self, request: ExportRequest, remembered_export_id: str | None = None) -> ReadyExport:
+    def started_export_ids(self) -> dict[tuple, str]:
+        """Exports created (or resumed) and not yet read, by request key: remembered in state."""
+        with self._started_lock:
+            return dict(self._started)
+
+    def forget(self, request: ExportRequest) -> None:
+        with self._started_lock:
+            self._started.pop(request.key, None)
+
+    def prepare(self, request: ExportRequest) -> ReadyExport:
         """Create (or reuse) the export, wait for it, and download its file whole."""
         failures: list[str] = []
         for attempt in range(self.api.max_recreates + 1):
-            tracked = self._start(request, remembered_export_id if attempt == 0 else None)
+            tracked = self._start(request, request.remembered_export_id if attempt == 0 else None)
             tracked = self._wait_until_ready(request, tracked)
             if tracked.handle.state is ExportState.READY:
                 file = self._download(request, tracked)
@@ -187,7 +210,8 @@ class ExportRunner:
                 request.describe(), tracked.handle.export_id, tracked.handle.status, delay, attempt + 1,
                 self.api.max_recreates,
             )
-            time.sleep(delay)
+            if self.stopping.wait(delay):
+                raise ExportCancelled(f"{request.describe()}: stopped before re-creating the export")
         raise ExportFailed(
             f"{request.describe()}: export failed {len(failures)} times: {', '.join(failures)}; giving up"
         )
@@ -207,8 +231,9 @@ class ExportRunner:
             self.logger.info(
                 "%s: created export %s (status %s)", request.describe(), handle.export_id, handle.status
             )
-        if self.on_export_started:
-            self.on_export_started(request, handle)
+        if self.api.can_resume:
+            with self._started_lock:
+                self._started[request.key] = handle.export_id
         return _Tracked(handle, time.monotonic())
 
     def _wait_until_ready(self, request: ExportRequest, tracked: _Tracked) -> _Tracked:
@@ -225,7 +250,8 @@ class ExportRunner:
                     f"'{tracked.handle.status}' after {elapsed:.0f}s (export_timeout_seconds={policy.timeout:g}); "
                     "raise export_timeout_seconds or try a smaller export_window_days"
                 )
-            time.sleep(min(wait, max(0.0, policy.timeout - elapsed)))
+            if self.stopping.wait(min(wait, max(0.0, policy.timeout - elapsed))):
+                raise ExportCancelled(f"{request.describe()}: stopped while waiting for export {tracked.handle.export_id}")
             tracked.handle = self.api.poll(request, tracked.handle)
             tracked.polls += 1
             now = time.monotonic()

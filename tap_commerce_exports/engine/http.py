@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,29 @@ def without_query(url: str) -> str:
     """A URL safe to log: signed URLs carry their credentials in the query string."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+class QueryStringRedactor(logging.Filter):
+    """Removes query strings from urllib3's request log lines, at every level.
+
+    urllib3 logs each request line at DEBUG, and signed file URLs carry their credentials
+    (signature, token) in the query string.
+    """
+
+    _QUERY = re.compile(r"\?[^\s\"']*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._QUERY.sub("?<redacted>", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str) and "?" in record.msg:
+            record.msg = self._QUERY.sub("?<redacted>", record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, QueryStringRedactor) for f in logger.filters):
+        logger.addFilter(QueryStringRedactor())
 
 
 def retry_after_seconds(response: requests.Response, default: float = 1.0) -> float:

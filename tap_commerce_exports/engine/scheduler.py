@@ -11,11 +11,13 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 from tap_commerce_exports.engine.export_job import ExportRequest, ReadyExport
 
 Prepare = Callable[[ExportRequest], ReadyExport]
+WAIT_TICK_SECONDS = 1.0
 
 
 class ExportScheduler:
@@ -61,16 +63,27 @@ class ExportQueue:
     def __bool__(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def next_ready(self) -> ReadyExport:
-        """The next export in order, once its file is on disk (raises what its worker raised)."""
+    def next_ready(self, while_waiting: Callable[[], None] = lambda: None) -> ReadyExport:
+        """The next export in order, once its file is on disk (raises what its worker raised).
+
+        `while_waiting` runs on this (the main) thread about once a second while the export is
+        not ready, so the stream can write STATE about exports started in the meantime.
+        """
         self.top_up()
         _, future = self._running.popleft()
-        ready = future.result()
+        while True:
+            try:
+                ready = future.result(timeout=WAIT_TICK_SECONDS)
+                break
+            except FutureTimeout:
+                while_waiting()
         self.top_up()
         return ready
 
     def cancel(self) -> None:
+        """Stop what has not started; delete files already downloaded but never read."""
         for _, future in self._running:
-            future.cancel()
+            if not future.cancel() and future.done() and future.exception() is None:
+                future.result().file.remove()
         self._running.clear()
         self._waiting.clear()

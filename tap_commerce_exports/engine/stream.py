@@ -22,6 +22,11 @@ from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
 
 UNKNOWN_COLUMN_SCHEMA = {"type": ["string", "null"], "description": "Column not known to the tap; kept as text."}
+EXPORTS_IN_FLIGHT = "exports_in_flight"
+
+
+def _window_key(window: Window | None) -> tuple[str | None, str | None]:
+    return (window.start.isoformat(), window.end.isoformat()) if window else (None, None)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class ExportStream(Stream):
         self.runtime = runtime
         self._queues: dict[tuple, ExportQueue] = {}
         self.totals = StreamTotals()
+        self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
 
     # ------------------------------------------------------------- declarations
@@ -102,16 +108,20 @@ class ExportStream(Stream):
         return None
 
     def export_requests(self, context: dict | None) -> list[ExportRequest]:
-        """This run's exports for one partition, in window order."""
+        """This run's exports for one partition, in window order (reusing exports left in state)."""
         partition = dict(context or {})
+        fields = self.fields_to_request()
         if not self.replication_key:
-            return [ExportRequest(self.name, self.export_type, None, partition, self.fields_to_request())]
-        span = self.export_span(context)
-        if span is None:
-            return []
-        windows = plan_windows(span, float(self.config.get("export_window_days", 30)))
-        return [ExportRequest(self.name, self.export_type, window, partition, self.fields_to_request())
-                for window in windows]
+            windows: list[Window | None] = [None]
+        else:
+            span = self.export_span(context)
+            windows = plan_windows(span, float(self.config.get("export_window_days", 30))) if span else []
+        remembered = self._remembered_exports(context)
+        return [
+            ExportRequest(self.name, self.export_type, window, partition, fields,
+                          remembered_export_id=remembered.get(_window_key(window)))
+            for window in windows
+        ]
 
     def export_span(self, context: dict | None) -> Window | None:
         """The range due for this partition; subclasses may clamp it (an experience's lifetime)."""
@@ -125,13 +135,45 @@ class ExportStream(Stream):
         )
 
     def _advance_bookmark(self, context: dict | None, window: Window | None) -> None:
-        if window is None or not self.replication_key:
-            return
+        """Called once every row of `window` was written: the bookmark may now pass it."""
+        if window is not None and self.replication_key:
+            state = self.get_context_state(context)
+            state["replication_key"] = self.replication_key
+            state["replication_key_value"] = window.end.isoformat()
+        self._note_exports_in_flight(context, force_write=True)
+
+    # -------------------------------------------------- exports remembered in state
+
+    def _remembered_exports(self, context: dict | None) -> dict[tuple, str]:
+        """Exports an earlier run created and never read, by window (state key `exports_in_flight`)."""
         state = self.get_context_state(context)
-        state["replication_key"] = self.replication_key
-        state["replication_key_value"] = window.end.isoformat()
+        return {
+            (item.get("window_start"), item.get("window_end")): str(item["export_id"])
+            for item in state.get(EXPORTS_IN_FLIGHT, [])
+            if item.get("export_id")
+        }
+
+    def _note_exports_in_flight(self, context: dict | None, *, force_write: bool = False) -> None:
+        """Write STATE when exports were started that a killed run should resume, not pay for again."""
+        partition = tuple(sorted((context or {}).items()))
+        in_flight = [
+            {"export_id": export_id, "window_start": _window_key(key[2])[0], "window_end": _window_key(key[2])[1]}
+            for key, export_id in self.runtime.runner.started_export_ids().items()
+            if key[0] == self.name and key[1] == partition
+        ]
+        state = self.get_context_state(context)
+        if in_flight == state.get(EXPORTS_IN_FLIGHT, []) and not force_write:
+            return
+        if in_flight:
+            state[EXPORTS_IN_FLIGHT] = in_flight
+        else:
+            state.pop(EXPORTS_IN_FLIGHT, None)
         self.state_manager.is_flushed = False
         self._write_state_message()
+
+    def note_all_exports_in_flight(self) -> None:
+        for key in list(self._queues):
+            self._note_exports_in_flight(dict(key) or None)
 
     # ----------------------------------------------------------------- exports
 
@@ -153,15 +195,19 @@ class ExportStream(Stream):
         return self._queues[key]
 
     def get_records(self, context: dict | None) -> Iterable[dict]:
+        """Rows window by window. A failure ends this partition only: the tap reports it at the end."""
         queue = self._queue_for(context)
         try:
             while queue:
-                ready = queue.next_ready()
+                ready = queue.next_ready(while_waiting=self._tap.note_exports_in_flight)
                 if ready.at_row_cap:
                     queue.push_front(self._split(ready))
                     continue
                 yield from self._records_of(ready, context)
+                self.runtime.runner.forget(ready.request)
                 self._advance_bookmark(context, ready.request.window)
+        except Exception as exc:
+            self._tap.record_failure(self.name, context, exc)
         finally:
             queue.cancel()
             self._queues.pop(tuple(sorted((context or {}).items())), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
@@ -220,6 +221,8 @@ class Host:
         return f"http://127.0.0.1:{self._server.server_port}"
 
     def start(self, port: int = 0) -> None:
+        # werkzeug's access log would print signed URLs, tokens included, on the console.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._url_map = Map(self._rules, merge_slashes=False)
         self._server = make_server("127.0.0.1", port, self._wsgi, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"sandbox-{self.name}", daemon=True)

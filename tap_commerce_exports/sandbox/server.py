@@ -10,6 +10,7 @@ command line to try the tap without credentials:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
@@ -21,12 +22,16 @@ from tap_commerce_exports.sandbox.core import SandboxContext
 API_NAMES = ("voucherify", "nextcommerce", "intelligems")
 
 
-def _emulator_types() -> dict[str, Any]:
-    from tap_commerce_exports.sandbox.intelligems import IntelligemsEmulator
-    from tap_commerce_exports.sandbox.nextcommerce import NextCommerceEmulator
-    from tap_commerce_exports.sandbox.voucherify import VoucherifyEmulator
+EMULATORS = {
+    "voucherify": ("tap_commerce_exports.sandbox.voucherify", "VoucherifyEmulator"),
+    "nextcommerce": ("tap_commerce_exports.sandbox.nextcommerce", "NextCommerceEmulator"),
+    "intelligems": ("tap_commerce_exports.sandbox.intelligems", "IntelligemsEmulator"),
+}
 
-    return {"voucherify": VoucherifyEmulator, "nextcommerce": NextCommerceEmulator, "intelligems": IntelligemsEmulator}
+
+def _emulator_type(name: str) -> Any:
+    module, class_name = EMULATORS[name]
+    return getattr(importlib.import_module(module), class_name)
 
 
 class Sandbox:
@@ -41,8 +46,9 @@ class Sandbox:
         rows_per_type: int | None = None,
     ) -> None:
         self.ctx = SandboxContext(export_latency_seconds=export_latency_seconds)
-        types = _emulator_types()
-        self.emulators = {name: types[name](self.ctx, seed=seed, rows_per_type=rows_per_type) for name in apis}
+        self.emulators = {
+            name: _emulator_type(name)(self.ctx, seed=seed, rows_per_type=rows_per_type) for name in apis
+        }
 
     def __getattr__(self, name: str) -> Any:
         emulators = self.__dict__.get("emulators", {})

@@ -224,21 +224,34 @@ class OrdersStream(IntelligemsExportStream):
     name = "intelligems_orders"
     export_type = "orders"
     primary_keys = ("experience_id", "order_id")
-    known_columns = ()
+    known_columns = _columns(
+        "order_id order_name created_at:datetime variation_id variation_name is_control:boolean visitor_id "
+        "device_type country_code source_channel landing_page is_new_visitor:boolean currency subtotal:number "
+        "discount:number shipping:number tax:number revenue:number items_count:integer discount_code note "
+        "experience_id"
+    )
 
 
 class OrderLineItemsStream(IntelligemsExportStream):
     name = "intelligems_order_line_items"
     export_type = "order_line_items"
     primary_keys = ("experience_id", "line_item_id")
-    known_columns = ()
+    known_columns = _columns(
+        "line_item_id order_id created_at:datetime variation_id variation_name product_id product_title variant_id "
+        "variant_title sku quantity:integer price:number compare_at_price:number discount:number line_total:number "
+        "currency is_test_product:boolean properties:json experience_id"
+    )
 
 
 class OrderReconciliationStream(IntelligemsExportStream):
     name = "intelligems_order_reconciliation"
     export_type = "order_reconciliation"
     primary_keys = ("experience_id", "order_id")
-    known_columns = ()
+    known_columns = _columns(
+        "order_id order_name created_at:datetime variation_id variation_name currency shopify_total:number "
+        "intelligems_total:number difference:number included_in_analysis:boolean exclusion_reason "
+        "analytics_synced_at:datetime experience_id"
+    )
 
 
 STREAM_TYPES = (ExperiencesStream, OrdersStream, OrderLineItemsStream, OrderReconciliationStream)

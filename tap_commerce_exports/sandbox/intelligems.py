@@ -1,0 +1,1548 @@
+"""Emulation of the Intelligems External API (beta, `/v25-10-beta`) experience exports, and its S3 host.
+
+What is emulated, from the vendor's published OpenAPI and doc page "07 Get Experience Export":
+
+- Auth: header `intelligems-access-token`; a missing or wrong token answers 401 `{"error": "Unauthorized"}`.
+- `GET /v25-10-beta/experiences-list?page=&limit=&status=&category=&module=` answers
+  `{experiencesList, page, limit, total, totalPages}`; items carry every field the spec marks required
+  (list shape: `hasSchedule` and `history`, reduced variations). `GET /v25-10-beta/experiences/{id}`
+  answers `{"experience": {...}}` in the detail shape (no `hasSchedule`/`history`; custom metrics,
+  integrations, key metrics, shipping definitions; full variations). Every `*Ts` is Unix milliseconds.
+- `POST /v25-10-beta/analytics/experience/{id}/export` is synchronous: the answer comes after the
+  export latency and holds a presigned S3 URL valid `url_ttl_seconds` (900), or `url: null`,
+  `expiresIn: 0`, "Export timed out, please retry" (fault `null_url`). The range defaults to the
+  experience's lifetime (start through end/pause or now) and explicit `startTs`/`endTs` are clamped
+  to it. Rows are in the file when `start <= created_at < end`.
+- Rate limits: token buckets per token, one for exports (burst 20) and one for the other calls;
+  `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` (epoch milliseconds) on every
+  API answer; 429 `{"error": "Too Many Requests"}` when a bucket is empty.
+- The S3 host serves `/<bucket>/exports/<experienceId>/<exportType>-<n>.csv?X-Amz-...` (SigV4
+  query-string auth in shape; the signature is the sandbox's HMAC over path, credential and expiry).
+
+Design choices where the vendor docs are silent (each one is a guess made explicit):
+
+- Error bodies follow the published 400 shape `{"errors": [...], "properties": {...}}`, which is
+  zod's `treeifyError` output: problems of a field sit under `properties.<field>.errors`, array
+  elements under `items`. Body problems come from the published schema (SpecValidator); the spec
+  types `startTs`/`endTs` only as strings, the doc says "10-digit epoch seconds", so other strings
+  are refused too. A `startTs` after `endTs` is refused (400); a window that clamping empties (for
+  example a start after the experience ended) is not an error: the file is header-only.
+- Exporting an experience that never started answers **400** (`errors: ["Experience ... has not
+  started ..."]`): the request is well-formed but there is no lifetime to export.
+- 404 bodies are `{"error": "Not Found", "message": ...}`; 500/502/503 (fault `server_error`, in that
+  order) are `{"error": "Internal Server Error"}`, then API-Gateway style `{"message": ...}`.
+- Rate limits: the doc names only the x-ratelimit-* headers, so 429 has no `Retry-After`. Auth is
+  checked before the bucket verdict, but every request, refused or not, takes a token.
+- The list is ordered newest `createdAtTs` first (the dashboard's order); `limit` is not capped.
+- `filters` are validated and recorded in `exports[...]` but do not narrow the synthetic rows, so the
+  tap's output stays comparable with `expected_records`.
+- CSV columns are not published. Headers are snake_case labels equal to the record keys; there is no
+  `experience_id` column (a file is per experience; the tap adds it from the partition). Files start
+  with a UTF-8 BOM, use LF line endings, ISO-8601 UTC timestamps with `Z`, `true`/`false`, money with
+  two decimals, JSON in `properties`, and empty cells for unknown values. Rows are in `created_at`
+  order.
+- `rows_per_type` is the number of *orders* per experience: `orders` and `order_reconciliation`
+  have one row per order, `order_line_items` 1-3 rows per order (the order's `items_count`).
+  Default: 40 orders per experience with data. Rows are a pure function of (seed, experience,
+  order index), spread over the experience's data span (its seeded lifetime within
+  2024-01-01..2024-03-01), so a file is never held in memory.
+- `add_rows` adds rows to one export type only: each added row is a new order with exactly one line
+  item, so `count` rows appear in that stream. `partition=None` means the oldest running experience.
+- Analytics lag (`analytics_lag_seconds`): rows whose `created_at` is newer than `now - lag` at export
+  time are not in the file yet (nor in `expected_records`).
+- Content faults (`malformed_row`, `bad_utf8`, `empty_file`, `header_only`, `new_column`,
+  `download_cut_quote`) are decided when the export is created, like an S3 object's content:
+  downloading the same URL again gives the same bad file, a new export gives a good one. Transport
+  faults (`download_reset`, `download_short`) are decided per download, so a retry can succeed.
+- Content-Length is exact and computed by rendering the file once without keeping it (then cached
+  per file): S3 always sends a length, so the body is never chunked. `Range: bytes=` is honoured.
+- The S3 host refuses (400 `InvalidArgument`, "Only one auth mechanism allowed") any `Authorization`
+  header, as S3 does with presigned URLs, and also an `intelligems-access-token` header: real S3
+  would ignore that one, but here it means the tap leaked the API credential, which tests must see.
+  The offending header's value is never echoed back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import datetime as dt
+import hashlib
+import heapq
+import io
+import json
+import math
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from functools import cache
+from typing import Any
+from urllib.parse import urlencode
+from xml.sax.saxutils import escape as xml_escape
+
+import jsonschema
+from werkzeug.wrappers import Request, Response
+
+from tap_commerce_exports.sandbox.core import (
+    Host,
+    RateDecision,
+    SandboxContext,
+    SpecValidator,
+    TokenBucket,
+    UrlSigner,
+    json_response,
+)
+
+UTC = dt.timezone.utc
+CENT = Decimal("0.01")
+SPEC_FILE = "intelligems-exports.openapi.json"
+PREFIX = "/v25-10-beta"
+LIST_SPEC_PATH = f"{PREFIX}/experiences-list"
+DETAIL_SPEC_PATH = f"{PREFIX}/experiences/{{experienceId}}"
+EXPORT_SPEC_PATH = f"{PREFIX}/analytics/experience/{{experienceId}}/export"
+
+DATA_START = dt.datetime(2024, 1, 1, tzinfo=UTC)
+DATA_END = dt.datetime(2024, 3, 1, tzinfo=UTC)
+DEFAULT_ORDERS_PER_EXPERIENCE = 40
+EXPORT_TYPES = ("orders", "order_line_items", "order_reconciliation")
+STREAM_PREFIX = "intelligems_"
+EXPERIENCES_STREAM = "intelligems_experiences"
+BUCKET = "ig-analytics-exports-us-east-1"
+S3_REGION = "us-east-1"
+
+UTF8_BOM = b"\xef\xbb\xbf"
+CHUNK_BYTES = 64 * 1024
+LONG_NOTE_INDEX = 7  # the order (per awkward experience) whose note is ~100 KB
+LONG_NOTE_CHARS = 100_000
+TEN_DIGITS = re.compile(r"^\d{10}$")
+RANGE_HEADER = re.compile(r"^bytes=(\d*)-(\d*)$")
+BAD_UTF8_MARKER = "\x1fBADUTF8\x1f"
+CONTENT_FAULTS = ("empty_file", "header_only", "malformed_row", "bad_utf8", "new_column", "download_cut_quote")
+
+
+# ------------------------------------------------------------------------- time
+
+
+def to_ms(moment: dt.datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def iso_z(moment: dt.datetime) -> str:
+    """How the CSV files write instants: second precision, UTC, `Z`."""
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+
+
+def iso_record(moment: dt.datetime) -> str:
+    """How the tap emits instants: `isoformat()` in UTC (`+00:00`)."""
+    return moment.astimezone(UTC).isoformat()
+
+
+def as_utc(moment: dt.datetime | str | None) -> dt.datetime | None:
+    """A datetime (or ISO string) as an aware UTC datetime; naive means UTC."""
+    if moment is None:
+        return None
+    if isinstance(moment, str):
+        moment = dt.datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def whole_second(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(microsecond=0)
+
+
+def money(value: Decimal | str | int) -> Decimal:
+    return Decimal(value).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+@cache
+def listed_price(text: str) -> Decimal:
+    return money(text)
+
+
+# ------------------------------------------------------------------------- dice
+
+
+class Dice:
+    """Deterministic choices drawn from a hash of its parts: the same parts give the same answers.
+
+    Rows are built from `Dice(seed, experience_id, order_index)`, which is what lets a file of a
+    million rows be rendered twice (length, then body) without being stored.
+    """
+
+    def __init__(self, *parts: object) -> None:
+        self._material = "\x1f".join(map(str, parts)).encode()
+        self._block_number = 0
+        self._block = b""
+        self._used = 0
+
+    def _refill(self) -> None:
+        self._block = hashlib.blake2b(self._material + struct.pack(">I", self._block_number), digest_size=64).digest()
+        self._block_number += 1
+        self._used = 0
+
+    def _take(self, count: int) -> bytes:
+        if self._used + count > len(self._block):
+            self._refill()
+        self._used += count
+        return self._block[self._used - count: self._used]
+
+    def _byte(self) -> int:
+        if self._used >= len(self._block):
+            self._refill()
+        self._used += 1
+        return self._block[self._used - 1]
+
+    def fraction(self) -> float:
+        return int.from_bytes(self._take(4), "big") / 2**32
+
+    def integer(self, low: int, high: int) -> int:
+        """A small whole number; one byte each (synthetic data tolerates the slight modulo bias)."""
+        return low + self._byte() % (high - low + 1)
+
+    def choice(self, options: tuple | list) -> Any:
+        return options[self._byte() % len(options)]
+
+    def chance(self, probability: float) -> bool:
+        return self._byte() < probability * 256
+
+    def uuid4(self) -> str:
+        return str(uuid.UUID(bytes=self._take(16), version=4))
+
+
+# ------------------------------------------------------------------ experiences
+
+
+@dataclass(frozen=True)
+class Variation:
+    id: str
+    name: str
+    is_control: bool
+    order: int
+    percentage: float
+
+
+@dataclass(frozen=True)
+class LifecycleAction:
+    id: str
+    action: str  # start | pause | end | reset
+    at: dt.datetime
+
+
+@dataclass
+class Experience:
+    """One experience. `data_span` is fixed at creation so later status changes never move rows."""
+
+    id: str
+    ordinal: int
+    name: str
+    type: str
+    description: str | None
+    status: str
+    created_at: dt.datetime
+    last_update: dt.datetime
+    started_at: dt.datetime | None
+    paused_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    variations: list[Variation]
+    actions: list[LifecycleAction]
+    data_span: tuple[dt.datetime, dt.datetime] | None
+    order_count: int
+    awkward: bool
+
+    def lifetime(self, now: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+        """The range exports are clamped to: start through end/pause or now; None if never started."""
+        if self.started_at is None:
+            return None
+        if self.status == "ended" and self.ended_at:
+            return self.started_at, self.ended_at
+        if self.status == "paused" and self.paused_at:
+            return self.started_at, self.paused_at
+        return self.started_at, max(now, self.started_at)
+
+
+@dataclass(frozen=True)
+class SeededExperience:
+    name: str
+    type: str
+    description: str | None
+    status: str
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    stopped_at: dt.datetime | None = None  # ended or paused at, by status
+
+
+def _at(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+SEEDED_EXPERIENCES = (
+    SeededExperience("Free shipping threshold, $50 vs. $75", "shipping", "Ended after two weeks: threshold test.",
+                     "ended", _at("2023-12-28T16:20:00"), _at("2024-01-03T09:00:00"), _at("2024-01-15T12:00:00")),
+    SeededExperience('Price test "Premium" tier, +10%', "pricing", "Paused while the catalogue is repriced.",
+                     "paused", _at("2024-01-05T11:00:00"), _at("2024-01-10T00:00:00"), _at("2024-02-12T18:30:00")),
+    SeededExperience('Homepage hero: "Été" collection, crème brûlée', "content/onsiteEdits", None,
+                     "started", _at("2023-12-20T08:15:00"), _at("2024-01-01T00:00:00")),
+    SeededExperience('Checkout upsell, "Add a gift note" block', "checkoutBlock", "Upsell block at checkout.",
+                     "started", _at("2024-01-18T10:00:00"), _at("2024-01-20T15:45:00")),
+    SeededExperience("抹茶 bundle — Größe & Preis (EU)", "pricing", "Bundle pricing, EU stores; ünïcödé.",
+                     "started", _at("2024-02-01T07:30:00"), _at("2024-02-05T08:00:00")),
+    SeededExperience('Draft: cart drawer, "sticky" CTA', "content/onsiteEdits", None,
+                     "pending", _at("2024-02-25T13:05:00")),
+)
+
+MODULE_OF_TYPE = {"pricing": "pricing", "shipping": "shipping", "checkoutBlock": "checkout",
+                  "postPurchase": "postPurchase", "onsiteUpsell": "merchandising"}
+TEST_TYPE_FLAGS = ("hasTestPricing", "hasTestShipping", "hasTestCampaign", "hasTestContent", "hasTestContentUrl",
+                   "hasTestContentAdvanced", "hasTestContentOnsite", "hasTestContentTemplate", "hasTestContentTheme",
+                   "hasTestOnsiteInjections", "hasTestCheckoutBlocks", "hasTestPostPurchase", "hasTestOnsiteUpsell")
+FLAGS_OF_TYPE = {"pricing": ("hasTestPricing",), "shipping": ("hasTestShipping",),
+                 "content/onsiteEdits": ("hasTestContent", "hasTestContentOnsite"),
+                 "checkoutBlock": ("hasTestCheckoutBlocks",)}
+HISTORY_ACTION = {"start": "startExperience", "pause": "pauseExperience", "end": "endExperience",
+                  "reset": "resetExperience"}
+
+
+def module_of(experience_type: str) -> str:
+    return "content" if experience_type.startswith("content/") else MODULE_OF_TYPE.get(experience_type, "content")
+
+
+class ExperienceJson:
+    """The vendor's JSON shapes of an experience: list item, detail, and the tap's record."""
+
+    def __init__(self, seed: int, organization_id: str) -> None:
+        self.seed = seed
+        self.organization_id = organization_id
+
+    def common(self, exp: Experience) -> dict[str, Any]:
+        return {
+            "id": exp.id,
+            "name": exp.name,
+            "description": exp.description,
+            "organizationId": self.organization_id,
+            "category": "experiment",
+            "type": exp.type,
+            "status": exp.status,
+            "isPreview": exp.status == "pending",
+            "requiresLink": False,
+            "linkBaseUrl": None,
+            "previewPath": "/",
+            "productVariantCount": 4 if exp.type == "pricing" else 0,
+            "createdAtTs": to_ms(exp.created_at),
+            "lastUpdateTs": to_ms(exp.last_update),
+            "startedAtTs": to_ms(exp.started_at),
+            "pausedAtTs": to_ms(exp.paused_at),
+            "endedAtTs": to_ms(exp.ended_at),
+            "archivedAtTs": None,
+            "isDeleted": False,
+            "isExternal": False,
+            "audience": None,
+            "currency": {"code": "USD", "symbol": "$"},
+            "testTypes": {flag: flag in FLAGS_OF_TYPE.get(exp.type, ()) for flag in TEST_TYPE_FLAGS},
+            "experiencePageTargeting": [],
+            "experienceProductTargeting": [],
+            "experienceAnalysis": {"analyticsViewType": "test_orders_only"},
+        }
+
+    def list_item(self, exp: Experience) -> dict[str, Any]:
+        return {
+            **self.common(exp),
+            "hasSchedule": False,
+            "experienceActions": [self._action(exp, action) for action in exp.actions],
+            "history": [self._history(exp, action) for action in exp.actions],
+            "variations": [self._variation(exp, variation) for variation in exp.variations],
+        }
+
+    def detail(self, exp: Experience, with_change_log: bool = False) -> dict[str, Any]:
+        detail = {
+            **self.common(exp),
+            "experienceActions": [{**self._action(exp, action), "performedBy": "merchandising@example.com"}
+                                  for action in exp.actions],
+            "variations": [{**self._variation(exp, variation), "onsiteEdits": [], "redirects": []}
+                           for variation in exp.variations],
+            "experienceCustomMetrics": [],
+            "experienceIntegrations": [],
+            "experienceKeyMetrics": [],
+            "shippingTestMethodDefinitions": [],
+            "shippingCarrierProvider": "intelligems",
+        }
+        if with_change_log:
+            detail["changeLog"] = []
+        return detail
+
+    @staticmethod
+    def record(list_item: dict[str, Any]) -> dict[str, Any]:
+        """The tap's record: top-level keys in snake_case, `*Ts` millis as ISO strings named without `_ts`.
+
+        Nested objects are kept as the API sends them (camelCase keys, millisecond numbers).
+        """
+        record: dict[str, Any] = {}
+        for key, value in list_item.items():
+            if key.endswith("Ts"):
+                record[snake_case(key[:-2])] = None if value is None else iso_record(from_ms(value))
+            else:
+                record[snake_case(key)] = value
+        return record
+
+    @staticmethod
+    def _action(exp: Experience, action: LifecycleAction) -> dict[str, Any]:
+        return {"id": action.id, "experienceId": exp.id, "action": action.action, "actionTs": to_ms(action.at)}
+
+    def _history(self, exp: Experience, action: LifecycleAction) -> dict[str, Any]:
+        return {
+            "id": Dice(self.seed, "history", action.id).uuid4(),
+            "action": HISTORY_ACTION[action.action],
+            "createdAtTs": to_ms(action.at),
+            "lastUpdateTs": to_ms(action.at),
+            "experienceId": exp.id,
+            "source": "internal",
+            "userId": Dice(self.seed, "user").uuid4(),
+            "user": None,
+        }
+
+    @staticmethod
+    def _variation(exp: Experience, variation: Variation) -> dict[str, Any]:
+        return {
+            "id": variation.id,
+            "experienceId": exp.id,
+            "name": variation.name,
+            "percentage": variation.percentage,
+            "isControl": variation.is_control,
+            "order": variation.order,
+            "functionSyncError": False,
+        }
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+# -------------------------------------------------------------------- the orders
+
+
+@dataclass(frozen=True)
+class Product:
+    product_id: str
+    title: str
+    variants: tuple[tuple[str, str, str], ...]  # (variant_id, variant_title, price)
+    in_experiment: bool
+
+
+PRODUCTS = (
+    Product("8012345670001", "Crème Brûlée Candle, 8 oz", (("45012345670011", "Vanilla", "24.00"),
+                                                           ("45012345670012", "Café au lait", "26.50")), True),
+    Product("8012345670002", 'Matcha Latte Kit "Ceremonial" — 抹茶', (("45012345670021", "30 g", "18.00"),
+                                                                   ("45012345670022", "100 g", "42.00")), True),
+    Product("8012345670003", "Smörgåsbord Serving Board", (("45012345670031", "Small", "35.00"),
+                                                          ("45012345670032", 'Large, walnut 18"', "59.00")), True),
+    Product("8012345670004", "Ζεστό Τσάι Sampler", (("45012345670041", "Default Title", "15.00"),), False),
+    Product("8012345670005", "Plain Tee", (("45012345670051", "S", "20.00"), ("45012345670052", "M", "20.00"),
+                                           ("45012345670053", "L", "22.00")), False),
+    Product("8012345670006", "Gift Card", (("45012345670061", "$25", "25.00"), ("45012345670062", "$50", "50.00")),
+            False),
+)
+PRICE_TEST_UPLIFT = Decimal("1.10")  # the non-control variation of a pricing test charges 10% more
+WELCOME_DISCOUNT = Decimal("0.10")
+ZERO = Decimal("0.00")
+COUNTRIES = ("US", "US", "US", "US", "CA", "GB", "DE", "FR", "JP", None)
+CURRENCY_OF_COUNTRY = {"CA": "CAD", "GB": "GBP", "DE": "EUR", "FR": "EUR"}
+TAX_RATE_OF_COUNTRY = {country: Decimal(rate) for country, rate in
+                       {"US": "0.08", "CA": "0.13", "GB": "0.20", "DE": "0.19", "FR": "0.20", "JP": "0.10"}.items()}
+CHANNELS = ("Direct", "Organic Search", "Paid Social", "Email", "SMS", "Referral")
+LANDING_PAGES = ("/", "/products/creme-brulee-candle", "/collections/été-2024",
+                 '/products/matcha-latte-kit?utm_source=ig,email&utm_campaign="spring"')
+SHORT_NOTES = ('Leave at the back door, please.\nRing "twice".', "Cadeau — merci!", "Gift for 祖母, no invoice")
+GIFT_PROPERTIES = ({"gift_message": 'Happy birthday,\nlove "Mum" ♥'}, {"engraving": "J. & K., 2024"},
+                   {"_ig_variation": "B", "bundle": ["matcha", "whisk"]})
+EXCLUSION_REASONS = ("Visitor assigned to multiple variations", "Refunded before analysis, full amount",
+                     'Currency mismatch (CAD ≠ USD), "fx" missing', "Order placed outside test targeting")
+
+
+def long_note() -> str:
+    """A ~100 KB order note with commas, quotes, newlines and non-ASCII: the field that breaks readers."""
+    sentence = 'Gift wrap, please — "fragile"; ünïcödé ✓ 包装\n'
+    return (sentence * (LONG_NOTE_CHARS // len(sentence) + 1))[:LONG_NOTE_CHARS]
+
+
+LONG_NOTE = long_note()
+
+
+@dataclass(frozen=True, slots=True)
+class LineItem:
+    line_item_id: str
+    product: Product
+    variant_id: str
+    variant_title: str
+    quantity: int
+    price: Decimal
+    compare_at_price: Decimal | None
+    discount: Decimal
+    line_total: Decimal
+    properties: dict | None
+
+    @property
+    def sku(self) -> str | None:
+        return None if self.product.title == "Gift Card" else f"SKU-{self.variant_id[-4:]}"  # gift cards have none
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One synthetic order; every export type renders its rows from it. Money is in `currency`."""
+
+    order_id: str
+    order_number: int
+    created_at: dt.datetime
+    variation: Variation
+    visitor_id: str
+    device_type: str
+    is_new_visitor: bool
+    country_code: str | None
+    currency: str
+    source_channel: str
+    landing_page: str
+    items: tuple[LineItem, ...]
+    subtotal: Decimal
+    discount: Decimal | None  # None: no discount code, an empty cell
+    discount_code: str | None
+    shipping: Decimal
+    tax: Decimal | None  # None: unknown country, so no tax computed
+    revenue: Decimal  # subtotal - discount + shipping, before tax: what Intelligems analyses
+    note: str | None
+    excluded_reason: str | None
+    synced_after_minutes: int
+
+    @property
+    def intelligems_total(self) -> Decimal | None:
+        return None if self.excluded_reason else self.revenue
+
+
+@dataclass(frozen=True)
+class OrderSlot:
+    """Where an order sits: its experience-wide index, its time, and whether it has a single item."""
+
+    index: int
+    created_at: dt.datetime
+    single_item: bool = False
+
+
+class OrderFactory:
+    """Builds an order from (seed, experience, slot): a pure function, so rows are never stored."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def order(self, exp: Experience, slot: OrderSlot) -> Order:
+        dice = Dice(self.seed, "order", exp.id, slot.index)
+        variation = dice.choice(exp.variations)
+        serial = exp.ordinal * 10**9 + slot.index
+        discount_code = dice.choice(("WELCOME10", None, None, None))
+        item_count = 1 if slot.single_item else dice.integer(1, 3)
+        items = tuple(self._line_item(exp, variation, serial, number, discount_code, dice)
+                      for number in range(1, item_count + 1))
+        subtotal = money(sum(item.price * item.quantity for item in items))
+        discount = money(sum(item.discount for item in items)) if discount_code else None
+        shipping = listed_price(dice.choice(("0.00", "4.95", "9.95")))
+        country_code = dice.choice(COUNTRIES)
+        tax_rate = TAX_RATE_OF_COUNTRY.get(country_code or "")
+        return Order(
+            order_id=str(5_500_000_000_000 + serial),
+            order_number=1001 + serial,
+            created_at=slot.created_at,
+            variation=variation,
+            visitor_id=dice.uuid4(),
+            device_type="mobile" if dice.chance(0.6) else "desktop",
+            is_new_visitor=dice.chance(0.55),
+            country_code=country_code,
+            currency=CURRENCY_OF_COUNTRY.get(country_code or "", "USD"),
+            source_channel=dice.choice(CHANNELS),
+            landing_page=dice.choice(LANDING_PAGES),
+            items=items,
+            subtotal=subtotal,
+            discount=discount,
+            discount_code=discount_code,
+            shipping=shipping,
+            tax=None if tax_rate is None else money((subtotal - (discount or ZERO)) * tax_rate),
+            revenue=subtotal - (discount or ZERO) + shipping,
+            note=self._note(exp, slot, dice),
+            excluded_reason=dice.choice(EXCLUSION_REASONS) if dice.chance(0.12) else None,
+            synced_after_minutes=dice.integer(1, 120),
+        )
+
+    @staticmethod
+    def _note(exp: Experience, slot: OrderSlot, dice: Dice) -> str | None:
+        if exp.awkward and slot.index == LONG_NOTE_INDEX:
+            return LONG_NOTE
+        return dice.choice(SHORT_NOTES) if dice.chance(0.25) else None
+
+    @staticmethod
+    def _line_item(exp: Experience, variation: Variation, serial: int, number: int,
+                   discount_code: str | None, dice: Dice) -> LineItem:
+        product = dice.choice(PRODUCTS)
+        variant_id, variant_title, list_price = dice.choice(product.variants)
+        repriced = exp.type == "pricing" and product.in_experiment and not variation.is_control
+        price = money(listed_price(list_price) * PRICE_TEST_UPLIFT) if repriced else listed_price(list_price)
+        quantity = dice.integer(1, 3)
+        discount = money(price * quantity * WELCOME_DISCOUNT) if discount_code else ZERO
+        return LineItem(
+            line_item_id=str(13_000_000_000_000 + serial * 10 + number),
+            product=product,
+            variant_id=variant_id,
+            variant_title=variant_title,
+            quantity=quantity,
+            price=price,
+            compare_at_price=listed_price(list_price) if repriced else None,
+            discount=discount,
+            line_total=price * quantity - discount,
+            properties=dice.choice(GIFT_PROPERTIES) if dice.chance(0.2) else None,
+        )
+
+
+# ------------------------------------------------------------------ export tables
+
+
+@dataclass(frozen=True)
+class CsvColumn:
+    """One CSV column: its header label (= the record key), its JSON kind and how a row gives its value."""
+
+    label: str
+    kind: str  # string | integer | number | boolean | datetime | json
+    value: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class ExportTable:
+    """One export type: its columns, the extra column of fault `new_column`, and rows per order."""
+
+    export_type: str
+    columns: tuple[CsvColumn, ...]
+    new_column: CsvColumn
+    new_column_after: str
+    rows_of: Callable[[Order], Iterable[Any]]
+
+    def header(self, with_new_column: bool) -> tuple[CsvColumn, ...]:
+        if not with_new_column:
+            return self.columns
+        position = [column.label for column in self.columns].index(self.new_column_after) + 1
+        return (*self.columns[:position], self.new_column, *self.columns[position:])
+
+
+def _order_columns() -> tuple[CsvColumn, ...]:
+    return (
+        CsvColumn("order_id", "string", lambda o: o.order_id),
+        CsvColumn("order_name", "string", lambda o: f"#{o.order_number}"),
+        CsvColumn("created_at", "datetime", lambda o: o.created_at),
+        CsvColumn("variation_id", "string", lambda o: o.variation.id),
+        CsvColumn("variation_name", "string", lambda o: o.variation.name),
+        CsvColumn("is_control", "boolean", lambda o: o.variation.is_control),
+        CsvColumn("visitor_id", "string", lambda o: o.visitor_id),
+        CsvColumn("device_type", "string", lambda o: o.device_type),
+        CsvColumn("is_new_visitor", "boolean", lambda o: o.is_new_visitor),
+        CsvColumn("country_code", "string", lambda o: o.country_code),
+        CsvColumn("source_channel", "string", lambda o: o.source_channel),
+        CsvColumn("landing_page", "string", lambda o: o.landing_page),
+        CsvColumn("currency", "string", lambda o: o.currency),
+        CsvColumn("subtotal", "number", lambda o: o.subtotal),
+        CsvColumn("discount", "number", lambda o: o.discount),
+        CsvColumn("discount_code", "string", lambda o: o.discount_code),
+        CsvColumn("shipping", "number", lambda o: o.shipping),
+        CsvColumn("tax", "number", lambda o: o.tax),
+        CsvColumn("revenue", "number", lambda o: o.revenue),
+        CsvColumn("items_count", "integer", lambda o: len(o.items)),
+        CsvColumn("note", "string", lambda o: o.note),
+    )
+
+
+def _line_item_columns() -> tuple[CsvColumn, ...]:
+    # A line item row is the pair (order, item).
+    return (
+        CsvColumn("line_item_id", "string", lambda r: r[1].line_item_id),
+        CsvColumn("order_id", "string", lambda r: r[0].order_id),
+        CsvColumn("created_at", "datetime", lambda r: r[0].created_at),
+        CsvColumn("variation_id", "string", lambda r: r[0].variation.id),
+        CsvColumn("variation_name", "string", lambda r: r[0].variation.name),
+        CsvColumn("product_id", "string", lambda r: r[1].product.product_id),
+        CsvColumn("product_title", "string", lambda r: r[1].product.title),
+        CsvColumn("variant_id", "string", lambda r: r[1].variant_id),
+        CsvColumn("variant_title", "string", lambda r: r[1].variant_title),
+        CsvColumn("sku", "string", lambda r: r[1].sku),
+        CsvColumn("quantity", "integer", lambda r: r[1].quantity),
+        CsvColumn("price", "number", lambda r: r[1].price),
+        CsvColumn("compare_at_price", "number", lambda r: r[1].compare_at_price),
+        CsvColumn("discount", "number", lambda r: r[1].discount),
+        CsvColumn("line_total", "number", lambda r: r[1].line_total),
+        CsvColumn("currency", "string", lambda r: r[0].currency),
+        CsvColumn("is_test_product", "boolean", lambda r: r[1].product.in_experiment),
+        CsvColumn("properties", "json", lambda r: r[1].properties),
+    )
+
+
+def _reconciliation_columns() -> tuple[CsvColumn, ...]:
+    return (
+        CsvColumn("order_id", "string", lambda o: o.order_id),
+        CsvColumn("order_name", "string", lambda o: f"#{o.order_number}"),
+        CsvColumn("created_at", "datetime", lambda o: o.created_at),
+        CsvColumn("variation_id", "string", lambda o: o.variation.id),
+        CsvColumn("variation_name", "string", lambda o: o.variation.name),
+        CsvColumn("currency", "string", lambda o: o.currency),
+        CsvColumn("shopify_total", "number", lambda o: o.revenue),
+        CsvColumn("intelligems_total", "number", lambda o: o.intelligems_total),
+        CsvColumn("difference", "number", lambda o: money(o.revenue - (o.intelligems_total or 0))),
+        CsvColumn("included_in_analysis", "boolean", lambda o: o.excluded_reason is None),
+        CsvColumn("exclusion_reason", "string", lambda o: o.excluded_reason),
+        CsvColumn("analytics_synced_at", "datetime",
+                  lambda o: o.created_at + dt.timedelta(minutes=o.synced_after_minutes)),
+    )
+
+
+EXPORT_TABLES: dict[str, ExportTable] = {
+    "orders": ExportTable("orders", _order_columns(), CsvColumn("utm_campaign", "string", lambda o: "spring_sale, v2"),
+                          "source_channel", lambda order: (order,)),
+    "order_line_items": ExportTable("order_line_items", _line_item_columns(),
+                                    CsvColumn("vendor", "string", lambda r: "Maison Été"), "product_title",
+                                    lambda order: ((order, item) for item in order.items)),
+    "order_reconciliation": ExportTable("order_reconciliation", _reconciliation_columns(),
+                                        CsvColumn("payment_gateway", "string", lambda o: "shopify_payments"),
+                                        "currency", lambda order: (order,)),
+}
+
+
+def _json_cell(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# How the export writes a typed value of each column kind; None is always an empty cell.
+CELL_WRITERS: dict[str, Callable[[Any], str]] = {
+    "string": str,
+    "integer": str,
+    "number": str,  # Decimals already carry two places
+    "boolean": lambda value: "true" if value else "false",
+    "datetime": iso_z,
+    "json": _json_cell,
+}
+
+
+def csv_cells(columns: tuple[CsvColumn, ...], row: Any) -> list[str]:
+    """A row's cells as the export writes them."""
+    cells = []
+    for column in columns:
+        value = column.value(row)
+        cells.append("" if value is None else CELL_WRITERS[column.kind](value))
+    return cells
+
+
+def record_value(value: Any) -> Any:
+    """A typed value as the tap must emit it."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dt.datetime):
+        return iso_record(value)
+    return value
+
+
+# ------------------------------------------------------------------------ slots
+
+
+@dataclass(frozen=True)
+class AddedBatch:
+    """Rows added by `add_rows`: `count` single-item orders evenly spread over [start, end)."""
+
+    export_type: str
+    first_index: int
+    count: int
+    start: dt.datetime
+    end: dt.datetime
+
+    def slot(self, offset: int) -> OrderSlot:
+        step = (self.end - self.start) / self.count
+        return OrderSlot(self.first_index + offset, whole_second(self.start + step * (offset + 0.5)), True)
+
+
+def _slots_in(
+    count: int, slot_at: Callable[[int], OrderSlot], start: dt.datetime, end: dt.datetime
+) -> Iterator[OrderSlot]:
+    """Slots with `start <= created_at < end`, found by bisection: slot times never decrease."""
+    first = bisect.bisect_left(range(count), start, key=lambda i: slot_at(i).created_at)
+    for index in range(first, count):
+        slot = slot_at(index)
+        if slot.created_at >= end:
+            return
+        yield slot
+
+
+class SlotPlan:
+    """Where every order of an experience sits in time: the seeded ones and the added batches."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def base_slot(self, exp: Experience, index: int) -> OrderSlot:
+        assert exp.data_span is not None
+        span_start, span_end = exp.data_span
+        width = (span_end - span_start) / exp.order_count
+        jitter = 0.05 + 0.9 * Dice(self.seed, "slot", exp.id, index).fraction()
+        return OrderSlot(index, whole_second(span_start + width * (index + jitter)))
+
+    def slots(
+        self, exp: Experience, batches: list[AddedBatch], start: dt.datetime, end: dt.datetime
+    ) -> Iterator[OrderSlot]:
+        """The experience's slots in [start, end), in time order (base and added rows merged)."""
+        sources: list[Iterator[OrderSlot]] = []
+        if exp.data_span is not None and exp.order_count > 0:
+            sources.append(_slots_in(exp.order_count, lambda i: self.base_slot(exp, i), start, end))
+        sources += [_slots_in(batch.count, batch.slot, start, end) for batch in batches]
+        return heapq.merge(*sources, key=lambda slot: slot.created_at)
+
+
+# ------------------------------------------------------------------------ files
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    """An export's S3 object: what it holds is fixed when the export is created."""
+
+    key: str
+    experience: Experience
+    table: ExportTable
+    start: dt.datetime
+    end: dt.datetime
+    visible_before: dt.datetime
+    batches: tuple[AddedBatch, ...]
+    content_faults: frozenset[str]
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ExportCall:
+    """One answered export request, for tests: what was asked and the clamped range served."""
+
+    experience_id: str
+    export_type: str
+    requested_start: dt.datetime | None
+    requested_end: dt.datetime | None
+    start: dt.datetime
+    end: dt.datetime
+    filters: dict | None
+    url: str | None
+    at: float
+
+
+class CsvRenderer:
+    """Renders an ExportFile as byte chunks, with its content faults, from the row generators."""
+
+    def __init__(self, orders: OrderFactory, plan: SlotPlan) -> None:
+        self.orders = orders
+        self.plan = plan
+
+    def rows(self, export: ExportFile) -> Iterator[Any]:
+        for slot in self.plan.slots(export.experience, list(export.batches), export.start, export.end):
+            if slot.created_at >= export.visible_before:
+                continue
+            yield from export.table.rows_of(self.orders.order(export.experience, slot))
+
+    def chunks(self, export: ExportFile) -> Iterator[bytes]:
+        faults = export.content_faults
+        if "empty_file" in faults:
+            return
+        columns = export.table.header(with_new_column="new_column" in faults)
+        writer = CsvLineWriter()
+        pending = bytearray(UTF8_BOM + writer.line([column.label for column in columns]))
+        cut = False
+        if "header_only" not in faults:
+            for number, row in enumerate(self.rows(export), start=1):
+                line, cut = self._faulty_line(writer, csv_cells(columns, row), number, faults)
+                pending += line
+                if cut:
+                    break
+                if len(pending) >= CHUNK_BYTES:
+                    yield bytes(pending)
+                    pending.clear()
+            if "download_cut_quote" in faults and not cut:
+                pending += b'"5500'  # no row had a quoted field: the cut falls in a last, unfinished row
+        yield bytes(pending)
+
+    @staticmethod
+    def _faulty_line(writer: CsvLineWriter, cells: list[str], number: int,
+                     faults: frozenset[str]) -> tuple[bytes, bool]:
+        """The row as the faulty exporter wrote it, and whether the file stops inside it."""
+        if not faults:
+            return writer.line(cells), False
+        first_row = number == 1
+        if "malformed_row" in faults and first_row:
+            cells = [*cells, "unexpected, extra field"]
+        if "bad_utf8" in faults and first_row:
+            cells = [cells[0], cells[1] + BAD_UTF8_MARKER, *cells[2:]]
+        line = writer.line(cells).replace(BAD_UTF8_MARKER.encode(), b" caf\xe9")  # Latin-1 "cafe" in a UTF-8 file
+        if "download_cut_quote" in faults:
+            opening = line.find(b'"')  # the first quote of a CSV line always opens a quoted field
+            if opening >= 0:
+                return line[: inside_quotes_cut(line, opening)], True
+        return line, False
+
+
+class CsvLineWriter:
+    """One CSV line at a time (LF endings, minimal quoting), reusing one buffer."""
+
+    def __init__(self) -> None:
+        self._buffer = io.StringIO()
+        self._writer = csv.writer(self._buffer, lineterminator="\n")
+
+    def line(self, cells: list[str]) -> bytes:
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        self._writer.writerow(cells)
+        return self._buffer.getvalue().encode("utf-8")
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def inside_quotes_cut(line: bytes, opening: int) -> int:
+    """Where to cut a line so it ends inside the quoted field opened at `opening`, on a UTF-8 boundary."""
+    closing = line.find(b'"', opening + 1)
+    cut = opening + 1 + max(0, min(8, closing - opening - 1))
+    while cut > opening + 1 and (line[cut] & 0xC0) == 0x80:
+        cut -= 1  # never split a multi-byte character: the fault is about quoting, not encoding
+    return cut
+
+
+def error_tree(problems: list[tuple[list[str], str]]) -> dict[str, Any]:
+    """Problems (field path, message) in the vendor's 400 shape: zod's `treeifyError` tree."""
+    tree: dict[str, Any] = {"errors": [], "properties": {}}
+    for path, message in problems:
+        node = tree
+        for part in path:
+            if part.isdigit():
+                items = node.setdefault("items", [])
+                while len(items) <= int(part):
+                    items.append({"errors": []})
+                node = items[int(part)]
+            else:
+                node = node.setdefault("properties", {}).setdefault(part, {"errors": []})
+        node["errors"].append(message)
+    return tree
+
+
+REQUIRED_MESSAGE = re.compile(r"^'([^']+)' is a required property$")
+
+
+def spec_problems(messages: list[str]) -> list[tuple[list[str], str]]:
+    """SpecValidator's "a/b: message" strings as (path, message); a missing field is its own path."""
+    problems = []
+    for text in messages:
+        where, _, message = text.partition(": ")
+        path = [] if where == "(body)" else where.split("/")
+        missing = REQUIRED_MESSAGE.match(message)
+        if missing:
+            path = [*path, missing.group(1)]
+        problems.append((path, message))
+    return problems
+
+
+def s3_error(status: int, code: str, message: str, **details: str) -> Response:
+    """An S3 error document, as S3 answers presigned-URL problems."""
+    request_id = uuid.uuid4().hex[:16].upper()
+    extra = "".join(f"<{name}>{xml_escape(str(value))}</{name}>" for name, value in details.items())
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{xml_escape(message)}'
+            f"</Message>{extra}<RequestId>{request_id}</RequestId><HostId>sandbox/{request_id}</HostId></Error>")
+    return Response(body, status=status, mimetype="application/xml", headers={"x-amz-request-id": request_id})
+
+
+def byte_slice(chunks: Iterable[bytes], start: int, stop: int) -> Iterator[bytes]:
+    """Bytes [start, stop) of a chunked body, without joining it."""
+    position = 0
+    for chunk in chunks:
+        chunk_end = position + len(chunk)
+        if chunk_end > start and position < stop:
+            yield chunk[max(0, start - position): stop - position]
+        position = chunk_end
+        if position >= stop:
+            return
+
+
+def reset_connection(environ: dict) -> None:
+    """Abort the TCP connection (RST, not FIN) and tell werkzeug the peer is gone, quietly."""
+    connection = environ.get("werkzeug.socket")
+    if connection is not None:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raise ConnectionResetError("sandbox fault download_reset")
+
+
+# -------------------------------------------------------------------- emulator
+
+
+class IntelligemsEmulator:
+    """The Intelligems External API (host `intelligems-api`) and its S3 export bucket (host `intelligems-s3`).
+
+    Knobs, public attributes that tests may change at any time: `api_token`, `url_ttl_seconds` (900),
+    `export_rate_per_second` (50) and `export_burst` (20), `api_rate_per_second` (50) and
+    `api_burst` (100), `analytics_lag_seconds` (0), `clock` (a `time.time`-like "now").
+    What happened: `export_count`, `exports` (ExportCall list: requested and clamped ranges, filters,
+    URL), `exports_for(experience_id)`, `downloads` (file bodies served).
+    Data: `experiences()`, `experience(id)`, `experience_ids(status)`, `add_experiences(n)`,
+    `set_status(id, status, at)`, `add_rows(...)`, `expected_records(...)`.
+    """
+
+    def __init__(self, ctx: SandboxContext, *, seed: int = 7, rows_per_type: int | None = None) -> None:
+        self.ctx = ctx
+        self.seed = seed
+        self.orders_per_experience = DEFAULT_ORDERS_PER_EXPERIENCE if rows_per_type is None else rows_per_type
+        self.api_token = f"igat_sandbox_{Dice(seed, 'token').uuid4().replace('-', '')}"
+        self.access_key_id = "ASIA" + Dice(seed, "access-key").uuid4().replace("-", "")[:16].upper()
+        self.url_ttl_seconds = 900
+        self.analytics_lag_seconds = 0.0
+        self.clock: Callable[[], float] = time.time
+        self._export_bucket = TokenBucket(50.0, 20)
+        self._api_bucket = TokenBucket(50.0, 100)
+        self.export_count = 0
+        self.exports: list[ExportCall] = []
+        self.downloads = 0
+
+        self._lock = threading.Lock()
+        self._experiences: dict[str, Experience] = {}
+        self._batches: dict[str, list[AddedBatch]] = {}
+        self._added_orders: dict[str, int] = {}
+        self._files: dict[str, ExportFile] = {}
+        self._file_sequence = 0
+        self._file_lengths: dict[str, int] = {}
+        self._server_errors = 0
+        self._validator = SpecValidator(SPEC_FILE)
+        self._signer = UrlSigner()  # per emulator: a URL from another emulator or run never verifies here
+        self._json = ExperienceJson(seed, Dice(seed, "organization").uuid4())
+        self._orders = OrderFactory(seed)
+        self._plan = SlotPlan(seed)
+        self._renderer = CsvRenderer(self._orders, self._plan)
+        self._uuid_pattern = re.compile(
+            self._validator.spec["paths"][EXPORT_SPEC_PATH]["post"]["parameters"][0]["schema"]["pattern"])
+
+        for seeded in SEEDED_EXPERIENCES:
+            self._add_experience(seeded, awkward=True)
+
+        self.api = Host("intelligems-api", ctx.log)
+        self.api.route(f"{PREFIX}/experiences-list", ["GET"], self._list_experiences)
+        self.api.route(f"{PREFIX}/experiences/<experience_id>", ["GET"], self._get_experience)
+        self.api.route(f"{PREFIX}/analytics/experience/<experience_id>/export", ["POST"], self._export)
+        self.s3 = Host("intelligems-s3", ctx.log)
+        self.s3.route("/<path:key>", ["GET"], self._download)
+
+    # ------------------------------------------------------------- knobs
+
+    @property
+    def hosts(self) -> list[Host]:
+        return [self.api, self.s3]
+
+    @property
+    def export_rate_per_second(self) -> float:
+        return self._export_bucket.rate
+
+    @export_rate_per_second.setter
+    def export_rate_per_second(self, rate: float) -> None:
+        self._export_bucket = TokenBucket(rate, self._export_bucket.burst)
+
+    @property
+    def export_burst(self) -> int:
+        return self._export_bucket.burst
+
+    @export_burst.setter
+    def export_burst(self, burst: int) -> None:
+        self._export_bucket = TokenBucket(self._export_bucket.rate, burst)
+
+    @property
+    def api_rate_per_second(self) -> float:
+        return self._api_bucket.rate
+
+    @api_rate_per_second.setter
+    def api_rate_per_second(self, rate: float) -> None:
+        self._api_bucket = TokenBucket(rate, self._api_bucket.burst)
+
+    @property
+    def api_burst(self) -> int:
+        return self._api_bucket.burst
+
+    @api_burst.setter
+    def api_burst(self, burst: int) -> None:
+        self._api_bucket = TokenBucket(self._api_bucket.rate, burst)
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), tz=UTC)
+
+    def tap_config(self) -> dict[str, Any]:
+        return {"intelligems_api_url": self.api.base_url, "intelligems_api_token": self.api_token}
+
+    # ------------------------------------------------------- experiences
+
+    def experiences(self) -> list[Experience]:
+        """Every experience, in the list endpoint's order (newest created first)."""
+        with self._lock:
+            found = list(self._experiences.values())
+        return sorted(found, key=lambda exp: (-exp.created_at.timestamp(), exp.id))
+
+    def experience(self, experience_id: str) -> Experience:
+        return self._experiences[experience_id.lower()]
+
+    def experience_ids(self, status: str | None = None) -> list[str]:
+        return [exp.id for exp in self.experiences() if status is None or exp.status == status]
+
+    def add_experiences(self, count: int) -> list[str]:
+        """`count` more running experiences (for load tests), each with its own seeded orders."""
+        ids = []
+        for _ in range(count):
+            number = len(self._experiences) + 1
+            started = DATA_START + dt.timedelta(days=(number * 3) % 28, minutes=number)
+            seeded = SeededExperience(f'Load test #{number}: "bulk", ünïcode', "content/onsiteEdits", None,
+                                      "started", started - dt.timedelta(days=2), started)
+            ids.append(self._add_experience(seeded, awkward=False).id)
+        return ids
+
+    def set_status(self, experience_id: str, status: str, at: dt.datetime | str | None = None) -> None:
+        """Move an experience through its lifecycle: pending -> started -> paused/ended (or reset to pending)."""
+        moment = as_utc(at) or self.now()
+        with self._lock:
+            exp = self._experiences[experience_id.lower()]
+            if status == "started":
+                exp.started_at = exp.started_at or moment
+                exp.paused_at = exp.ended_at = None
+            elif status == "paused":
+                exp.paused_at = moment
+            elif status == "ended":
+                exp.ended_at, exp.paused_at = moment, None
+            elif status == "pending":
+                exp.started_at = exp.paused_at = exp.ended_at = None
+            else:
+                raise ValueError(f"unknown status {status!r}; use started, paused, ended or pending")
+            action = {"started": "start", "paused": "pause", "ended": "end", "pending": "reset"}[status]
+            action_id = Dice(self.seed, "action", exp.id, len(exp.actions)).uuid4()
+            exp.actions.append(LifecycleAction(action_id, action, moment))
+            exp.status = status
+            exp.last_update = moment
+
+    def _add_experience(self, seeded: SeededExperience, *, awkward: bool) -> Experience:
+        with self._lock:
+            ordinal = len(self._experiences) + 1
+            dice = Dice(self.seed, "experience", ordinal)
+            experience_id = dice.uuid4()
+            variations = [Variation(dice.uuid4(), "Control", True, 0, 50.0),
+                          Variation(dice.uuid4(), self._variant_name(seeded), False, 1, 50.0)]
+            exp = Experience(
+                id=experience_id, ordinal=ordinal, name=seeded.name, type=seeded.type,
+                description=seeded.description, status=seeded.status, created_at=seeded.created_at,
+                last_update=seeded.stopped_at or seeded.started_at or seeded.created_at,
+                started_at=seeded.started_at,
+                paused_at=seeded.stopped_at if seeded.status == "paused" else None,
+                ended_at=seeded.stopped_at if seeded.status == "ended" else None,
+                variations=variations,
+                actions=self._seeded_actions(dice, seeded),
+                data_span=self._data_span(seeded),
+                order_count=self.orders_per_experience if seeded.started_at else 0,
+                awkward=awkward,
+            )
+            self._experiences[exp.id] = exp
+            return exp
+
+    @staticmethod
+    def _variant_name(seeded: SeededExperience) -> str:
+        names = {"pricing": 'Variant B — "+10%", rounded to .99', "shipping": "Variant B: free over $75, 2-3 days"}
+        return names.get(seeded.type, 'Variant B, "new copy"')
+
+    @staticmethod
+    def _seeded_actions(dice: Dice, seeded: SeededExperience) -> list[LifecycleAction]:
+        actions = []
+        if seeded.started_at:
+            actions.append(LifecycleAction(dice.uuid4(), "start", seeded.started_at))
+        if seeded.stopped_at:
+            stop = "end" if seeded.status == "ended" else "pause"
+            actions.append(LifecycleAction(dice.uuid4(), stop, seeded.stopped_at))
+        return actions
+
+    @staticmethod
+    def _data_span(seeded: SeededExperience) -> tuple[dt.datetime, dt.datetime] | None:
+        if seeded.started_at is None:
+            return None
+        start = max(seeded.started_at, DATA_START)
+        end = min(seeded.stopped_at or DATA_END, DATA_END)
+        return (start, end) if start < end else None
+
+    # -------------------------------------------------------------- rows
+
+    def add_rows(self, stream_name: str, count: int, start: dt.datetime | str, end: dt.datetime | str,
+                 partition: dict | None = None) -> None:
+        """`count` new rows of one export type between two datetimes (each a single-item order)."""
+        export_type = self._export_type(stream_name)
+        exp = self._partition_experience(partition)
+        start_at, end_at = as_utc(start), as_utc(end)
+        if start_at is None or end_at is None or start_at >= end_at or count < 1:
+            raise ValueError("add_rows needs count >= 1 and start < end")
+        with self._lock:
+            # Added orders continue the experience's index space, so their ids never repeat.
+            added_so_far = self._added_orders.get(exp.id, 0)
+            self._added_orders[exp.id] = added_so_far + count
+            batch = AddedBatch(export_type, exp.order_count + added_so_far, count, start_at, end_at)
+            self._batches.setdefault(exp.id, []).append(batch)
+
+    def expected_records(self, stream_name: str, partition: dict | None = None,
+                         start: dt.datetime | str | None = None, end: dt.datetime | str | None = None) -> list[dict]:
+        """The records the tap must emit, as exports can deliver them now (lifetime clamp, analytics lag).
+
+        Export streams filter `start <= created_at < end`; `intelligems_experiences` is a full table
+        (start/end ignored) in the list endpoint's order.
+        """
+        if stream_name == EXPERIENCES_STREAM:
+            return [ExperienceJson.record(self._json.list_item(exp)) for exp in self.experiences()]
+        export_type = self._export_type(stream_name)
+        chosen = [self._partition_experience(partition)] if partition else self.experiences()
+        records: list[dict] = []
+        for exp in chosen:
+            window = self._clamped_window(exp, as_utc(start), as_utc(end))
+            if window is None:
+                continue
+            export = self._export_file("", exp, export_type, window, frozenset())
+            records += [self._record(exp, export.table, row) for row in self._renderer.rows(export)]
+        return records
+
+    @staticmethod
+    def _record(exp: Experience, table: ExportTable, row: Any) -> dict:
+        record = {column.label: record_value(column.value(row)) for column in table.columns}
+        record["experience_id"] = exp.id
+        return record
+
+    @staticmethod
+    def _export_type(stream_name: str) -> str:
+        export_type = stream_name.removeprefix(STREAM_PREFIX)
+        if export_type not in EXPORT_TABLES:
+            known = ", ".join(STREAM_PREFIX + name for name in EXPORT_TYPES)
+            raise ValueError(f"no export stream {stream_name!r}; known: {known}")
+        return export_type
+
+    def _partition_experience(self, partition: dict | None) -> Experience:
+        if partition:
+            return self.experience(str(partition["experience_id"]))
+        running = [exp for exp in self.experiences() if exp.status == "started" and exp.started_at]
+        if not running:
+            raise ValueError("no running experience: pass partition={'experience_id': ...}")
+        return min(running, key=lambda exp: exp.started_at or DATA_END)
+
+    def _clamped_window(self, exp: Experience, start: dt.datetime | None,
+                        end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime] | None:
+        """The documented clamp: [start, end) within the experience's lifetime; None if never started."""
+        lifetime = exp.lifetime(self.now())
+        if lifetime is None:
+            return None
+        clamped_start = max(start or lifetime[0], lifetime[0])
+        clamped_end = min(end or lifetime[1], lifetime[1])
+        return clamped_start, max(clamped_start, clamped_end)
+
+    def _export_file(self, key: str, exp: Experience, export_type: str,
+                     window: tuple[dt.datetime, dt.datetime], content_faults: frozenset[str]) -> ExportFile:
+        now = self.now()
+        with self._lock:
+            batches = tuple(batch for batch in self._batches.get(exp.id, []) if batch.export_type == export_type)
+        return ExportFile(key, exp, EXPORT_TABLES[export_type], window[0], window[1],
+                          now - dt.timedelta(seconds=self.analytics_lag_seconds), batches, content_faults, now)
+
+    # --------------------------------------------------------- API calls
+
+    def _guarded(self, request: Request, bucket: TokenBucket, answer: Callable[[], Response]) -> Response:
+        """Auth, rate limit and API faults around one call; rate headers on every answer."""
+        token = request.headers.get("intelligems-access-token")
+        decision = bucket.take(token or "anonymous")
+        if token != self.api_token:
+            response = json_response({"error": "Unauthorized"}, 401)
+        elif not decision.allowed:
+            response = json_response({"error": "Too Many Requests"}, 429)
+        elif self.ctx.faults.fire("rate_limit"):
+            decision = RateDecision(False, decision.limit, 0, 1.0, time.time() + 1.0)
+            response = json_response({"error": "Too Many Requests"}, 429)
+        elif self.ctx.faults.fire("server_error"):
+            response = self._server_error()
+        else:
+            response = answer()
+        response.headers["x-ratelimit-limit"] = str(decision.limit)
+        response.headers["x-ratelimit-remaining"] = str(decision.remaining)
+        response.headers["x-ratelimit-reset"] = str(int(decision.reset_at_epoch * 1000))
+        return response
+
+    def _server_error(self) -> Response:
+        with self._lock:
+            self._server_errors += 1
+            turn = (self._server_errors - 1) % 3
+        return [json_response({"error": "Internal Server Error"}, 500),
+                json_response({"message": "Internal server error"}, 502),
+                json_response({"message": "Service Unavailable"}, 503)][turn]
+
+    def _list_experiences(self, request: Request) -> Response:
+        return self._guarded(request, self._api_bucket, lambda: self._list_answer(request))
+
+    def _list_answer(self, request: Request) -> Response:
+        params, problems = self._query_params(request, LIST_SPEC_PATH)
+        if problems:
+            return json_response(error_tree(problems), 400)
+        page, limit = int(params.get("page", 1)), int(params.get("limit", 20))
+        matching = [exp for exp in self.experiences()
+                    if params.get("status") in (None, exp.status)
+                    and params.get("category") in (None, "experiment")
+                    and params.get("module") in (None, module_of(exp.type))]
+        chosen = matching[(page - 1) * limit: page * limit]
+        return json_response({
+            "experiencesList": [self._json.list_item(exp) for exp in chosen],
+            "page": page,
+            "limit": limit,
+            "total": len(matching),
+            "totalPages": math.ceil(len(matching) / limit),
+        })
+
+    def _query_params(self, request: Request, spec_path: str) -> tuple[dict[str, Any], list[tuple[list[str], str]]]:
+        """Query parameters checked against the operation's published parameter schemas."""
+        values: dict[str, Any] = {}
+        problems: list[tuple[list[str], str]] = []
+        for parameter in self._validator.spec["paths"][spec_path]["get"]["parameters"]:
+            name, schema = parameter["name"], parameter["schema"]
+            if parameter["in"] != "query" or name not in request.args:
+                continue
+            raw = request.args[name]
+            value = self._coerce_query(raw, schema.get("type"))
+            error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+            if error is not None:
+                problems.append(([name], f"{raw!r}: {error.message}"))
+            else:
+                values[name] = value
+        return values, problems
+
+    @staticmethod
+    def _coerce_query(raw: str, kind: str | None) -> Any:
+        if kind == "integer" and re.fullmatch(r"-?\d+", raw):
+            return int(raw)
+        if kind == "boolean" and raw in ("true", "false"):
+            return raw == "true"
+        return raw
+
+    def _get_experience(self, request: Request, experience_id: str) -> Response:
+        return self._guarded(request, self._api_bucket, lambda: self._detail_answer(request, experience_id))
+
+    def _detail_answer(self, request: Request, experience_id: str) -> Response:
+        params, problems = self._query_params(request, DETAIL_SPEC_PATH)
+        if not self._uuid_pattern.match(experience_id):
+            problems.append((["experienceId"], "Invalid UUID"))
+        if problems:
+            return json_response(error_tree(problems), 400)
+        exp = self._experiences.get(experience_id.lower())
+        if exp is None:
+            return self._not_found(experience_id)
+        return json_response({"experience": self._json.detail(exp, params.get("includeChangeLog", False))})
+
+    @staticmethod
+    def _not_found(experience_id: str) -> Response:
+        return json_response({"error": "Not Found", "message": f"Experience {experience_id} not found"}, 404)
+
+    # ------------------------------------------------------------ export
+
+    def _export(self, request: Request, experience_id: str) -> Response:
+        return self._guarded(request, self._export_bucket, lambda: self._export_answer(request, experience_id))
+
+    def _export_answer(self, request: Request, experience_id: str) -> Response:
+        body = request.get_json(silent=True)
+        problems = self._export_problems(experience_id, body)
+        if problems:
+            return json_response(error_tree(problems), 400)
+        exp = self._experiences.get(experience_id.lower())
+        if exp is None:
+            return self._not_found(experience_id)
+        requested_start, requested_end = self._epoch(body.get("startTs")), self._epoch(body.get("endTs"))
+        window = self._clamped_window(exp, requested_start, requested_end)
+        if window is None:
+            message = f"Experience {exp.id} has not started; there is no data to export"
+            return json_response({"errors": [message], "properties": {}}, 400)
+        time.sleep(float(self.ctx.faults.value("export_latency", self.ctx.export_latency_seconds)))
+        url = None if self.ctx.faults.fire("null_url") else self._issue_file(exp, body["exportType"], window)
+        self._record_export(ExportCall(exp.id, body["exportType"], requested_start, requested_end, window[0],
+                                       window[1], body.get("filters"), url, time.time()))
+        return json_response({
+            "exportType": body["exportType"],
+            "experienceId": exp.id,
+            "experienceName": exp.name,
+            "url": url,
+            "expiresIn": self.url_ttl_seconds if url else 0,
+            "format": "csv",
+            "message": "Export ready" if url else "Export timed out, please retry",
+        })
+
+    def _export_problems(self, experience_id: str, body: Any) -> list[tuple[list[str], str]]:
+        problems: list[tuple[list[str], str]] = []
+        if not self._uuid_pattern.match(experience_id):
+            problems.append((["experienceId"], "Invalid UUID"))
+        if body is None:
+            return [*problems, ([], "Request body must be a JSON object with exportType")]
+        problems += spec_problems(self._validator.errors(EXPORT_SPEC_PATH, "post", body))
+        if isinstance(body, dict):
+            for name in ("startTs", "endTs"):
+                value = body.get(name)
+                if isinstance(value, str) and not TEN_DIGITS.match(value):
+                    problems.append(([name], f"{value!r} is not a 10-digit Unix epoch timestamp in seconds"))
+            if not problems and body.get("startTs") and body.get("endTs") and body["startTs"] > body["endTs"]:
+                problems.append((["startTs"], "startTs must not be after endTs"))
+        return problems
+
+    @staticmethod
+    def _epoch(value: str | None) -> dt.datetime | None:
+        return None if value is None else dt.datetime.fromtimestamp(int(value), tz=UTC)
+
+    def _record_export(self, call: ExportCall) -> None:
+        with self._lock:
+            self.export_count += 1
+            self.exports.append(call)
+
+    def exports_for(self, experience_id: str) -> list[ExportCall]:
+        with self._lock:
+            return [call for call in self.exports if call.experience_id == experience_id]
+
+    def _issue_file(self, exp: Experience, export_type: str, window: tuple[dt.datetime, dt.datetime]) -> str:
+        with self._lock:
+            self._file_sequence += 1
+            key = f"/{BUCKET}/exports/{exp.id}/{export_type}-{self._file_sequence}.csv"
+        content_faults = frozenset(name for name in CONTENT_FAULTS if self.ctx.faults.fire(name))
+        export = self._export_file(key, exp, export_type, window, content_faults)
+        with self._lock:
+            self._files[key] = export
+        issued = time.time()
+        if self.ctx.faults.fire("url_expired"):
+            issued -= self.url_ttl_seconds + 1
+        return f"{self.s3.base_url}{key}?{self._presign(key, issued)}"
+
+    # ---------------------------------------------------------------- S3
+
+    def _presign(self, key: str, issued: float) -> str:
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(issued))
+        credential = f"{self.access_key_id}/{amz_date[:8]}/{S3_REGION}/s3/aws4_request"
+        expires_at = int(issued) + self.url_ttl_seconds
+        return urlencode({
+            "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+            "X-Amz-Credential": credential,
+            "X-Amz-Date": amz_date,
+            "X-Amz-Expires": str(self.url_ttl_seconds),
+            "X-Amz-SignedHeaders": "host",
+            "X-Amz-Signature": self._signer.sign(f"{key}|{credential}", expires_at),
+        })
+
+    def _download(self, request: Request, key: str) -> Response:
+        refusal = self._s3_auth_refusal(request)
+        if refusal is not None:
+            return refusal
+        export = self._files.get(request.path)
+        if export is None:
+            return s3_error(404, "NoSuchKey", "The specified key does not exist.", Key=key)
+        length = self._file_length(export)
+        byte_range = self._byte_range(request.headers.get("Range"), length)
+        if byte_range is None:
+            return s3_error(416, "InvalidRange", "The requested range is not satisfiable",
+                            RangeRequested=request.headers.get("Range", ""), ActualObjectSize=str(length))
+        return self._file_response(request, export, length, byte_range)
+
+    def _s3_auth_refusal(self, request: Request) -> Response | None:
+        """S3's checks of a presigned GET, in S3's order: one auth mechanism, parameters, signature, expiry."""
+        for header in ("Authorization", "intelligems-access-token"):
+            if header in request.headers:
+                return s3_error(400, "InvalidArgument", "Only one auth mechanism allowed; only the X-Amz-Algorithm "
+                                "query parameter, Signature query string parameter or the Authorization header "
+                                "should be specified", ArgumentName=header)
+        names = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
+                 "X-Amz-Signature")
+        present = [name for name in names if name in request.args]
+        if not present:
+            return s3_error(403, "AccessDenied", "Access Denied")
+        if len(present) < len(names) or not request.args["X-Amz-Expires"].isdigit():
+            return s3_error(400, "AuthorizationQueryParametersError", "Query-string authentication version 4 "
+                            "requires the X-Amz-Algorithm, X-Amz-Credential, X-Amz-Signature, X-Amz-Date, "
+                            "X-Amz-SignedHeaders, and X-Amz-Expires parameters.")
+        return self._signature_refusal(request)
+
+    def _signature_refusal(self, request: Request) -> Response | None:
+        args = request.args
+        try:
+            issued = dt.datetime.strptime(args["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return s3_error(403, "SignatureDoesNotMatch", "X-Amz-Date must be in the ISO8601 Long Format")
+        expires_at = int(issued.timestamp()) + int(args["X-Amz-Expires"])
+        signed = f"{request.path}|{args['X-Amz-Credential']}"
+        verdict = self._signer.check(signed, str(expires_at), args["X-Amz-Signature"])
+        if verdict == "invalid":
+            return s3_error(403, "SignatureDoesNotMatch", "The request signature we calculated does not match the "
+                            "signature you provided. Check your key and signing method.",
+                            AWSAccessKeyId=self.access_key_id)
+        if verdict == "expired":
+            return s3_error(403, "AccessDenied", "Request has expired", **{
+                "X-Amz-Expires": args["X-Amz-Expires"],
+                "Expires": iso_z(dt.datetime.fromtimestamp(expires_at, tz=UTC)),
+                "ServerTime": iso_z(dt.datetime.now(tz=UTC)),
+            })
+        return None
+
+    def _file_length(self, export: ExportFile) -> int:
+        """The object's size: rendered once without keeping the bytes, then remembered."""
+        with self._lock:
+            known = self._file_lengths.get(export.key)
+        if known is None:
+            known = sum(len(chunk) for chunk in self._renderer.chunks(export))
+            with self._lock:
+                self._file_lengths[export.key] = known
+        return known
+
+    @staticmethod
+    def _byte_range(header: str | None, length: int) -> tuple[int, int] | None:
+        """[start, stop) asked by a `Range: bytes=` header (whole object without one); None if unsatisfiable."""
+        if not header:
+            return 0, length
+        match = RANGE_HEADER.match(header.strip())
+        if not match or match.groups() == ("", ""):
+            return 0, length  # S3 ignores a Range header it cannot parse
+        first, last = match.groups()
+        if first == "":
+            return max(0, length - int(last)), length
+        start = int(first)
+        stop = length if last == "" else min(length, int(last) + 1)
+        return (start, stop) if start < length else None
+
+    def _file_response(
+        self, request: Request, export: ExportFile, length: int, byte_range: tuple[int, int]
+    ) -> Response:
+        start, stop = byte_range
+        size = stop - start
+        partial = (start, stop) != (0, length)
+        headers = {
+            "Content-Length": str(size),
+            "ETag": f'"{hashlib.md5(export.key.encode()).hexdigest()}"',
+            "Last-Modified": export.created_at.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f'attachment; filename="{export.key.rsplit("/", 1)[-1]}"',
+            "x-amz-request-id": uuid.uuid4().hex[:16].upper(),
+        }
+        if partial:
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{length}"
+        body = byte_slice(self._renderer.chunks(export), start, stop)
+        if request.method == "GET":
+            body = self._with_transport_faults(body, size, request.environ)
+            with self._lock:
+                self.downloads += 1
+        return Response(body, status=206 if partial else 200, headers=headers, mimetype="text/csv",
+                        direct_passthrough=True)
+
+    def _with_transport_faults(self, body: Iterator[bytes], size: int, environ: dict) -> Iterator[bytes]:
+        """The body as the network delivers it: whole, reset mid-way, or shorter than Content-Length."""
+        if size > 1 and self.ctx.faults.fire("download_reset"):
+            return self._reset_after(body, size // 2, environ)
+        if size > 1 and self.ctx.faults.fire("download_short"):
+            return byte_slice(body, 0, size - max(1, size // 10))
+        return body
+
+    @staticmethod
+    def _reset_after(body: Iterator[bytes], sent: int, environ: dict) -> Iterator[bytes]:
+        yield from byte_slice(body, 0, sent)
+        reset_connection(environ)

@@ -1,0 +1,212 @@
+"""Voucherify end to end: the tap against the emulated API over HTTP, every stream, state, faults."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import time
+
+import pytest
+
+from tests.harness import by_key, run_tap, start_tap_process
+
+STREAMS = {
+    "voucherify_orders": ("id",),
+    "voucherify_campaign_transactions": ("id",),
+    "voucherify_vouchers": ("id",),
+    "voucherify_redemptions": ("id",),
+    "voucherify_publications": ("voucher_code", "customer_id", "date"),
+    "voucherify_customers": ("id",),
+    "voucherify_points_expirations": ("id",),
+}
+
+
+def transaction_campaigns(emulator) -> list[str]:
+    return emulator.campaign_ids("GIFT_VOUCHERS") + emulator.campaign_ids("LOYALTY_PROGRAM")
+
+
+def expected(emulator, stream: str, **window) -> dict:
+    """The sandbox's rows for a stream, all partitions, keyed like `by_key`."""
+    if stream == "voucherify_campaign_transactions":
+        rows = [row for campaign in transaction_campaigns(emulator)
+                for row in emulator.expected_records(stream, partition={"campaign_id": campaign}, **window)]
+    else:
+        rows = emulator.expected_records(stream, **window)
+    return by_key(rows, STREAMS[stream])
+
+
+def emitted(output, stream: str) -> dict:
+    """The tap's records keyed like `expected`. Orders also carry `metadata` (all of it, as JSON),
+    which the sandbox's expected rows leave out: it is checked against the metadata columns."""
+    records = output.records(stream)
+    if stream == "voucherify_orders":
+        for record in records:
+            metadata = record.pop("metadata") or {}
+            assert metadata.get("payment_mean") == record["metadata_payment_mean"]
+            assert metadata.get("channel") == record["metadata_channel"]
+    return by_key(records, STREAMS[stream])
+
+
+def test_full_sync_emits_every_stream_exactly_with_typed_values(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    output = run_tap(emulator.tap_config())
+
+    assert output.error is None, output.error
+    for stream, key in STREAMS.items():
+        got = emitted(output, stream)
+        want = expected(emulator, stream)
+        assert want, f"the sandbox holds no {stream} rows"
+        assert got == want, f"{stream}: records differ from the sandbox's data"
+    order = output.records("voucherify_orders")[0]
+    assert isinstance(order["amount"], int) and isinstance(order["total_amount"], int)
+    assert dt.datetime.fromisoformat(order["updated_at"]).utcoffset() == dt.timedelta(0)
+    transaction = next(r for r in output.records("voucherify_campaign_transactions") if r["details"])
+    assert isinstance(transaction["details"], dict) and transaction["campaign_id"]
+
+
+def test_request_bodies_match_the_published_schemas(voucherify_sandbox):
+    run_tap(voucherify_sandbox.voucherify.tap_config())
+    refused = [e for e in voucherify_sandbox.log.entries(host="voucherify-api") if e.status == 400]
+    assert refused == []
+    creates = voucherify_sandbox.log.entries(host="voucherify-api", method="POST")
+    order_export = next(e for e in creates if e.path == "/v1/orders/export")
+    conditions = order_export.body["parameters"]["filters"]["updated_at"]["conditions"]
+    assert set(conditions) == {"$after", "$before"}
+    assert "metadata.payment_mean" in order_export.body["parameters"]["fields"]
+
+
+def test_each_window_moves_the_bookmark_and_a_second_run_exports_only_new_windows(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    config = {**emulator.tap_config(), "end_date": "2024-02-01T00:00:00Z"}
+    first = run_tap(config, streams={"voucherify_orders"})
+    bookmark = first.final_state["bookmarks"]["voucherify_orders"]
+    assert bookmark["replication_key"] == "updated_at"
+    assert bookmark["replication_key_value"] == "2024-02-01T00:00:00+00:00"
+    bookmarks_seen = [s["bookmarks"]["voucherify_orders"].get("replication_key_value")
+                      for s in first.states() if "voucherify_orders" in s.get("bookmarks", {})]
+    assert "2024-01-16T00:00:00+00:00" in bookmarks_seen  # the first 15-day window, before the second
+
+    emulator.add_rows("voucherify_orders", 5, dt.datetime(2024, 2, 10, tzinfo=dt.timezone.utc),
+                      dt.datetime(2024, 2, 20, tzinfo=dt.timezone.utc))
+    voucherify_sandbox.log.clear()
+    second = run_tap({**emulator.tap_config(), "end_date": "2024-03-01T00:00:00Z"}, state=first.final_state,
+                     streams={"voucherify_orders"})
+
+    created = voucherify_sandbox.log.entries(host="voucherify-api", method="POST", path_pattern="orders/export")
+    afters = [e.body["parameters"]["filters"]["updated_at"]["conditions"]["$after"] for e in created]
+    assert afters and min(afters) >= "2024-01-31T23:59:59.999Z"
+    start = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
+    assert emitted(second, "voucherify_orders") == expected(
+        emulator, "voucherify_orders", start=start, end=dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc))
+    assert len(second.records("voucherify_orders")) > 0
+
+
+def test_a_killed_run_resumes_from_its_last_state_without_losing_a_row(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    config = {**emulator.tap_config(), "export_window_days": 5}
+    process = start_tap_process(config)
+    lines, last_state = [], None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        message = json.loads(line)
+        lines.append(message)
+        if message["type"] == "STATE" and "voucherify_orders" in message["value"].get("bookmarks", {}):
+            last_state = message["value"]
+            if last_state["bookmarks"]["voucherify_orders"].get("replication_key_value"):
+                process.send_signal(signal.SIGKILL)
+                break
+    process.wait(timeout=30)
+    assert last_state is not None, "the tap wrote no bookmark before it was killed"
+
+    second = run_tap(config, state=last_state)
+    first_rows = [m for m in lines if m["type"] == "RECORD" and m["stream"] == "voucherify_orders"]
+    second.messages[:0] = first_rows
+    assert emitted(second, "voucherify_orders") == expected(emulator, "voucherify_orders")
+
+
+def test_an_export_that_ends_in_error_is_created_again(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    voucherify_sandbox.faults.arm("export_error", 1)
+    output = run_tap(emulator.tap_config(), streams={"voucherify_orders"})
+
+    assert output.error is None
+    assert emitted(output, "voucherify_orders") == expected(emulator, "voucherify_orders")
+    creates = voucherify_sandbox.log.entries(host="voucherify-api", method="POST", path_pattern="orders/export")
+    windows = {json.dumps(e.body["parameters"]["filters"], sort_keys=True) for e in creates}
+    assert len(creates) == len(windows) + 1
+    assert "ended 'ERROR'; creating it again" in output.log_text
+
+
+def test_an_export_that_keeps_failing_stops_its_stream_with_a_clear_error(voucherify_sandbox):
+    voucherify_sandbox.faults.arm("export_error", -1)
+    output = run_tap(voucherify_sandbox.voucherify.tap_config(), streams={"voucherify_orders"})
+    assert output.error is not None
+    assert "export failed 4 times" in str(output.error) and "ERROR" in str(output.error)
+
+
+def test_an_export_that_never_finishes_times_out_naming_the_export_and_its_status(voucherify_sandbox):
+    voucherify_sandbox.faults.arm("export_stuck", -1)
+    output = run_tap({**voucherify_sandbox.voucherify.tap_config(), "export_timeout_seconds": 0.5},
+                     streams={"voucherify_orders"})
+    assert output.error is not None
+    message = str(output.error)
+    assert "voucherify_orders" in message and "export exp_" in message
+    assert "was still 'IN_PROGRESS'" in message or "was still 'SCHEDULED'" in message
+    assert output.records("voucherify_orders") == []
+
+
+def test_a_column_the_tap_does_not_know_is_kept_and_announced_by_schema_first(voucherify_sandbox):
+    voucherify_sandbox.faults.arm("new_column", 1)
+    output = run_tap(voucherify_sandbox.voucherify.tap_config(), streams={"voucherify_orders"})
+    assert output.error is None
+    known = set(output.schemas("voucherify_orders")[0]["properties"])
+    with_new = [r for r in output.records("voucherify_orders") if set(r) - known]
+    assert with_new, "the new column reached no record"
+    new_key = (set(with_new[0]) - known).pop()
+    first_record_index = next(i for i, m in enumerate(output.messages)
+                              if m["type"] == "RECORD" and new_key in m["record"])
+    schema_index = next(i for i, m in enumerate(output.messages)
+                        if m["type"] == "SCHEMA" and new_key in m["schema"]["properties"])
+    assert schema_index < first_record_index
+    assert output.messages[schema_index]["schema"]["properties"][new_key]["type"] == ["string", "null"]
+
+
+def test_credentials_never_appear_in_output_or_logs(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    voucherify_sandbox.faults.arm("url_expired", 1)
+    voucherify_sandbox.faults.arm("server_error", 2)
+    output = run_tap(emulator.tap_config())
+    text = output.text()
+    assert emulator.tap_config()["voucherify_app_token"] not in text
+    for entry in voucherify_sandbox.log.entries(host="voucherify-download"):
+        token = entry.query.get("token")
+        if token:
+            assert token not in text
+
+
+def test_streams_are_discovered_only_when_credentials_are_set(voucherify_sandbox):
+    from tap_commerce_exports.tap import TapCommerceExports
+
+    from tests.harness import FAST_SETTINGS
+
+    with_credentials = TapCommerceExports(config={**FAST_SETTINGS, **voucherify_sandbox.voucherify.tap_config()})
+    assert set(STREAMS) <= set(with_credentials.streams)
+    without = TapCommerceExports(config=FAST_SETTINGS)
+    assert not any(name.startswith("voucherify_") for name in without.streams)
+
+
+def test_plain_http_is_refused_for_hosts_other_than_loopback():
+    from tap_commerce_exports.sources.base import ConfigError
+    from tap_commerce_exports.tap import TapCommerceExports
+
+    from tests.harness import FAST_SETTINGS
+
+    config = {**FAST_SETTINGS, "voucherify_app_id": "a", "voucherify_app_token": "b",
+              "voucherify_api_url": "http://api.voucherify.io"}
+    with pytest.raises(ConfigError, match="voucherify_api_url.*plain http"):
+        TapCommerceExports(config=config)
+
