@@ -230,7 +230,7 @@ def build_api(config: dict, logger: logging.Logger) -> NextCommerceApi:
         credential_headers={"Authorization": f"Bearer {config['nextcommerce_api_token']}"},
         logger=logger,
         extra_headers={"X-29next-API-Version": str(config.get("nextcommerce_api_version") or API_VERSION)},
-        pacer=pacer(REQUESTS_PER_SECOND, burst=1),
+        pacer=pacer(float(config.get("nextcommerce_requests_per_second") or REQUESTS_PER_SECOND), burst=1),
     )
     return NextCommerceApi(client, int(config.get("nextcommerce_export_row_cap", 100000)))
 
@@ -257,6 +257,9 @@ SOURCE = SourceDefinition(
         th.Property("nextcommerce_store_timezone", th.StringType, default="UTC",
                     description="IANA timezone of the store: export timestamps are naive, in this zone, "
                                 "and are emitted as UTC instants."),
+        th.Property("nextcommerce_requests_per_second", th.NumberType, default=REQUESTS_PER_SECOND,
+                    description="Client-side pace for API calls, shared by all exports. Next Commerce allows 4 "
+                                "requests/second per token; raise it only if your token's limit is higher."),
         th.Property("nextcommerce_export_row_cap", th.IntegerType, default=100000,
                     description="Rows at which Next Commerce truncates an export; a window at the cap is split "
                                 "and exported again."),

@@ -1,0 +1,140 @@
+"""Next Commerce end to end: all 13 export types, the row cap, rate limits, URL expiry, reuse."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from tap_commerce_exports.sources.nextcommerce import STREAM_TYPES
+from tests.harness import by_key, run_tap
+
+UTC = dt.timezone.utc
+STREAMS = {stream.name: tuple(stream.primary_keys) for stream in STREAM_TYPES}
+FAST = {"nextcommerce_requests_per_second": 50, "export_window_days": 30}
+
+
+def fast_config(emulator, **extra) -> dict:
+    emulator.rate_per_second = 100
+    emulator.rate_burst = 100
+    return {**emulator.tap_config(), **FAST, **extra}
+
+
+def emitted(output, stream: str, expected_rows: list[dict]) -> dict:
+    """The tap's records keyed by primary key. A column that appeared in later files (schema drift)
+    is null in rows read from files that lacked it, where the sandbox's row has no such key."""
+    key = STREAMS[stream]
+    expected_by_key = {tuple(row[k] for k in key): row for row in expected_rows}
+    records = []
+    for record in output.records(stream):
+        expected_row = expected_by_key.get(tuple(record[k] for k in key), {})
+        records.append({k: v for k, v in record.items() if v is not None or k in expected_row})
+    return by_key(records, key)
+
+
+def test_all_13_streams_are_synced_exactly_with_utc_timestamps(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    output = run_tap(fast_config(emulator))
+
+    assert output.error is None, output.error
+    assert len(STREAMS) == 13
+    for stream, key in STREAMS.items():
+        want_rows = emulator.expected_records(stream)
+        assert want_rows, stream
+        assert emitted(output, stream, want_rows) == by_key(want_rows, key), stream
+    order = output.records("nextcommerce_order_list")[0]
+    assert order["date_created"].endswith("+00:00")
+    # The store is in America/Chicago: naive 'YYYY-MM-DD HH:MM:SS' cells are 6 hours behind UTC in winter.
+    assert emulator.store_timezone == "America/Chicago"
+    drifted = [r for r in output.records("nextcommerce_order_list") if r.get("metadata_sales_channel")]
+    assert drifted, "the column that appears in later files reached no record"
+
+
+def test_requests_are_paced_under_four_per_second_by_default(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    config = {**emulator.tap_config(), "export_window_days": 60}
+    output = run_tap(config, streams={"nextcommerce_order_list", "nextcommerce_customer_list"})
+    assert output.error is None
+    assert emulator.rate_limited == 0
+    api_calls = sorted(e.at for e in nextcommerce_sandbox.log.entries(host="nextcommerce-api"))
+    worst = max(sum(1 for t in api_calls if start <= t < start + 1.0) for start in api_calls)
+    assert worst <= 4
+
+
+def test_a_window_at_the_row_cap_is_split_until_nothing_is_lost(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    emulator.row_cap = 25
+    output = run_tap(fast_config(emulator, nextcommerce_export_row_cap=25), streams={"nextcommerce_customer_list"})
+
+    assert output.error is None, output.error
+    want = emulator.expected_records("nextcommerce_customer_list")
+    assert len(want) > 25 * 2
+    assert emitted(output, "nextcommerce_customer_list", want) == by_key(want, ("customer_id",))
+    assert "hit the API's row cap (25 rows)" in output.log_text
+    bookmarks = [s["bookmarks"]["nextcommerce_customer_list"]["replication_key_value"] for s in output.states()
+                 if s.get("bookmarks", {}).get("nextcommerce_customer_list", {}).get("replication_key_value")]
+    assert bookmarks == sorted(bookmarks)
+
+
+def test_429_answers_are_honoured(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    nextcommerce_sandbox.faults.arm("rate_limit", 3)
+    output = run_tap(fast_config(emulator), streams={"nextcommerce_return_list"})
+
+    assert output.error is None
+    want = emulator.expected_records("nextcommerce_return_list")
+    assert emitted(output, "nextcommerce_return_list", want) == by_key(want, ("return_id",))
+    assert nextcommerce_sandbox.faults.fired["rate_limit"] == 3
+    assert "rate limited, waiting 1.0s as the API asked" in output.log_text
+
+
+def test_an_expired_file_url_is_refreshed_without_a_new_export(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    nextcommerce_sandbox.faults.arm("url_expired", 1)
+    output = run_tap(fast_config(emulator, export_window_days=60), streams={"nextcommerce_dispute_list"})
+
+    assert output.error is None
+    want = emulator.expected_records("nextcommerce_dispute_list")
+    assert emitted(output, "nextcommerce_dispute_list", want) == by_key(want, ("dispute_id",))
+    assert emulator.exports_created == 1
+    assert emulator.download_urls_issued == 2
+    downloads = nextcommerce_sandbox.log.entries(host="nextcommerce-files")
+    assert [d.status for d in downloads] == [403, 200]
+    assert all("authorization" not in d.headers for d in downloads)
+
+
+def test_a_rerun_reuses_the_export_already_made_for_the_same_range(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    config = fast_config(emulator, export_window_days=60)
+    run_tap(config, streams={"nextcommerce_fulfillment_list"})
+    created_after_first = emulator.exports_created
+
+    second = run_tap(config, streams={"nextcommerce_fulfillment_list"})  # no state: a re-run after a crash
+    assert second.error is None
+    assert emulator.exports_created == created_after_first
+    assert "reusing existing export" in second.log_text
+    want = emulator.expected_records("nextcommerce_fulfillment_list")
+    assert emitted(second, "nextcommerce_fulfillment_list", want) == by_key(want, ("fulfillment_id",))
+
+
+def test_an_export_stuck_in_pending_times_out_naming_the_export(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    nextcommerce_sandbox.faults.arm("export_stuck", -1)
+    output = run_tap(fast_config(emulator, export_timeout_seconds=0.5, export_window_days=60),
+                     streams={"nextcommerce_order_list"})
+    assert output.error is not None
+    assert re.search(r"nextcommerce_order_list .* export \d+ was still 'pending' after \d+s", str(output.error))
+    assert output.records("nextcommerce_order_list") == []
+
+
+def test_date_ranges_sent_are_inclusive_whole_seconds_that_meet_exactly(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    run_tap(fast_config(emulator, export_window_days=20), streams={"nextcommerce_order_list"})
+    creates = nextcommerce_sandbox.log.entries(host="nextcommerce-api", method="POST")
+    ranges = sorted((e.body["date_from"], e.body["date_to"]) for e in creates)
+    assert ranges[0][0] == "2024-01-01T00:00:00Z"
+    assert ranges[-1][1] == "2024-02-29T23:59:59Z"
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        gap = dt.datetime.fromisoformat(start.replace("Z", "+00:00")) - dt.datetime.fromisoformat(
+            end.replace("Z", "+00:00"))
+        assert gap == dt.timedelta(seconds=1)
+    assert all(e.headers.get("x-29next-api-version") == "2024-04-01" for e in creates)
