@@ -22,6 +22,7 @@ import requests
 
 TIMEOUT = (10.0, 120.0)  # connect, read: every request has both
 RETRIABLE_STATUSES = {500, 502, 503, 504}
+MIN_RATE_LIMIT_WAIT = 0.25
 
 
 class ApiError(RuntimeError):
@@ -139,6 +140,7 @@ class ApiClient:
     extra_headers: dict[str, str] = field(default_factory=dict)
     max_tries: int = 8
     max_backoff_seconds: float = 30.0
+    max_rate_limited_seconds: float = 900.0
     calls: int = 0
     session: requests.Session = field(default_factory=requests.Session)
 
@@ -185,9 +187,11 @@ class ApiClient:
             backoff.on_exception(
                 backoff.runtime,
                 _RateLimited,
-                value=lambda exc: exc.wait_seconds,
+                # Many exports share one budget: the API's hint can be a few ms, so a floor keeps
+                # workers from stampeding, and the limit is a time, not a count of tries.
+                value=lambda exc: max(MIN_RATE_LIMIT_WAIT, exc.wait_seconds),
                 jitter=None,
-                max_tries=self.max_tries * 2,
+                max_time=self.max_rate_limited_seconds,
                 on_backoff=lambda d: self.logger.info(
                     "%s: rate limited, waiting %.1fs as the API asked", self.api_name, d["wait"]
                 ),
@@ -197,8 +201,10 @@ class ApiClient:
         return send(method, url, params, body)
 
     def _give_up(self, method: str, url: str, exc: Exception) -> None:
-        reason = getattr(exc, "reason", None) or "rate limited too many times"
-        raise ApiError(f"{self.api_name}: {method} {without_query(url)} failed after {self.max_tries} tries: {reason}")
+        if isinstance(exc, _RateLimited):
+            raise ApiError(f"{self.api_name}: {method} {without_query(url)} was still rate limited after "
+                           f"{self.max_rate_limited_seconds:.0f}s of waiting as the API asked")
+        raise ApiError(f"{self.api_name}: {method} {without_query(url)} failed after {self.max_tries} tries: {exc.reason}")
 
     def _send_once(self, method: str, url: str, params: dict | None, body: Any) -> requests.Response:
         self.pacer.wait_turn()

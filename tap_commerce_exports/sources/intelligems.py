@@ -180,43 +180,56 @@ class IntelligemsExportStream(ExportStream):
         return Window(start, end) if start < end else None
 
 
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _experience_key(name: str) -> str:
+    """`startedAtTs` -> `started_at`: millisecond timestamps become date-times without the suffix."""
+    return _snake(name[:-2]) if name.endswith("Ts") else _snake(name)
+
+
+def _experience_property_schema(name: str, schema: dict) -> dict:
+    if name.endswith("Ts"):
+        return {"type": ["string", "null"], "format": "date-time"}
+    options = [schema] if "type" in schema else schema.get("anyOf", [])
+    kinds = [option.get("type") for option in options if option.get("type") not in (None, "null")]
+    kind = kinds[0] if kinds and isinstance(kinds[0], str) else "object"
+    return {"type": [kind, "null"]}
+
+
+def experiences_schema() -> dict:
+    """The experiences-list item of the published spec, with snake_case keys."""
+    spec = SpecValidator("intelligems-exports.openapi.json").spec
+    answer = spec["paths"][PREFIX + "/experiences-list"]["get"]["responses"]["200"]["content"]["application/json"]
+    item = answer["schema"]["properties"]["experiencesList"]["items"]["properties"]
+    properties = {_experience_key(name): _experience_property_schema(name, schema) for name, schema in item.items()}
+    return {"type": "object", "properties": properties}
+
+
 class ExperiencesStream(Stream):
-    """The experiences themselves (names, statuses, lifetimes): a small list, read whole each run."""
+    """The experiences themselves (names, statuses, lifetimes): a small list, read whole each run.
+
+    Every field of the published list item, with snake_case keys; `*Ts` milliseconds become
+    ISO-8601 date-times named without the suffix (`startedAtTs` -> `started_at`).
+    """
 
     name = "intelligems_experiences"
     primary_keys = ("id",)
     replication_key = None
-    schema = th.PropertiesList(
-        th.Property("id", th.StringType),
-        th.Property("name", th.StringType),
-        th.Property("status", th.StringType),
-        th.Property("category", th.StringType),
-        th.Property("type", th.StringType),
-        th.Property("description", th.StringType),
-        th.Property("currency", th.StringType),
-        th.Property("created_at", th.DateTimeType),
-        th.Property("started_at", th.DateTimeType),
-        th.Property("paused_at", th.DateTimeType),
-        th.Property("ended_at", th.DateTimeType),
-        th.Property("last_update_at", th.DateTimeType),
-        th.Property("archived_at", th.DateTimeType),
-        th.Property("variations", th.CustomType({"type": ["array", "null"]})),
-    ).to_dict()
-
-    TIMESTAMPS = {"createdAtTs": "created_at", "startedAtTs": "started_at", "pausedAtTs": "paused_at",
-                  "endedAtTs": "ended_at", "lastUpdateTs": "last_update_at", "archivedAtTs": "archived_at"}
 
     def __init__(self, tap: Any, runtime: Any) -> None:
         self.runtime = runtime
-        super().__init__(tap=tap)
+        super().__init__(tap=tap, schema=experiences_schema())
 
     def get_records(self, context: dict | None) -> Iterable[dict]:
         for item in self.runtime.api.experience_items():
-            record = {key: item.get(key) for key in ("id", "name", "status", "category", "type", "description",
-                                                      "currency", "variations")}
-            for source, target in self.TIMESTAMPS.items():
-                moment = _from_millis(item.get(source))
-                record[target] = moment.isoformat() if moment else None
+            record = {}
+            for name, value in item.items():
+                if name.endswith("Ts"):
+                    moment = _from_millis(value)
+                    value = moment.isoformat() if moment else None
+                record[_experience_key(name)] = value
             yield record
 
 
