@@ -56,7 +56,7 @@ def main() -> int:
             "start_date": "2024-01-01T00:00:00Z",
             "end_date": "2024-03-01T00:00:00Z",
             "export_window_days": 15,
-            "poll_interval_seconds": 0.5,
+            "poll_interval_seconds": 1,
             "poll_max_interval_seconds": 2,
             "max_concurrent_exports": 16,
             **sandbox.tap_config(),
