@@ -11,12 +11,15 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import decimal
-import json
 import re
 import sys
+from itertools import compress
+from operator import not_
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TextIO
 from zoneinfo import ZoneInfo
+
+import msgspec
 
 UTC = dt.timezone.utc
 
@@ -97,16 +100,27 @@ def _to_number(cell: str) -> decimal.Decimal:
     return value
 
 
+_decode_json = msgspec.json.decode
+
+
 def _to_json(cell: str) -> Any:
-    return json.loads(cell)
+    try:
+        return _decode_json(cell)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
 
 
 def _instant_caster(naive_zone: dt.tzinfo) -> Caster:
     """ISO-8601 text as a UTC ISO string; timestamps without an offset are in `naive_zone`."""
+    parse = dt.datetime.fromisoformat
 
     def cast(cell: str) -> str:
-        text = cell.strip()
-        moment = dt.datetime.fromisoformat(text.replace(" UTC", "+00:00"))
+        if cell[-1:] == "Z":
+            # Already UTC (Voucherify, Intelligems): parsing validates it, the text is kept.
+            text = cell[:-1] + "+00:00"
+            parse(text)
+            return text
+        moment = parse(cell.strip().replace(" UTC", "+00:00").replace("Z", "+00:00"))
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=naive_zone)
         return moment.astimezone(UTC).isoformat()
@@ -149,7 +163,7 @@ def caster_for(kind: str, naive_zone: dt.tzinfo = UTC) -> Caster:
     """How a non-empty cell of this kind becomes its JSON value."""
     casters: dict[str, Caster] = {
         "string": str,
-        "integer": _to_integer,
+        "integer": int,  # whole numbers written like "2000.00" are retried by _lenient_cast
         "number": _to_number,
         "boolean": _to_boolean,
         "datetime": _instant_caster(naive_zone),
@@ -169,10 +183,13 @@ def zone(name: str) -> dt.tzinfo:
 
 @dataclass
 class CsvLayout:
-    """A file's columns once its header is read: keys in order and the casters that go with them."""
+    """A file's columns once its header is read: keys in order and the casters that go with them.
+
+    `casters[i]` is None for text columns: their cells are kept as they are (empty means null).
+    """
 
     keys: list[str]
-    casters: list[Caster]
+    casters: list[Caster | None]
     unknown_keys: list[str]
 
 
@@ -200,10 +217,8 @@ class CsvRecordReader:
     def layout(self, header: list[str]) -> CsvLayout:
         keys = record_keys(header, self.requested_fields)
         unknown = [key for key in keys if key not in self.columns]
-        casters = [
-            caster_for(self.columns[key].kind if key in self.columns else "string", self.naive_zone)
-            for key in keys
-        ]
+        kinds = [self.columns[key].kind if key in self.columns else "string" for key in keys]
+        casters = [None if kind == "string" else caster_for(kind, self.naive_zone) for kind in kinds]
         return CsvLayout(keys, casters, unknown)
 
     def read(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[dict]:
@@ -225,8 +240,11 @@ class CsvRecordReader:
             ) from None
 
     def _records(self, rows: Iterator[list[str]], layout: CsvLayout) -> Iterator[dict]:
-        keys, casters = layout.keys, layout.casters
+        # The hot loop of the tap: the dict is built in C, then only typed or empty cells are
+        # touched (most cells of an export are text).
+        keys = layout.keys
         width = len(keys)
+        typed = [(key, cast) for key, cast in zip(keys, layout.casters) if cast is not None]
         for row in rows:
             self.rows_read += 1
             if len(row) != width:
@@ -236,18 +254,25 @@ class CsvRecordReader:
                     f"{self.describe}: row {self.rows_read} has {len(row)} fields but the header has {width}; "
                     "refusing to guess which values belong to which column"
                 )
-            try:
-                yield {key: (cast(cell) if cell != "" else None) for key, cast, cell in zip(keys, casters, row)}
-            except (ValueError, decimal.InvalidOperation) as exc:
-                raise CsvFormatError(self._cell_error(row, layout, exc)) from None
+            record = dict(zip(keys, row))
+            if "" in row:
+                for key in compress(keys, map(not_, row)):  # the keys of empty cells, found in C
+                    record[key] = None
+            for key, cast in typed:
+                cell = record[key]
+                if cell is not None:
+                    try:
+                        record[key] = cast(cell)
+                    except (ValueError, decimal.InvalidOperation, OverflowError):
+                        record[key] = self._lenient_cast(key, cast, cell)
+            yield record
 
-    def _cell_error(self, row: list[str], layout: CsvLayout, exc: Exception) -> str:
-        for key, cast, cell in zip(layout.keys, layout.casters, row):
-            if cell == "":
-                continue
-            try:
-                cast(cell)
-            except (ValueError, decimal.InvalidOperation):
-                kind = self.columns[key].kind if key in self.columns else "string"
-                return f"{self.describe}: row {self.rows_read}, column {key!r}: {cell[:80]!r} is not a valid {kind}"
-        return f"{self.describe}: row {self.rows_read}: {exc}"
+    def _lenient_cast(self, key: str, cast: Caster, cell: str) -> Any:
+        """The slow path for a cell the fast cast refused: retry leniently, or say where it failed."""
+        try:
+            if cast is int:
+                return _to_integer(cell.strip())
+        except (ValueError, decimal.InvalidOperation):
+            pass
+        kind = self.columns[key].kind if key in self.columns else "string"
+        raise CsvFormatError(f"{self.describe}: row {self.rows_read}, column {key!r}: {cell[:80]!r} is not a valid {kind}")

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 from singer_sdk.streams import Stream
 
 from tap_commerce_exports.engine.csv_records import Column, CsvLayout, CsvRecordReader
+from tap_commerce_exports.engine.fast_output import FastRecordWriter, fast_path_allowed
 from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
@@ -62,10 +63,14 @@ class ExportStream(Stream):
     partition_key: ClassVar[str | None] = None
     #: Fields to ask the API for, in order (APIs that take a field list).
     requested_fields: ClassVar[tuple[str, ...]] = ()
+    #: Write RECORDs through engine/fast_output.py when the SDK's per-record work is a no-op.
+    fast_path_enabled: ClassVar[bool] = True
 
     def __init__(self, tap: Any, runtime: SourceRuntime) -> None:
         self.runtime = runtime
         self._queues: dict[tuple, ExportQueue] = {}
+        self._fast_writer: FastRecordWriter | None = None
+        self._fast_path: bool | None = None
         self.totals = StreamTotals()
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
@@ -169,7 +174,10 @@ class ExportStream(Stream):
         else:
             state.pop(EXPORTS_IN_FLIGHT, None)
         self.state_manager.is_flushed = False
-        self._write_state_message()
+        if not self.get_batch_config(self.config):
+            # In BATCH mode the SDK writes STATE after each BATCH message: a STATE written here
+            # could name a window whose rows sit in a batch file not yet announced.
+            self._write_state_message()
 
     def note_all_exports_in_flight(self) -> None:
         for key in list(self._queues):
@@ -239,18 +247,43 @@ class ExportStream(Stream):
         )
         partition_values = dict(context or {})
         started = time.monotonic()
+        self._fast_writer = self._new_fast_writer()
         try:
             with open(ready.file.path, encoding="utf-8-sig", newline="") as text:
                 for record in reader.read(text, on_layout=self._accept_layout):
                     record.update(partition_values)
                     yield record
         finally:
+            self._fast_writer = None
             ready.file.remove()
         self._count(ready, reader.rows_read, time.monotonic() - started)
         self.logger.info(
             "%s: emitted %d rows (%d bytes) in %.1fs", describe, reader.rows_read, ready.file.size_bytes,
             time.monotonic() - started,
         )
+
+    # ------------------------------------------------------------- fast output
+
+    def _new_fast_writer(self) -> FastRecordWriter | None:
+        if self._fast_path is None:
+            self._fast_path = self.fast_path_enabled and fast_path_allowed(self)
+            self.logger.debug("%s: RECORD fast path %s", self.name, "on" if self._fast_path else "off")
+        if not self._fast_path:
+            return None
+        allowed = set(self._input_schema["properties"]) if self._input_schema is not None else None
+        return FastRecordWriter(self.name, self._stream_version, allowed)
+
+    def _process_record(self, record: dict, child_context: Any = None, partition_context: Any = None) -> None:
+        """Export streams have no child streams and already carry their partition keys."""
+        if self.child_streams:
+            super()._process_record(record, child_context, partition_context)
+
+    def _write_record_message(self, record: dict) -> None:
+        if self._fast_writer is None:
+            super()._write_record_message(record)
+            return
+        self._fast_writer.write(record)
+        self.state_manager.is_flushed = False
 
     def _count(self, ready: ReadyExport, rows: int, seconds: float) -> None:
         totals = self.totals
@@ -283,5 +316,7 @@ class ExportStream(Stream):
                 schema["properties"].setdefault(key, dict(UNKNOWN_COLUMN_SCHEMA))
         self._tap.mapper.register_raw_stream_schema(self.name, self.schema, self.primary_keys)
         self._stream_maps = []
+        if self._fast_writer is not None and self._fast_writer.allowed_keys is not None:
+            self._fast_writer.allowed_keys.update(new_keys)
         if self.selected:
             self._write_schema_message()
