@@ -138,4 +138,4 @@ def normalized(value: Any) -> Any:
 
 
 def by_key(records: list[dict], key: tuple[str, ...]) -> dict[tuple, dict]:
-    return {tuple(record.get(k) for k in key): normalized(record) for record in records}
+    return {tuple(normalized(record.get(k)) for k in key): normalized(record) for record in records}
