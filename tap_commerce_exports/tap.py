@@ -7,6 +7,7 @@ import sys
 import time
 
 from singer_sdk import Tap
+from singer_sdk.configuration._dict_config import parse_environment_config
 from singer_sdk import typing as th
 
 from tap_commerce_exports.engine.download import FileDownloader
@@ -54,9 +55,10 @@ class TapCommerceExports(Tap):
         self._check_settings()
         self.scheduler = ExportScheduler(int(self.config.get("max_concurrent_exports", 8)))
         streams: list[ExportStream] = []
+        self._runtimes: dict[str, SourceRuntime] = {}
         for source in SOURCES:
             if source.is_configured(self.config):
-                runtime = self._runtime(source)
+                runtime = self._runtimes[source.name] = self._runtime(source)
                 streams += [stream_type(self, runtime) for stream_type in source.stream_types]
         if not streams:
             self.logger.warning(
@@ -64,6 +66,19 @@ class TapCommerceExports(Tap):
                 ", ".join(f"{s.name} ({' + '.join(s.credential_settings)})" for s in SOURCES),
             )
         return streams
+
+    def check_connections(self) -> list[tuple[str, bool, str]]:
+        """Authenticate to every configured source with one cheap call: (source, ok, detail)."""
+        results = []
+        for source in SOURCES:
+            if not source.is_configured(self.config) or source.check_connection is None:
+                continue
+            runtime = self._runtimes[source.name]
+            try:
+                results.append((source.name, True, source.check_connection(runtime.api)))
+            except Exception as exc:
+                results.append((source.name, False, str(exc)))
+        return results
 
     def _runtime(self, source) -> SourceRuntime:
         logger = logging.getLogger(f"tap_commerce_exports.{source.name}")
@@ -109,6 +124,7 @@ class TapCommerceExports(Tap):
         if self.state:
             self._state_writer.write_state(self.state)
         export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
+        self._fail_fast_on_bad_credentials()
         try:
             self._start_exports(export_streams)
             for stream in self.streams.values():
@@ -119,6 +135,16 @@ class TapCommerceExports(Tap):
         self._log_summary(export_streams, time.monotonic() - started)
         if self.failures:
             raise SyncFailures(self.failures)
+
+    def _fail_fast_on_bad_credentials(self) -> None:
+        """One cheap call per source before any export is created: a wrong token fails in seconds."""
+        for name, ok, detail in self.check_connections():
+            if ok:
+                self.logger.info("Connection to %s: ok (%s)", name, detail)
+            elif "HTTP 401" in detail or "HTTP 403" in detail:
+                raise ConfigError(f"{name} refused the credentials: {detail}")
+            else:
+                self.logger.warning("Connection check of %s failed (%s); trying the exports anyway", name, detail)
 
     def _start_exports(self, streams: list[ExportStream]) -> None:
         for stream in streams:
@@ -174,7 +200,37 @@ class SyncFailures(RuntimeError):
         super().__init__(f"{len(failures)} stream(s) or partition(s) failed:\n  " + "\n  ".join(failures))
 
 
+def _environment_config() -> dict:
+    """Settings from TAP_COMMERCE_EXPORTS_* (as `meltano invoke` sets them), numbers as numbers."""
+    schema = TapCommerceExports.config_jsonschema
+    config = parse_environment_config(schema, "TAP_COMMERCE_EXPORTS_")
+    for name, value in list(config.items()):
+        if "number" in schema["properties"].get(name, {}).get("type", []) and isinstance(value, str):
+            config[name] = float(value)
+    return config
+
+
+def check_connection_main(argv: list[str]) -> int:
+    """`tap-commerce-exports --check-connection --config FILE` (or `--config ENV`): pass or fail per source."""
+    config_path = argv[argv.index("--config") + 1] if "--config" in argv else "ENV"
+    config = _environment_config() if config_path == "ENV" else config_path
+    tap = TapCommerceExports(config=config)
+    results = tap.check_connections()
+    if not results:
+        print("FAIL: no source is configured (set the credentials of at least one source)")
+        return 1
+    for name, ok, detail in results:
+        print(f"{'PASS' if ok else 'FAIL'}: {name}: {detail}")
+    return 0 if all(ok for _, ok, _ in results) else 1
+
+
 def main() -> None:
+    if "--check-connection" in sys.argv[1:]:
+        try:
+            sys.exit(check_connection_main(sys.argv[1:]))
+        except ConfigError as exc:
+            print(f"FAIL: configuration error: {exc}")
+            sys.exit(2)
     try:
         TapCommerceExports.cli()
     except ConfigError as exc:

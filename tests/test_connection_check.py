@@ -1,0 +1,39 @@
+"""The connection check: seconds, one cheap call per configured source, a clear PASS or FAIL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.harness import FAST_SETTINGS, run_tap
+
+
+def check(config: dict, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**FAST_SETTINGS, **config}))
+    return subprocess.run([sys.executable, "-m", "tap_commerce_exports.tap", "--check-connection", "--config",
+                           str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_every_configured_source_passes_without_creating_an_export(full_sandbox, tmp_path):
+    result = check(full_sandbox.tap_config(), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split(":")[0:2] for line in result.stdout.splitlines()] == [
+        ["PASS", " intelligems"], ["PASS", " nextcommerce"], ["PASS", " voucherify"]]
+    assert not full_sandbox.log.entries(method="POST")
+
+
+def test_a_wrong_token_fails_naming_the_source_without_printing_the_token(full_sandbox, tmp_path):
+    config = {**full_sandbox.tap_config(), "nextcommerce_api_token": "not-the-token"}
+    result = check(config, tmp_path)
+    assert result.returncode == 1
+    assert "FAIL: nextcommerce:" in result.stdout and "HTTP 401" in result.stdout
+    assert "not-the-token" not in result.stdout + result.stderr
+
+
+def test_a_sync_with_refused_credentials_stops_before_any_export(voucherify_sandbox):
+    config = {**voucherify_sandbox.voucherify.tap_config(), "voucherify_app_token": "wrong"}
+    output = run_tap(config)
+    assert "refused the credentials" in str(output.error)
+    assert not voucherify_sandbox.log.entries(method="POST")
