@@ -15,8 +15,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def settings_table() -> str:
-    about = subprocess.run([sys.executable, "-m", "tap_commerce_exports.tap", "--about", "--format", "markdown"],
-                           capture_output=True, text=True, check=True).stdout
+    about = subprocess.run(
+        [sys.executable, "-m", "tap_commerce_exports.tap", "--about", "--format", "markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     match = re.search(r"\| Setting \|.*?(?=\n\n|\Z)", about, re.S)
     assert match, "no settings table in --about output"
     return match.group(0).strip()
@@ -30,8 +34,9 @@ def streams_table() -> str:
         for stream in source.stream_types:
             partition = getattr(stream, "partition_key", None) or ""
             replication = stream.replication_key or "(full table)"
-            lines.append(f"| `{stream.name}` | {source.name} | {partition} | {replication} | "
-                         f"{', '.join(stream.primary_keys)} |")
+            lines.append(
+                f"| `{stream.name}` | {source.name} | {partition} | {replication} | {', '.join(stream.primary_keys)} |"
+            )
     return "\n".join(lines)
 
 

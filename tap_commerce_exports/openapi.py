@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -31,10 +31,10 @@ def _openapi30_to_jsonschema(node: Any) -> Any:
     return converted
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_spec(filename: str) -> dict:
     """A vendor OpenAPI document shipped in tap_commerce_exports/specs/."""
-    text = resources.files("tap_commerce_exports").joinpath("specs", filename).read_text()
+    text = resources.files("tap_commerce_exports").joinpath("specs").joinpath(filename).read_text()
     document = json.loads(text)
     if str(document.get("openapi", "")).startswith("3.0"):
         document = _openapi30_to_jsonschema(document)

@@ -7,8 +7,8 @@ import sys
 import time
 
 from singer_sdk import Tap
-from singer_sdk.configuration._dict_config import parse_environment_config
 from singer_sdk import typing as th
+from singer_sdk.configuration._dict_config import parse_environment_config
 
 from tap_commerce_exports.engine.download import FileDownloader
 from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
@@ -20,24 +20,48 @@ from tap_commerce_exports.sources import SOURCES
 from tap_commerce_exports.sources.base import ConfigError
 
 COMMON_SETTINGS = [
-    th.Property("start_date", th.DateTimeType, required=True,
-                description="Export data from this moment on (first run; later runs start at the bookmark)."),
-    th.Property("end_date", th.DateTimeType,
-                description="Export data before this moment. Default: now."),
-    th.Property("export_window_days", th.NumberType, default=30,
-                description="Largest date range asked for in one export; smaller windows mean smaller files "
-                            "and finer-grained bookmarks."),
-    th.Property("lookback_hours", th.NumberType, default=0,
-                description="Re-export this many hours before the bookmark, for rows that reach the vendor's "
-                            "exports late (Intelligems analytics lag up to ~2 h)."),
-    th.Property("poll_interval_seconds", th.NumberType, default=5,
-                description="First wait between status polls of an export."),
-    th.Property("poll_max_interval_seconds", th.NumberType, default=60,
-                description="Polls back off (x1.5 each) up to this wait."),
-    th.Property("export_timeout_seconds", th.NumberType, default=3600,
-                description="Give up on an export still not ready after this long, naming its id and status."),
-    th.Property("max_concurrent_exports", th.IntegerType, default=8,
-                description="Exports created, polled and downloaded at the same time across all streams."),
+    th.Property(
+        "start_date",
+        th.DateTimeType,
+        required=True,
+        description="Export data from this moment on (first run; later runs start at the bookmark).",
+    ),
+    th.Property("end_date", th.DateTimeType, description="Export data before this moment. Default: now."),
+    th.Property(
+        "export_window_days",
+        th.NumberType,
+        default=30,
+        description="Largest date range asked for in one export; smaller windows mean smaller files "
+        "and finer-grained bookmarks.",
+    ),
+    th.Property(
+        "lookback_hours",
+        th.NumberType,
+        default=0,
+        description="Re-export this many hours before the bookmark, for rows that reach the vendor's "
+        "exports late (Intelligems analytics lag up to ~2 h).",
+    ),
+    th.Property(
+        "poll_interval_seconds", th.NumberType, default=5, description="First wait between status polls of an export."
+    ),
+    th.Property(
+        "poll_max_interval_seconds",
+        th.NumberType,
+        default=60,
+        description="Polls back off (x1.5 each) up to this wait.",
+    ),
+    th.Property(
+        "export_timeout_seconds",
+        th.NumberType,
+        default=3600,
+        description="Give up on an export still not ready after this long, naming its id and status.",
+    ),
+    th.Property(
+        "max_concurrent_exports",
+        th.IntegerType,
+        default=8,
+        description="Exports created, polled and downloaded at the same time across all streams.",
+    ),
 ]
 
 
@@ -83,7 +107,9 @@ class TapCommerceExports(Tap):
     def _runtime(self, source) -> SourceRuntime:
         logger = logging.getLogger(f"tap_commerce_exports.{source.name}")
         api = source.build_api(dict(self.config), logger)
-        runner = ExportRunner(api, FileDownloader(logger), self._poll_policy(), logger)
+        if api.client is not None:
+            api.client.stopping = self.scheduler.stopping
+        runner = ExportRunner(api, FileDownloader(logger), self._poll_policy(), logger, self.scheduler.stopping)
         return SourceRuntime(api, runner, self.scheduler, source.naive_zone(self.config))
 
     def _poll_policy(self) -> PollPolicy:
@@ -102,16 +128,23 @@ class TapCommerceExports(Tap):
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"setting 'start_date'/'end_date' is missing or not a date-time: {exc}") from None
         if end is not None and end <= start:
-            raise ConfigError(f"setting 'end_date' ({end.isoformat()}) must be after 'start_date' ({start.isoformat()})")
-        for setting in ("export_window_days", "poll_interval_seconds", "poll_max_interval_seconds",
-                        "export_timeout_seconds", "max_concurrent_exports"):
+            raise ConfigError(
+                f"setting 'end_date' ({end.isoformat()}) must be after 'start_date' ({start.isoformat()})"
+            )
+        for setting in (
+            "export_window_days",
+            "poll_interval_seconds",
+            "poll_max_interval_seconds",
+            "export_timeout_seconds",
+            "max_concurrent_exports",
+        ):
             if setting in config and float(config[setting]) <= 0:
                 raise ConfigError(f"setting {setting!r} must be greater than 0, got {config[setting]!r}")
         for source in SOURCES:
             if source.is_configured(config):
                 source.validate(dict(config))
 
-    def sync_all(self) -> None:
+    def sync_all(self) -> None:  # type: ignore[misc]  # final in the SDK; see the docstring
         """Start every selected stream's first exports, then read the streams one by one.
 
         A stream or partition that fails does not stop the others: their rows and state are
@@ -164,9 +197,6 @@ class TapCommerceExports(Tap):
         stream.log_sync_costs()
 
     def _stop_workers(self) -> None:
-        for stream in self.streams.values():
-            if isinstance(stream, ExportStream):
-                stream.runtime.runner.stopping.set()
         if hasattr(self, "scheduler"):
             self.scheduler.shutdown()
 
@@ -187,7 +217,14 @@ class TapCommerceExports(Tap):
             t = stream.totals
             self.logger.info(
                 "Summary %s: %d windows, %d exports, %d rows, %d bytes, %d polls, %d splits, %.1fs",
-                stream.name, t.windows, t.exports, t.rows, t.bytes, t.polls, t.splits, t.seconds,
+                stream.name,
+                t.windows,
+                t.exports,
+                t.rows,
+                t.bytes,
+                t.polls,
+                t.splits,
+                t.seconds,
             )
         self.logger.info("Sync finished in %.1fs with %d failure(s)", elapsed, len(getattr(self, "failures", [])))
 

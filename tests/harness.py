@@ -96,8 +96,9 @@ def run_tap(config: dict, *, state: dict | None = None, streams: set[str] | None
     return SingerOutput.parse(stdout.getvalue(), logs.getvalue(), error)
 
 
-def start_tap_process(config: dict, *, state: dict | None = None, catalog: dict | None = None,
-                      workdir: str | None = None) -> subprocess.Popen:
+def start_tap_process(
+    config: dict, *, state: dict | None = None, catalog: dict | None = None, workdir: str | None = None
+) -> subprocess.Popen:
     """The console script in a subprocess, writing Singer messages to its stdout pipe."""
     workdir = workdir or tempfile.mkdtemp(prefix="tap-run-")
     config_path = os.path.join(workdir, "config.json")

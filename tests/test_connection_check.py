@@ -12,15 +12,22 @@ from tests.harness import FAST_SETTINGS, run_tap
 def check(config: dict, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**FAST_SETTINGS, **config}))
-    return subprocess.run([sys.executable, "-m", "tap_commerce_exports.tap", "--check-connection", "--config",
-                           str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "tap_commerce_exports.tap", "--check-connection", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_every_configured_source_passes_without_creating_an_export(full_sandbox, tmp_path):
     result = check(full_sandbox.tap_config(), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [line.split(":")[0:2] for line in result.stdout.splitlines()] == [
-        ["PASS", " intelligems"], ["PASS", " nextcommerce"], ["PASS", " voucherify"]]
+        ["PASS", " intelligems"],
+        ["PASS", " nextcommerce"],
+        ["PASS", " voucherify"],
+    ]
     assert not full_sandbox.log.entries(method="POST")
 
 

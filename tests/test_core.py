@@ -20,6 +20,11 @@ SANDBOX.nextcommerce.rate_per_second = SANDBOX.nextcommerce.rate_burst = 200
 # test_nextcommerce.py), so this suite reads January only.
 TestTapCommerceExports = get_tap_test_class(
     tap_class=TapCommerceExports,
-    config={**FAST_SETTINGS, "end_date": "2024-01-31T00:00:00Z", "export_window_days": 30,
-            "nextcommerce_requests_per_second": 100, **SANDBOX.tap_config()},
+    config={
+        **FAST_SETTINGS,
+        "end_date": "2024-01-31T00:00:00Z",
+        "export_window_days": 30,
+        "nextcommerce_requests_per_second": 100,
+        **SANDBOX.tap_config(),
+    },
 )

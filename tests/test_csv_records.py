@@ -7,10 +7,18 @@ import pytest
 
 from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, header_key, record_keys
 
-COLUMNS = {c.key: c for c in [
-    Column("id"), Column("amount", "integer"), Column("price", "number"), Column("active", "boolean"),
-    Column("created_at", "datetime"), Column("details", "json"), Column("born", "date"),
-]}
+COLUMNS = {
+    c.key: c
+    for c in [
+        Column("id"),
+        Column("amount", "integer"),
+        Column("price", "number"),
+        Column("active", "boolean"),
+        Column("created_at", "datetime"),
+        Column("details", "json"),
+        Column("born", "date"),
+    ]
+}
 
 
 def read(text: str, **kwargs) -> list[dict]:
@@ -31,16 +39,31 @@ def test_requested_fields_name_the_columns_when_counts_agree():
 
 
 def test_cells_are_cast_by_kind_and_empty_cells_are_null():
-    text = ('id,amount,price,active,created_at,details,born\r\n'
-            'a,7700,12.50,true,2024-01-05T13:22:10.123Z,"{""k"": [1, ""x,y""]}",2022-01-01\r\n'
-            'b,,,,,,\r\n')
+    text = (
+        "id,amount,price,active,created_at,details,born\r\n"
+        'a,7700,12.50,true,2024-01-05T13:22:10.123Z,"{""k"": [1, ""x,y""]}",2022-01-01\r\n'
+        "b,,,,,,\r\n"
+    )
     first, second = read(text)
-    assert first == {"id": "a", "amount": 7700, "price": pytest.approx(12.5), "active": True,
-                     "created_at": "2024-01-05T13:22:10.123+00:00", "details": {"k": [1, "x,y"]},
-                     "born": "2022-01-01"}
+    assert first == {
+        "id": "a",
+        "amount": 7700,
+        "price": pytest.approx(12.5),
+        "active": True,
+        "created_at": "2024-01-05T13:22:10.123+00:00",
+        "details": {"k": [1, "x,y"]},
+        "born": "2022-01-01",
+    }
     assert str(first["price"]) == "12.50"  # Decimal: money stays exact
-    assert second == {"id": "b", "amount": None, "price": None, "active": None, "created_at": None,
-                      "details": None, "born": None}
+    assert second == {
+        "id": "b",
+        "amount": None,
+        "price": None,
+        "active": None,
+        "created_at": None,
+        "details": None,
+        "born": None,
+    }
 
 
 def test_naive_timestamps_are_read_in_the_given_zone_and_emitted_in_utc():

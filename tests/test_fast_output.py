@@ -13,8 +13,11 @@ from tests.harness import run_tap
 def comparable(output) -> list[dict]:
     """RECORD and SCHEMA messages in order, without the extraction time; the final bookmarks.
     (Interim STATE messages carry timing-dependent exports_in_flight and signposts.)"""
-    messages = [{k: v for k, v in m.items() if k != "time_extracted"}
-                for m in output.messages if m["type"] in ("RECORD", "SCHEMA")]
+    messages = [
+        {k: v for k, v in m.items() if k != "time_extracted"}
+        for m in output.messages
+        if m["type"] in ("RECORD", "SCHEMA")
+    ]
     bookmarks = {
         stream: [p.get("replication_key_value") for p in entry.get("partitions", [entry])]
         for stream, entry in output.final_state.get("bookmarks", {}).items()
@@ -35,8 +38,10 @@ def test_fast_path_and_sdk_path_emit_the_same_messages(voucherify_sandbox, reque
 
 
 def test_stream_maps_turn_the_fast_path_off_and_still_apply(voucherify_sandbox):
-    config = {**voucherify_sandbox.voucherify.tap_config(),
-              "stream_maps": {"voucherify_orders": {"referrer_id": "__NULL__", "amount_in_units": "amount / 100"}}}
+    config = {
+        **voucherify_sandbox.voucherify.tap_config(),
+        "stream_maps": {"voucherify_orders": {"referrer_id": "__NULL__", "amount_in_units": "amount / 100"}},
+    }
     output = run_tap(config, streams={"voucherify_orders"})
     assert output.error is None
     records = output.records("voucherify_orders")
@@ -54,9 +59,13 @@ def test_flattening_turns_the_fast_path_off(voucherify_sandbox):
 
 def test_batch_messages_carry_every_row_and_state_follows_its_batch(voucherify_sandbox, tmp_path):
     emulator = voucherify_sandbox.voucherify
-    config = {**emulator.tap_config(), "batch_config": {
-        "encoding": {"format": "jsonl", "compression": "gzip"},
-        "storage": {"root": f"file://{tmp_path}", "prefix": "batch-"}}}
+    config = {
+        **emulator.tap_config(),
+        "batch_config": {
+            "encoding": {"format": "jsonl", "compression": "gzip"},
+            "storage": {"root": f"file://{tmp_path}", "prefix": "batch-"},
+        },
+    }
     output = run_tap(config, streams={"voucherify_orders"})
     assert output.error is None
     batches = [m for m in output.messages if m["type"] == "BATCH"]
@@ -68,7 +77,11 @@ def test_batch_messages_carry_every_row_and_state_follows_its_batch(voucherify_s
                 rows += [json.loads(line) for line in handle]
     assert {r["id"] for r in rows} == {r["id"] for r in emulator.expected_records("voucherify_orders")}
     first_batch = output.messages.index(batches[0])
-    bookmark_states = [i for i, m in enumerate(output.messages) if m["type"] == "STATE"
-                       and m["value"].get("bookmarks", {}).get("voucherify_orders", {}).get("replication_key_value")]
+    bookmark_states = [
+        i
+        for i, m in enumerate(output.messages)
+        if m["type"] == "STATE"
+        and m["value"].get("bookmarks", {}).get("voucherify_orders", {}).get("replication_key_value")
+    ]
     assert bookmark_states and min(bookmark_states) > first_batch
     assert os.listdir(tmp_path)

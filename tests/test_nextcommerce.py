@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
 
 from tap_commerce_exports.sources.nextcommerce import STREAM_TYPES
@@ -70,8 +71,11 @@ def test_a_window_at_the_row_cap_is_split_until_nothing_is_lost(nextcommerce_san
     assert len(want) > 25 * 2
     assert emitted(output, "nextcommerce_customer_list", want) == by_key(want, ("customer_id",))
     assert "hit the API's row cap (25 rows)" in output.log_text
-    bookmarks = [s["bookmarks"]["nextcommerce_customer_list"]["replication_key_value"] for s in output.states()
-                 if s.get("bookmarks", {}).get("nextcommerce_customer_list", {}).get("replication_key_value")]
+    bookmarks = [
+        s["bookmarks"]["nextcommerce_customer_list"]["replication_key_value"]
+        for s in output.states()
+        if s.get("bookmarks", {}).get("nextcommerce_customer_list", {}).get("replication_key_value")
+    ]
     assert bookmarks == sorted(bookmarks)
 
 
@@ -119,8 +123,9 @@ def test_a_rerun_reuses_the_export_already_made_for_the_same_range(nextcommerce_
 def test_an_export_stuck_in_pending_times_out_naming_the_export(nextcommerce_sandbox):
     emulator = nextcommerce_sandbox.nextcommerce
     nextcommerce_sandbox.faults.arm("export_stuck", -1)
-    output = run_tap(fast_config(emulator, export_timeout_seconds=0.5, export_window_days=60),
-                     streams={"nextcommerce_order_list"})
+    output = run_tap(
+        fast_config(emulator, export_timeout_seconds=0.5, export_window_days=60), streams={"nextcommerce_order_list"}
+    )
     assert output.error is not None
     assert re.search(r"nextcommerce_order_list .* export \d+ was still 'pending' after \d+s", str(output.error))
     assert output.records("nextcommerce_order_list") == []
@@ -133,8 +138,9 @@ def test_date_ranges_sent_are_inclusive_whole_seconds_that_meet_exactly(nextcomm
     ranges = sorted((e.body["date_from"], e.body["date_to"]) for e in creates)
     assert ranges[0][0] == "2024-01-01T00:00:00Z"
     assert ranges[-1][1] == "2024-02-29T23:59:59Z"
-    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+    for (_, end), (start, _) in itertools.pairwise(ranges):
         gap = dt.datetime.fromisoformat(start.replace("Z", "+00:00")) - dt.datetime.fromisoformat(
-            end.replace("Z", "+00:00"))
+            end.replace("Z", "+00:00")
+        )
         assert gap == dt.timedelta(seconds=1)
     assert all(e.headers.get("x-29next-api-version") == "2024-04-01" for e in creates)

@@ -29,8 +29,11 @@ def transaction_campaigns(emulator) -> list[str]:
 def expected(emulator, stream: str, **window) -> dict:
     """The sandbox's rows for a stream, all partitions, keyed like `by_key`."""
     if stream == "voucherify_campaign_transactions":
-        rows = [row for campaign in transaction_campaigns(emulator)
-                for row in emulator.expected_records(stream, partition={"campaign_id": campaign}, **window)]
+        rows = [
+            row
+            for campaign in transaction_campaigns(emulator)
+            for row in emulator.expected_records(stream, partition={"campaign_id": campaign}, **window)
+        ]
     else:
         rows = emulator.expected_records(stream, **window)
     return by_key(rows, STREAMS[stream])
@@ -53,7 +56,7 @@ def test_full_sync_emits_every_stream_exactly_with_typed_values(voucherify_sandb
     output = run_tap(emulator.tap_config())
 
     assert output.error is None, output.error
-    for stream, key in STREAMS.items():
+    for stream in STREAMS:
         got = emitted(output, stream)
         want = expected(emulator, stream)
         assert want, f"the sandbox holds no {stream} rows"
@@ -83,22 +86,33 @@ def test_each_window_moves_the_bookmark_and_a_second_run_exports_only_new_window
     bookmark = first.final_state["bookmarks"]["voucherify_orders"]
     assert bookmark["replication_key"] == "updated_at"
     assert bookmark["replication_key_value"] == "2024-02-01T00:00:00+00:00"
-    bookmarks_seen = [s["bookmarks"]["voucherify_orders"].get("replication_key_value")
-                      for s in first.states() if "voucherify_orders" in s.get("bookmarks", {})]
+    bookmarks_seen = [
+        s["bookmarks"]["voucherify_orders"].get("replication_key_value")
+        for s in first.states()
+        if "voucherify_orders" in s.get("bookmarks", {})
+    ]
     assert "2024-01-16T00:00:00+00:00" in bookmarks_seen  # the first 15-day window, before the second
 
-    emulator.add_rows("voucherify_orders", 5, dt.datetime(2024, 2, 10, tzinfo=dt.timezone.utc),
-                      dt.datetime(2024, 2, 20, tzinfo=dt.timezone.utc))
+    emulator.add_rows(
+        "voucherify_orders",
+        5,
+        dt.datetime(2024, 2, 10, tzinfo=dt.timezone.utc),
+        dt.datetime(2024, 2, 20, tzinfo=dt.timezone.utc),
+    )
     voucherify_sandbox.log.clear()
-    second = run_tap({**emulator.tap_config(), "end_date": "2024-03-01T00:00:00Z"}, state=first.final_state,
-                     streams={"voucherify_orders"})
+    second = run_tap(
+        {**emulator.tap_config(), "end_date": "2024-03-01T00:00:00Z"},
+        state=first.final_state,
+        streams={"voucherify_orders"},
+    )
 
     created = voucherify_sandbox.log.entries(host="voucherify-api", method="POST", path_pattern="orders/export")
     afters = [e.body["parameters"]["filters"]["updated_at"]["conditions"]["$after"] for e in created]
     assert afters and min(afters) >= "2024-01-31T23:59:59.999Z"
     start = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
     assert emitted(second, "voucherify_orders") == expected(
-        emulator, "voucherify_orders", start=start, end=dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc))
+        emulator, "voucherify_orders", start=start, end=dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
+    )
     assert len(second.records("voucherify_orders")) > 0
 
 
@@ -150,8 +164,9 @@ def test_an_export_that_keeps_failing_stops_its_stream_with_a_clear_error(vouche
 
 def test_an_export_that_never_finishes_times_out_naming_the_export_and_its_status(voucherify_sandbox):
     voucherify_sandbox.faults.arm("export_stuck", -1)
-    output = run_tap({**voucherify_sandbox.voucherify.tap_config(), "export_timeout_seconds": 0.5},
-                     streams={"voucherify_orders"})
+    output = run_tap(
+        {**voucherify_sandbox.voucherify.tap_config(), "export_timeout_seconds": 0.5}, streams={"voucherify_orders"}
+    )
     assert output.error is not None
     message = str(output.error)
     assert "voucherify_orders" in message and "export exp_" in message
@@ -167,10 +182,12 @@ def test_a_column_the_tap_does_not_know_is_kept_and_announced_by_schema_first(vo
     with_new = [r for r in output.records("voucherify_orders") if set(r) - known]
     assert with_new, "the new column reached no record"
     new_key = (set(with_new[0]) - known).pop()
-    first_record_index = next(i for i, m in enumerate(output.messages)
-                              if m["type"] == "RECORD" and new_key in m["record"])
-    schema_index = next(i for i, m in enumerate(output.messages)
-                        if m["type"] == "SCHEMA" and new_key in m["schema"]["properties"])
+    first_record_index = next(
+        i for i, m in enumerate(output.messages) if m["type"] == "RECORD" and new_key in m["record"]
+    )
+    schema_index = next(
+        i for i, m in enumerate(output.messages) if m["type"] == "SCHEMA" and new_key in m["schema"]["properties"]
+    )
     assert schema_index < first_record_index
     assert output.messages[schema_index]["schema"]["properties"][new_key]["type"] == ["string", "null"]
 
@@ -190,7 +207,6 @@ def test_credentials_never_appear_in_output_or_logs(voucherify_sandbox):
 
 def test_streams_are_discovered_only_when_credentials_are_set(voucherify_sandbox):
     from tap_commerce_exports.tap import TapCommerceExports
-
     from tests.harness import FAST_SETTINGS
 
     with_credentials = TapCommerceExports(config={**FAST_SETTINGS, **voucherify_sandbox.voucherify.tap_config()})
@@ -202,11 +218,55 @@ def test_streams_are_discovered_only_when_credentials_are_set(voucherify_sandbox
 def test_plain_http_is_refused_for_hosts_other_than_loopback():
     from tap_commerce_exports.sources.base import ConfigError
     from tap_commerce_exports.tap import TapCommerceExports
-
     from tests.harness import FAST_SETTINGS
 
-    config = {**FAST_SETTINGS, "voucherify_app_id": "a", "voucherify_app_token": "b",
-              "voucherify_api_url": "http://api.voucherify.io"}
-    with pytest.raises(ConfigError, match="voucherify_api_url.*plain http"):
+    config = {
+        **FAST_SETTINGS,
+        "voucherify_app_id": "a",
+        "voucherify_app_token": "b",
+        "voucherify_api_url": "http://api.voucherify.io",
+    }
+    with pytest.raises(ConfigError, match=r"voucherify_api_url.*plain http"):
         TapCommerceExports(config=config)
 
+
+def test_exports_started_but_not_read_are_remembered_in_state_and_resumed(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    config = {**emulator.tap_config(), "export_window_days": 10}
+    first = run_tap(config, streams={"voucherify_orders"})
+    remembered = [
+        s["bookmarks"]["voucherify_orders"]["exports_in_flight"]
+        for s in first.states()
+        if s.get("bookmarks", {}).get("voucherify_orders", {}).get("exports_in_flight")
+    ]
+    assert remembered, "no STATE named the exports running ahead of the reader"
+    # A state from the middle of the run: its bookmark and the exports it says are in flight.
+    middle = next(
+        s
+        for s in first.states()
+        if s.get("bookmarks", {}).get("voucherify_orders", {}).get("exports_in_flight")
+        and s["bookmarks"]["voucherify_orders"].get("replication_key_value")
+    )
+    in_flight = {item["export_id"] for item in middle["bookmarks"]["voucherify_orders"]["exports_in_flight"]}
+    voucherify_sandbox.log.clear()
+
+    second = run_tap(config, state=middle, streams={"voucherify_orders"})
+    assert second.error is None
+    polled = {e.path.rsplit("/", 1)[-1] for e in voucherify_sandbox.log.entries(host="voucherify-api", method="GET")}
+    assert in_flight <= polled
+    assert "resuming export" in second.log_text
+    remembered_starts = {
+        dt.datetime.fromisoformat(item["window_start"])
+        for item in middle["bookmarks"]["voucherify_orders"]["exports_in_flight"]
+    }
+    created_starts = {
+        dt.datetime.fromisoformat(
+            e.body["parameters"]["filters"]["updated_at"]["conditions"]["$after"].replace("Z", "+00:00")
+        )
+        + dt.timedelta(milliseconds=1)
+        for e in voucherify_sandbox.log.entries(host="voucherify-api", method="POST")
+    }
+    assert not remembered_starts & created_starts, "a remembered export was paid for again"
+    assert emitted(second, "voucherify_orders") == expected(
+        emulator, "voucherify_orders", start=middle["bookmarks"]["voucherify_orders"]["replication_key_value"]
+    )

@@ -13,10 +13,11 @@ import datetime as dt
 import decimal
 import re
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import compress
 from operator import not_
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -254,7 +255,7 @@ class CsvRecordReader:
                     f"{self.describe}: row {self.rows_read} has {len(row)} fields but the header has {width}; "
                     "refusing to guess which values belong to which column"
                 )
-            record = dict(zip(keys, row))
+            record: dict[str, Any] = dict(zip(keys, row))
             if "" in row:
                 for key in compress(keys, map(not_, row)):  # the keys of empty cells, found in C
                     record[key] = None
@@ -275,4 +276,6 @@ class CsvRecordReader:
         except (ValueError, decimal.InvalidOperation):
             pass
         kind = self.columns[key].kind if key in self.columns else "string"
-        raise CsvFormatError(f"{self.describe}: row {self.rows_read}, column {key!r}: {cell[:80]!r} is not a valid {kind}")
+        raise CsvFormatError(
+            f"{self.describe}: row {self.rows_read}, column {key!r}: {cell[:80]!r} is not a valid {kind}"
+        )

@@ -10,12 +10,13 @@ whole one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import requests
 import urllib3
@@ -47,10 +48,8 @@ class DownloadedFile:
     seconds: float
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class FileDownloader:
@@ -91,7 +90,10 @@ class FileDownloader:
             except _Incomplete as exc:
                 self.logger.warning(
                     "%s: download attempt %d of %d was incomplete (%s); downloading again",
-                    describe, attempt, self.max_attempts, exc.reason,
+                    describe,
+                    attempt,
+                    self.max_attempts,
+                    exc.reason,
                 )
                 time.sleep(min(2.0 ** (attempt - 1) * 0.2, 10.0))
         raise DownloadError(f"{describe}: the file could not be downloaded whole in {self.max_attempts} attempts")

@@ -97,6 +97,8 @@ class ExportApi(ABC):
     row_cap: int | None = None
     #: Whether an export created by an earlier run can be polled and downloaded later.
     can_resume: bool = False
+    #: The API's client (engine/http.py); the runner shares its stop signal with it.
+    client: Any = None
 
     @abstractmethod
     def create(self, request: ExportRequest) -> ExportHandle:
@@ -170,12 +172,13 @@ class ExportRunner:
         downloader: FileDownloader,
         poll_policy: PollPolicy,
         logger: logging.Logger,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.api = api
         self.downloader = downloader
         self.poll_policy = poll_policy
         self.logger = logger
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self._started_lock = threading.Lock()
         self._started: dict[tuple, str] = {}
 
@@ -207,7 +210,11 @@ class ExportRunner:
             delay = min(self.poll_policy.interval * 2**attempt, self.poll_policy.max_interval)
             self.logger.warning(
                 "%s: export %s ended '%s'; creating it again in %.1fs (%d of %d)",
-                request.describe(), tracked.handle.export_id, tracked.handle.status, delay, attempt + 1,
+                request.describe(),
+                tracked.handle.export_id,
+                tracked.handle.status,
+                delay,
+                attempt + 1,
                 self.api.max_recreates,
             )
             if self.stopping.wait(delay):
@@ -228,9 +235,7 @@ class ExportRunner:
                 self.logger.info("%s: reusing existing export %s", request.describe(), handle.export_id)
         if handle is None:
             handle = self.api.create(request)
-            self.logger.info(
-                "%s: created export %s (status %s)", request.describe(), handle.export_id, handle.status
-            )
+            self.logger.info("%s: created export %s (status %s)", request.describe(), handle.export_id, handle.status)
         if self.api.can_resume:
             with self._started_lock:
                 self._started[request.key] = handle.export_id
@@ -251,14 +256,19 @@ class ExportRunner:
                     "raise export_timeout_seconds or try a smaller export_window_days"
                 )
             if self.stopping.wait(min(wait, max(0.0, policy.timeout - elapsed))):
-                raise ExportCancelled(f"{request.describe()}: stopped while waiting for export {tracked.handle.export_id}")
+                raise ExportCancelled(
+                    f"{request.describe()}: stopped while waiting for export {tracked.handle.export_id}"
+                )
             tracked.handle = self.api.poll(request, tracked.handle)
             tracked.polls += 1
             now = time.monotonic()
             if tracked.handle.status != last_status or now - last_report >= policy.progress_every:
                 self.logger.info(
                     "%s: export %s is %s after %.0fs (%d polls)",
-                    request.describe(), tracked.handle.export_id, tracked.handle.status, now - tracked.started,
+                    request.describe(),
+                    tracked.handle.export_id,
+                    tracked.handle.status,
+                    now - tracked.started,
                     tracked.polls,
                 )
                 last_status, last_report = tracked.handle.status, now
@@ -283,6 +293,10 @@ class ExportRunner:
         file = self.downloader.fetch(url, describe=describe, refresh_url=refresh, headers=self.api.file_headers())
         self.logger.info(
             "%s: downloaded %d bytes in %.1fs (%d attempt%s)",
-            describe, file.size_bytes, file.seconds, file.attempts, "" if file.attempts == 1 else "s",
+            describe,
+            file.size_bytes,
+            file.seconds,
+            file.attempts,
+            "" if file.attempts == 1 else "s",
         )
         return file

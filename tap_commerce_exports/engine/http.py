@@ -13,8 +13,9 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import backoff
@@ -107,15 +108,16 @@ class RequestPacer:
             with self._lock:
                 now = time.monotonic()
                 wait = self._paused_until - now
-                if wait <= 0 and self.per_second is None:
+                rate = self.per_second
+                if wait <= 0 and rate is None:
                     return
-                if wait <= 0:
-                    self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.per_second)
+                if wait <= 0 and rate is not None:
+                    self._tokens = min(float(self.burst), self._tokens + (now - self._last) * rate)
                     self._last = now
                     if self._tokens >= 1.0:
                         self._tokens -= 1.0
                         return
-                    wait = (1.0 - self._tokens) / self.per_second
+                    wait = (1.0 - self._tokens) / rate
             time.sleep(wait)
 
     def pause_for(self, seconds: float) -> None:
@@ -139,10 +141,12 @@ class ApiClient:
     pacer: RequestPacer = field(default_factory=lambda: RequestPacer(None))
     extra_headers: dict[str, str] = field(default_factory=dict)
     max_tries: int = 8
-    max_backoff_seconds: float = 30.0
+    max_backoff_seconds: float = 10.0
     max_rate_limited_seconds: float = 900.0
     calls: int = 0
     session: requests.Session = field(default_factory=requests.Session)
+    #: Set when the run is stopping: no further attempt is made (retries would outlive the run).
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.session.headers.update({"Accept": "application/json", "User-Agent": "tap-commerce-exports"})
@@ -179,7 +183,12 @@ class ApiClient:
             factor=0.5,
             on_backoff=lambda d: self.logger.warning(
                 "%s: %s %s failed (%s), retry %d of %d in %.1fs",
-                self.api_name, method, without_query(url), d["exception"].reason, d["tries"], self.max_tries - 1,
+                self.api_name,
+                method,
+                without_query(url),
+                d["exception"].reason,
+                d["tries"],
+                self.max_tries - 1,
                 d["wait"],
             ),
             on_giveup=lambda d: self._give_up(method, url, d["exception"]),
@@ -202,11 +211,18 @@ class ApiClient:
 
     def _give_up(self, method: str, url: str, exc: Exception) -> None:
         if isinstance(exc, _RateLimited):
-            raise ApiError(f"{self.api_name}: {method} {without_query(url)} was still rate limited after "
-                           f"{self.max_rate_limited_seconds:.0f}s of waiting as the API asked")
-        raise ApiError(f"{self.api_name}: {method} {without_query(url)} failed after {self.max_tries} tries: {exc.reason}")
+            raise ApiError(
+                f"{self.api_name}: {method} {without_query(url)} was still rate limited after "
+                f"{self.max_rate_limited_seconds:.0f}s of waiting as the API asked"
+            )
+        raise ApiError(
+            f"{self.api_name}: {method} {without_query(url)} failed after {self.max_tries} tries: "
+            f"{getattr(exc, 'reason', exc)}"
+        )
 
     def _send_once(self, method: str, url: str, params: dict | None, body: Any) -> requests.Response:
+        if self.stopping.is_set():
+            raise ApiError(f"{self.api_name}: {method} {without_query(url)} not sent: the run is stopping")
         self.pacer.wait_turn()
         with self._calls_lock:
             self.calls += 1
@@ -220,8 +236,8 @@ class ApiClient:
             raise _RateLimited(wait)
         if response.status_code in RETRIABLE_STATUSES:
             raise _Retriable(f"HTTP {response.status_code}")
-        if (wait := self.exhausted_budget_wait(response)) is not None:
-            self.pacer.pause_for(wait)
+        if (budget_wait := self.exhausted_budget_wait(response)) is not None:
+            self.pacer.pause_for(budget_wait)
         return response
 
     def exhausted_budget_wait(self, response: requests.Response) -> float | None:
@@ -232,4 +248,5 @@ class ApiClient:
 
     def _describe_failure(self, method: str, path: str, response: requests.Response) -> str:
         detail = response.text[:300].strip() if response.content else ""
-        return f"{self.api_name}: {method} {without_query(self.url(path))} answered HTTP {response.status_code}: {detail}"
+        where = without_query(self.url(path))
+        return f"{self.api_name}: {method} {where} answered HTTP {response.status_code}: {detail}"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable
 
 from tap_commerce_exports.engine.export_job import ExportRequest, ReadyExport
 
@@ -27,12 +27,15 @@ class ExportScheduler:
         self.max_concurrent_exports = max_concurrent_exports
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent_exports, thread_name_prefix="export")
         self._lock = threading.Lock()
+        #: Set when the run ends: waits, polls and retries of every source stop.
+        self.stopping = threading.Event()
 
     def submit(self, prepare: Prepare, request: ExportRequest) -> Future[ReadyExport]:
         with self._lock:
             return self._pool.submit(prepare, request)
 
     def shutdown(self) -> None:
+        self.stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

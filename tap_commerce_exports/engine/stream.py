@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar
 
 from singer_sdk.streams import Stream
 
 from tap_commerce_exports.engine.csv_records import Column, CsvLayout, CsvRecordReader
-from tap_commerce_exports.engine.fast_output import FastRecordWriter, fast_path_allowed
 from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
+from tap_commerce_exports.engine.fast_output import FastRecordWriter, fast_path_allowed
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
 
@@ -120,11 +121,17 @@ class ExportStream(Stream):
             windows: list[Window | None] = [None]
         else:
             span = self.export_span(context)
-            windows = plan_windows(span, float(self.config.get("export_window_days", 30))) if span else []
+            windows = list(plan_windows(span, float(self.config.get("export_window_days", 30)))) if span else []
         remembered = self._remembered_exports(context)
         return [
-            ExportRequest(self.name, self.export_type, window, partition, fields,
-                          remembered_export_id=remembered.get(_window_key(window)))
+            ExportRequest(
+                self.name,
+                self.export_type,
+                window,
+                partition,
+                fields,
+                remembered_export_id=remembered.get(_window_key(window)),
+            )
             for window in windows
         ]
 
@@ -187,8 +194,8 @@ class ExportStream(Stream):
 
     def start_exports(self) -> None:
         """Queue this stream's first exports now, so they run while earlier streams are read."""
-        for context in self.partitions or [None]:
-            self._queue_for(context)
+        for context in self.partitions or [{}]:
+            self._queue_for(context or None)
 
     def _queue_for(self, context: dict | None) -> ExportQueue:
         key = tuple(sorted((context or {}).items()))
@@ -202,12 +209,14 @@ class ExportStream(Stream):
             )
         return self._queues[key]
 
-    def get_records(self, context: dict | None) -> Iterable[dict]:
+    def get_records(self, context: Mapping[str, Any] | None) -> Iterable[dict]:
         """Rows window by window. A failure ends this partition only: the tap reports it at the end."""
+        context = dict(context) if context else None
+        coordinator: Any = self._tap  # TapCommerceExports: failures and in-flight exports are tap-wide
         queue = self._queue_for(context)
         try:
             while queue:
-                ready = queue.next_ready(while_waiting=self._tap.note_exports_in_flight)
+                ready = queue.next_ready(while_waiting=coordinator.note_exports_in_flight)
                 if ready.at_row_cap:
                     queue.push_front(self._split(ready))
                     continue
@@ -215,7 +224,7 @@ class ExportStream(Stream):
                 self.runtime.runner.forget(ready.request)
                 self._advance_bookmark(context, ready.request.window)
         except Exception as exc:
-            self._tap.record_failure(self.name, context, exc)
+            coordinator.record_failure(self.name, context, exc)
         finally:
             queue.cancel()
             self._queues.pop(tuple(sorted((context or {}).items())), None)
@@ -232,10 +241,16 @@ class ExportStream(Stream):
         halves = window.halves()
         self.logger.warning(
             "%s: export %s hit the API's row cap (%d rows) and may be truncated; exporting %s and %s separately",
-            request.describe(), ready.handle.export_id, ready.row_count, halves[0], halves[1],
+            request.describe(),
+            ready.handle.export_id,
+            ready.row_count,
+            halves[0],
+            halves[1],
         )
-        return [ExportRequest(request.stream_name, request.export_type, half, request.partition, request.fields)
-                for half in halves]
+        return [
+            ExportRequest(request.stream_name, request.export_type, half, request.partition, request.fields)
+            for half in halves
+        ]
 
     def _records_of(self, ready: ReadyExport, context: dict | None) -> Iterator[dict]:
         describe = f"{ready.request.describe()} export {ready.handle.export_id}"
@@ -258,7 +273,10 @@ class ExportStream(Stream):
             ready.file.remove()
         self._count(ready, reader.rows_read, time.monotonic() - started)
         self.logger.info(
-            "%s: emitted %d rows (%d bytes) in %.1fs", describe, reader.rows_read, ready.file.size_bytes,
+            "%s: emitted %d rows (%d bytes) in %.1fs",
+            describe,
+            reader.rows_read,
+            ready.file.size_bytes,
             time.monotonic() - started,
         )
 
@@ -309,7 +327,8 @@ class ExportStream(Stream):
             return
         self.logger.warning(
             "%s: the export has columns the tap does not know: %s; keeping them as strings",
-            self.name, ", ".join(new_keys),
+            self.name,
+            ", ".join(new_keys),
         )
         for schema in filter(None, (self._schema, self._input_schema)):
             for key in new_keys:

@@ -15,8 +15,9 @@ import secrets
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
@@ -56,7 +57,9 @@ class RequestLog:
         with self._lock:
             self._entries.append(entry)
 
-    def entries(self, host: str | None = None, method: str | None = None, path_pattern: str | None = None) -> list[LoggedRequest]:
+    def entries(
+        self, host: str | None = None, method: str | None = None, path_pattern: str | None = None
+    ) -> list[LoggedRequest]:
         """Requests filtered by host name, method and a regex on the path."""
         with self._lock:
             found = list(self._entries)
@@ -234,7 +237,7 @@ class Host:
             self._server.server_close()
             self._server = None
 
-    def _wsgi(self, environ: dict, start_response: Callable) -> Iterator[bytes]:
+    def _wsgi(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         request = Request(environ)
         body: Any = None
         raw = request.get_data(cache=True)
@@ -275,4 +278,3 @@ class SandboxContext:
     log: RequestLog = field(default_factory=RequestLog)
     faults: Faults = field(default_factory=Faults)
     export_latency_seconds: float = 0.3
-

@@ -196,7 +196,7 @@ class Dice:
         if self._used + count > len(self._block):
             self._refill()
         self._used += count
-        return self._block[self._used - count: self._used]
+        return self._block[self._used - count : self._used]
 
     def _byte(self) -> int:
         if self._used >= len(self._block):
@@ -288,30 +288,87 @@ def _at(text: str) -> dt.datetime:
 
 
 SEEDED_EXPERIENCES = (
-    SeededExperience("Free shipping threshold, $50 vs. $75", "shipping", "Ended after two weeks: threshold test.",
-                     "ended", _at("2023-12-28T16:20:00"), _at("2024-01-03T09:00:00"), _at("2024-01-15T12:00:00")),
-    SeededExperience('Price test "Premium" tier, +10%', "pricing", "Paused while the catalogue is repriced.",
-                     "paused", _at("2024-01-05T11:00:00"), _at("2024-01-10T00:00:00"), _at("2024-02-12T18:30:00")),
-    SeededExperience('Homepage hero: "Été" collection, crème brûlée', "content/onsiteEdits", None,
-                     "started", _at("2023-12-20T08:15:00"), _at("2024-01-01T00:00:00")),
-    SeededExperience('Checkout upsell, "Add a gift note" block', "checkoutBlock", "Upsell block at checkout.",
-                     "started", _at("2024-01-18T10:00:00"), _at("2024-01-20T15:45:00")),
-    SeededExperience("抹茶 bundle — Größe & Preis (EU)", "pricing", "Bundle pricing, EU stores; ünïcödé.",
-                     "started", _at("2024-02-01T07:30:00"), _at("2024-02-05T08:00:00")),
-    SeededExperience('Draft: cart drawer, "sticky" CTA', "content/onsiteEdits", None,
-                     "pending", _at("2024-02-25T13:05:00")),
+    SeededExperience(
+        "Free shipping threshold, $50 vs. $75",
+        "shipping",
+        "Ended after two weeks: threshold test.",
+        "ended",
+        _at("2023-12-28T16:20:00"),
+        _at("2024-01-03T09:00:00"),
+        _at("2024-01-15T12:00:00"),
+    ),
+    SeededExperience(
+        'Price test "Premium" tier, +10%',
+        "pricing",
+        "Paused while the catalogue is repriced.",
+        "paused",
+        _at("2024-01-05T11:00:00"),
+        _at("2024-01-10T00:00:00"),
+        _at("2024-02-12T18:30:00"),
+    ),
+    SeededExperience(
+        'Homepage hero: "Été" collection, crème brûlée',
+        "content/onsiteEdits",
+        None,
+        "started",
+        _at("2023-12-20T08:15:00"),
+        _at("2024-01-01T00:00:00"),
+    ),
+    SeededExperience(
+        'Checkout upsell, "Add a gift note" block',
+        "checkoutBlock",
+        "Upsell block at checkout.",
+        "started",
+        _at("2024-01-18T10:00:00"),
+        _at("2024-01-20T15:45:00"),
+    ),
+    SeededExperience(
+        "抹茶 bundle — Größe & Preis (EU)",
+        "pricing",
+        "Bundle pricing, EU stores; ünïcödé.",
+        "started",
+        _at("2024-02-01T07:30:00"),
+        _at("2024-02-05T08:00:00"),
+    ),
+    SeededExperience(
+        'Draft: cart drawer, "sticky" CTA', "content/onsiteEdits", None, "pending", _at("2024-02-25T13:05:00")
+    ),
 )
 
-MODULE_OF_TYPE = {"pricing": "pricing", "shipping": "shipping", "checkoutBlock": "checkout",
-                  "postPurchase": "postPurchase", "onsiteUpsell": "merchandising"}
-TEST_TYPE_FLAGS = ("hasTestPricing", "hasTestShipping", "hasTestCampaign", "hasTestContent", "hasTestContentUrl",
-                   "hasTestContentAdvanced", "hasTestContentOnsite", "hasTestContentTemplate", "hasTestContentTheme",
-                   "hasTestOnsiteInjections", "hasTestCheckoutBlocks", "hasTestPostPurchase", "hasTestOnsiteUpsell")
-FLAGS_OF_TYPE = {"pricing": ("hasTestPricing",), "shipping": ("hasTestShipping",),
-                 "content/onsiteEdits": ("hasTestContent", "hasTestContentOnsite"),
-                 "checkoutBlock": ("hasTestCheckoutBlocks",)}
-HISTORY_ACTION = {"start": "startExperience", "pause": "pauseExperience", "end": "endExperience",
-                  "reset": "resetExperience"}
+MODULE_OF_TYPE = {
+    "pricing": "pricing",
+    "shipping": "shipping",
+    "checkoutBlock": "checkout",
+    "postPurchase": "postPurchase",
+    "onsiteUpsell": "merchandising",
+}
+TEST_TYPE_FLAGS = (
+    "hasTestPricing",
+    "hasTestShipping",
+    "hasTestCampaign",
+    "hasTestContent",
+    "hasTestContentUrl",
+    "hasTestContentAdvanced",
+    "hasTestContentOnsite",
+    "hasTestContentTemplate",
+    "hasTestContentTheme",
+    "hasTestOnsiteInjections",
+    "hasTestCheckoutBlocks",
+    "hasTestPostPurchase",
+    "hasTestOnsiteUpsell",
+)
+FLAGS_OF_TYPE = {
+    "pricing": ("hasTestPricing",),
+    "shipping": ("hasTestShipping",),
+    "content/onsiteEdits": ("hasTestContent", "hasTestContentOnsite"),
+    "checkoutBlock": ("hasTestCheckoutBlocks",),
+}
+HISTORY_ACTION = {
+    "start": "startExperience",
+    "pause": "pauseExperience",
+    "end": "endExperience",
+    "reset": "resetExperience",
+}
 
 
 def module_of(experience_type: str) -> str:
@@ -367,10 +424,12 @@ class ExperienceJson:
     def detail(self, exp: Experience, with_change_log: bool = False) -> dict[str, Any]:
         detail = {
             **self.common(exp),
-            "experienceActions": [{**self._action(exp, action), "performedBy": "merchandising@example.com"}
-                                  for action in exp.actions],
-            "variations": [{**self._variation(exp, variation), "onsiteEdits": [], "redirects": []}
-                           for variation in exp.variations],
+            "experienceActions": [
+                {**self._action(exp, action), "performedBy": "merchandising@example.com"} for action in exp.actions
+            ],
+            "variations": [
+                {**self._variation(exp, variation), "onsiteEdits": [], "redirects": []} for variation in exp.variations
+            ],
             "experienceCustomMetrics": [],
             "experienceIntegrations": [],
             "experienceKeyMetrics": [],
@@ -440,33 +499,63 @@ class Product:
 
 
 PRODUCTS = (
-    Product("8012345670001", "Crème Brûlée Candle, 8 oz", (("45012345670011", "Vanilla", "24.00"),
-                                                           ("45012345670012", "Café au lait", "26.50")), True),
-    Product("8012345670002", 'Matcha Latte Kit "Ceremonial" — 抹茶', (("45012345670021", "30 g", "18.00"),
-                                                                   ("45012345670022", "100 g", "42.00")), True),
-    Product("8012345670003", "Smörgåsbord Serving Board", (("45012345670031", "Small", "35.00"),
-                                                          ("45012345670032", 'Large, walnut 18"', "59.00")), True),
+    Product(
+        "8012345670001",
+        "Crème Brûlée Candle, 8 oz",
+        (("45012345670011", "Vanilla", "24.00"), ("45012345670012", "Café au lait", "26.50")),
+        True,
+    ),
+    Product(
+        "8012345670002",
+        'Matcha Latte Kit "Ceremonial" — 抹茶',
+        (("45012345670021", "30 g", "18.00"), ("45012345670022", "100 g", "42.00")),
+        True,
+    ),
+    Product(
+        "8012345670003",
+        "Smörgåsbord Serving Board",
+        (("45012345670031", "Small", "35.00"), ("45012345670032", 'Large, walnut 18"', "59.00")),
+        True,
+    ),
     Product("8012345670004", "Ζεστό Τσάι Sampler", (("45012345670041", "Default Title", "15.00"),), False),
-    Product("8012345670005", "Plain Tee", (("45012345670051", "S", "20.00"), ("45012345670052", "M", "20.00"),
-                                           ("45012345670053", "L", "22.00")), False),
-    Product("8012345670006", "Gift Card", (("45012345670061", "$25", "25.00"), ("45012345670062", "$50", "50.00")),
-            False),
+    Product(
+        "8012345670005",
+        "Plain Tee",
+        (("45012345670051", "S", "20.00"), ("45012345670052", "M", "20.00"), ("45012345670053", "L", "22.00")),
+        False,
+    ),
+    Product(
+        "8012345670006", "Gift Card", (("45012345670061", "$25", "25.00"), ("45012345670062", "$50", "50.00")), False
+    ),
 )
 PRICE_TEST_UPLIFT = Decimal("1.10")  # the non-control variation of a pricing test charges 10% more
 WELCOME_DISCOUNT = Decimal("0.10")
 ZERO = Decimal("0.00")
 COUNTRIES = ("US", "US", "US", "US", "CA", "GB", "DE", "FR", "JP", None)
 CURRENCY_OF_COUNTRY = {"CA": "CAD", "GB": "GBP", "DE": "EUR", "FR": "EUR"}
-TAX_RATE_OF_COUNTRY = {country: Decimal(rate) for country, rate in
-                       {"US": "0.08", "CA": "0.13", "GB": "0.20", "DE": "0.19", "FR": "0.20", "JP": "0.10"}.items()}
+TAX_RATE_OF_COUNTRY = {
+    country: Decimal(rate)
+    for country, rate in {"US": "0.08", "CA": "0.13", "GB": "0.20", "DE": "0.19", "FR": "0.20", "JP": "0.10"}.items()
+}
 CHANNELS = ("Direct", "Organic Search", "Paid Social", "Email", "SMS", "Referral")
-LANDING_PAGES = ("/", "/products/creme-brulee-candle", "/collections/été-2024",
-                 '/products/matcha-latte-kit?utm_source=ig,email&utm_campaign="spring"')
+LANDING_PAGES = (
+    "/",
+    "/products/creme-brulee-candle",
+    "/collections/été-2024",
+    '/products/matcha-latte-kit?utm_source=ig,email&utm_campaign="spring"',
+)
 SHORT_NOTES = ('Leave at the back door, please.\nRing "twice".', "Cadeau — merci!", "Gift for 祖母, no invoice")
-GIFT_PROPERTIES = ({"gift_message": 'Happy birthday,\nlove "Mum" ♥'}, {"engraving": "J. & K., 2024"},
-                   {"_ig_variation": "B", "bundle": ["matcha", "whisk"]})
-EXCLUSION_REASONS = ("Visitor assigned to multiple variations", "Refunded before analysis, full amount",
-                     'Currency mismatch (CAD ≠ USD), "fx" missing', "Order placed outside test targeting")
+GIFT_PROPERTIES = (
+    {"gift_message": 'Happy birthday,\nlove "Mum" ♥'},
+    {"engraving": "J. & K., 2024"},
+    {"_ig_variation": "B", "bundle": ["matcha", "whisk"]},
+)
+EXCLUSION_REASONS = (
+    "Visitor assigned to multiple variations",
+    "Refunded before analysis, full amount",
+    'Currency mismatch (CAD ≠ USD), "fx" missing',
+    "Order placed outside test targeting",
+)
 
 
 def long_note() -> str:
@@ -548,8 +637,9 @@ class OrderFactory:
         serial = exp.ordinal * 10**9 + slot.index
         discount_code = dice.choice(("WELCOME10", None, None, None))
         item_count = 1 if slot.single_item else dice.integer(1, 3)
-        items = tuple(self._line_item(exp, variation, serial, number, discount_code, dice)
-                      for number in range(1, item_count + 1))
+        items = tuple(
+            self._line_item(exp, variation, serial, number, discount_code, dice) for number in range(1, item_count + 1)
+        )
         subtotal = money(sum(item.price * item.quantity for item in items))
         discount = money(sum(item.discount for item in items)) if discount_code else None
         shipping = listed_price(dice.choice(("0.00", "4.95", "9.95")))
@@ -586,8 +676,9 @@ class OrderFactory:
         return dice.choice(SHORT_NOTES) if dice.chance(0.25) else None
 
     @staticmethod
-    def _line_item(exp: Experience, variation: Variation, serial: int, number: int,
-                   discount_code: str | None, dice: Dice) -> LineItem:
+    def _line_item(
+        exp: Experience, variation: Variation, serial: int, number: int, discount_code: str | None, dice: Dice
+    ) -> LineItem:
         product = dice.choice(PRODUCTS)
         variant_id, variant_title, list_price = dice.choice(product.variants)
         repriced = exp.type == "pricing" and product.in_experiment and not variation.is_control
@@ -700,20 +791,34 @@ def _reconciliation_columns() -> tuple[CsvColumn, ...]:
         CsvColumn("difference", "number", lambda o: money(o.revenue - (o.intelligems_total or 0))),
         CsvColumn("included_in_analysis", "boolean", lambda o: o.excluded_reason is None),
         CsvColumn("exclusion_reason", "string", lambda o: o.excluded_reason),
-        CsvColumn("analytics_synced_at", "datetime",
-                  lambda o: o.created_at + dt.timedelta(minutes=o.synced_after_minutes)),
+        CsvColumn(
+            "analytics_synced_at", "datetime", lambda o: o.created_at + dt.timedelta(minutes=o.synced_after_minutes)
+        ),
     )
 
 
 EXPORT_TABLES: dict[str, ExportTable] = {
-    "orders": ExportTable("orders", _order_columns(), CsvColumn("utm_campaign", "string", lambda o: "spring_sale, v2"),
-                          "source_channel", lambda order: (order,)),
-    "order_line_items": ExportTable("order_line_items", _line_item_columns(),
-                                    CsvColumn("vendor", "string", lambda r: "Maison Été"), "product_title",
-                                    lambda order: ((order, item) for item in order.items)),
-    "order_reconciliation": ExportTable("order_reconciliation", _reconciliation_columns(),
-                                        CsvColumn("payment_gateway", "string", lambda o: "shopify_payments"),
-                                        "currency", lambda order: (order,)),
+    "orders": ExportTable(
+        "orders",
+        _order_columns(),
+        CsvColumn("utm_campaign", "string", lambda o: "spring_sale, v2"),
+        "source_channel",
+        lambda order: (order,),
+    ),
+    "order_line_items": ExportTable(
+        "order_line_items",
+        _line_item_columns(),
+        CsvColumn("vendor", "string", lambda r: "Maison Été"),
+        "product_title",
+        lambda order: ((order, item) for item in order.items),
+    ),
+    "order_reconciliation": ExportTable(
+        "order_reconciliation",
+        _reconciliation_columns(),
+        CsvColumn("payment_gateway", "string", lambda o: "shopify_payments"),
+        "currency",
+        lambda order: (order,),
+    ),
 }
 
 
@@ -872,8 +977,9 @@ class CsvRenderer:
         yield bytes(pending)
 
     @staticmethod
-    def _faulty_line(writer: CsvLineWriter, cells: list[str], number: int,
-                     faults: frozenset[str]) -> tuple[bytes, bool]:
+    def _faulty_line(
+        writer: CsvLineWriter, cells: list[str], number: int, faults: frozenset[str]
+    ) -> tuple[bytes, bool]:
         """The row as the faulty exporter wrote it, and whether the file stops inside it."""
         if not faults:
             return writer.line(cells), False
@@ -953,8 +1059,10 @@ def s3_error(status: int, code: str, message: str, **details: str) -> Response:
     """An S3 error document, as S3 answers presigned-URL problems."""
     request_id = uuid.uuid4().hex[:16].upper()
     extra = "".join(f"<{name}>{xml_escape(str(value))}</{name}>" for name, value in details.items())
-    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{xml_escape(message)}'
-            f"</Message>{extra}<RequestId>{request_id}</RequestId><HostId>sandbox/{request_id}</HostId></Error>")
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{xml_escape(message)}'
+        f"</Message>{extra}<RequestId>{request_id}</RequestId><HostId>sandbox/{request_id}</HostId></Error>"
+    )
     return Response(body, status=status, mimetype="application/xml", headers={"x-amz-request-id": request_id})
 
 
@@ -964,7 +1072,7 @@ def byte_slice(chunks: Iterable[bytes], start: int, stop: int) -> Iterator[bytes
     for chunk in chunks:
         chunk_end = position + len(chunk)
         if chunk_end > start and position < stop:
-            yield chunk[max(0, start - position): stop - position]
+            yield chunk[max(0, start - position) : stop - position]
         position = chunk_end
         if position >= stop:
             return
@@ -1023,7 +1131,8 @@ class IntelligemsEmulator:
         self._plan = SlotPlan(seed)
         self._renderer = CsvRenderer(self._orders, self._plan)
         self._uuid_pattern = re.compile(
-            self._validator.spec["paths"][EXPORT_SPEC_PATH]["post"]["parameters"][0]["schema"]["pattern"])
+            self._validator.spec["paths"][EXPORT_SPEC_PATH]["post"]["parameters"][0]["schema"]["pattern"]
+        )
 
         for seeded in SEEDED_EXPERIENCES:
             self._add_experience(seeded, awkward=True)
@@ -1099,8 +1208,14 @@ class IntelligemsEmulator:
         for _ in range(count):
             number = len(self._experiences) + 1
             started = DATA_START + dt.timedelta(days=(number * 3) % 28, minutes=number)
-            seeded = SeededExperience(f'Load test #{number}: "bulk", ünïcode', "content/onsiteEdits", None,
-                                      "started", started - dt.timedelta(days=2), started)
+            seeded = SeededExperience(
+                f'Load test #{number}: "bulk", ünïcode',
+                "content/onsiteEdits",
+                None,
+                "started",
+                started - dt.timedelta(days=2),
+                started,
+            )
             ids.append(self._add_experience(seeded, awkward=False).id)
         return ids
 
@@ -1131,11 +1246,18 @@ class IntelligemsEmulator:
             ordinal = len(self._experiences) + 1
             dice = Dice(self.seed, "experience", ordinal)
             experience_id = dice.uuid4()
-            variations = [Variation(dice.uuid4(), "Control", True, 0, 50.0),
-                          Variation(dice.uuid4(), self._variant_name(seeded), False, 1, 50.0)]
+            variations = [
+                Variation(dice.uuid4(), "Control", True, 0, 50.0),
+                Variation(dice.uuid4(), self._variant_name(seeded), False, 1, 50.0),
+            ]
             exp = Experience(
-                id=experience_id, ordinal=ordinal, name=seeded.name, type=seeded.type,
-                description=seeded.description, status=seeded.status, created_at=seeded.created_at,
+                id=experience_id,
+                ordinal=ordinal,
+                name=seeded.name,
+                type=seeded.type,
+                description=seeded.description,
+                status=seeded.status,
+                created_at=seeded.created_at,
                 last_update=seeded.stopped_at or seeded.started_at or seeded.created_at,
                 started_at=seeded.started_at,
                 paused_at=seeded.stopped_at if seeded.status == "paused" else None,
@@ -1174,8 +1296,14 @@ class IntelligemsEmulator:
 
     # -------------------------------------------------------------- rows
 
-    def add_rows(self, stream_name: str, count: int, start: dt.datetime | str, end: dt.datetime | str,
-                 partition: dict | None = None) -> None:
+    def add_rows(
+        self,
+        stream_name: str,
+        count: int,
+        start: dt.datetime | str,
+        end: dt.datetime | str,
+        partition: dict | None = None,
+    ) -> None:
         """`count` new rows of one export type between two datetimes (each a single-item order)."""
         export_type = self._export_type(stream_name)
         exp = self._partition_experience(partition)
@@ -1189,8 +1317,13 @@ class IntelligemsEmulator:
             batch = AddedBatch(export_type, exp.order_count + added_so_far, count, start_at, end_at)
             self._batches.setdefault(exp.id, []).append(batch)
 
-    def expected_records(self, stream_name: str, partition: dict | None = None,
-                         start: dt.datetime | str | None = None, end: dt.datetime | str | None = None) -> list[dict]:
+    def expected_records(
+        self,
+        stream_name: str,
+        partition: dict | None = None,
+        start: dt.datetime | str | None = None,
+        end: dt.datetime | str | None = None,
+    ) -> list[dict]:
         """The records the tap must emit, as exports can deliver them now (lifetime clamp, analytics lag).
 
         Export streams filter `start <= created_at < end`; `intelligems_experiences` is a full table
@@ -1231,8 +1364,9 @@ class IntelligemsEmulator:
             raise ValueError("no running experience: pass partition={'experience_id': ...}")
         return min(running, key=lambda exp: exp.started_at or DATA_END)
 
-    def _clamped_window(self, exp: Experience, start: dt.datetime | None,
-                        end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime] | None:
+    def _clamped_window(
+        self, exp: Experience, start: dt.datetime | None, end: dt.datetime | None
+    ) -> tuple[dt.datetime, dt.datetime] | None:
         """The documented clamp: [start, end) within the experience's lifetime; None if never started."""
         lifetime = exp.lifetime(self.now())
         if lifetime is None:
@@ -1241,13 +1375,28 @@ class IntelligemsEmulator:
         clamped_end = min(end or lifetime[1], lifetime[1])
         return clamped_start, max(clamped_start, clamped_end)
 
-    def _export_file(self, key: str, exp: Experience, export_type: str,
-                     window: tuple[dt.datetime, dt.datetime], content_faults: frozenset[str]) -> ExportFile:
+    def _export_file(
+        self,
+        key: str,
+        exp: Experience,
+        export_type: str,
+        window: tuple[dt.datetime, dt.datetime],
+        content_faults: frozenset[str],
+    ) -> ExportFile:
         now = self.now()
         with self._lock:
             batches = tuple(batch for batch in self._batches.get(exp.id, []) if batch.export_type == export_type)
-        return ExportFile(key, exp, EXPORT_TABLES[export_type], window[0], window[1],
-                          now - dt.timedelta(seconds=self.analytics_lag_seconds), batches, content_faults, now)
+        return ExportFile(
+            key,
+            exp,
+            EXPORT_TABLES[export_type],
+            window[0],
+            window[1],
+            now - dt.timedelta(seconds=self.analytics_lag_seconds),
+            batches,
+            content_faults,
+            now,
+        )
 
     # --------------------------------------------------------- API calls
 
@@ -1275,9 +1424,11 @@ class IntelligemsEmulator:
         with self._lock:
             self._server_errors += 1
             turn = (self._server_errors - 1) % 3
-        return [json_response({"error": "Internal Server Error"}, 500),
-                json_response({"message": "Internal server error"}, 502),
-                json_response({"message": "Service Unavailable"}, 503)][turn]
+        return [
+            json_response({"error": "Internal Server Error"}, 500),
+            json_response({"message": "Internal server error"}, 502),
+            json_response({"message": "Service Unavailable"}, 503),
+        ][turn]
 
     def _list_experiences(self, request: Request) -> Response:
         return self._guarded(request, self._api_bucket, lambda: self._list_answer(request))
@@ -1287,18 +1438,23 @@ class IntelligemsEmulator:
         if problems:
             return json_response(error_tree(problems), 400)
         page, limit = int(params.get("page", 1)), int(params.get("limit", 20))
-        matching = [exp for exp in self.experiences()
-                    if params.get("status") in (None, exp.status)
-                    and params.get("category") in (None, "experiment")
-                    and params.get("module") in (None, module_of(exp.type))]
-        chosen = matching[(page - 1) * limit: page * limit]
-        return json_response({
-            "experiencesList": [self._json.list_item(exp) for exp in chosen],
-            "page": page,
-            "limit": limit,
-            "total": len(matching),
-            "totalPages": math.ceil(len(matching) / limit),
-        })
+        matching = [
+            exp
+            for exp in self.experiences()
+            if params.get("status") in (None, exp.status)
+            and params.get("category") in (None, "experiment")
+            and params.get("module") in (None, module_of(exp.type))
+        ]
+        chosen = matching[(page - 1) * limit : page * limit]
+        return json_response(
+            {
+                "experiencesList": [self._json.list_item(exp) for exp in chosen],
+                "page": page,
+                "limit": limit,
+                "total": len(matching),
+                "totalPages": math.ceil(len(matching) / limit),
+            }
+        )
 
     def _query_params(self, request: Request, spec_path: str) -> tuple[dict[str, Any], list[tuple[list[str], str]]]:
         """Query parameters checked against the operation's published parameter schemas."""
@@ -1356,6 +1512,7 @@ class IntelligemsEmulator:
         exp = self._experiences.get(experience_id.lower())
         if exp is None:
             return self._not_found(experience_id)
+        body = body or {}
         requested_start, requested_end = self._epoch(body.get("startTs")), self._epoch(body.get("endTs"))
         window = self._clamped_window(exp, requested_start, requested_end)
         if window is None:
@@ -1363,17 +1520,30 @@ class IntelligemsEmulator:
             return json_response({"errors": [message], "properties": {}}, 400)
         time.sleep(float(self.ctx.faults.value("export_latency", self.ctx.export_latency_seconds)))
         url = None if self.ctx.faults.fire("null_url") else self._issue_file(exp, body["exportType"], window)
-        self._record_export(ExportCall(exp.id, body["exportType"], requested_start, requested_end, window[0],
-                                       window[1], body.get("filters"), url, time.time()))
-        return json_response({
-            "exportType": body["exportType"],
-            "experienceId": exp.id,
-            "experienceName": exp.name,
-            "url": url,
-            "expiresIn": self.url_ttl_seconds if url else 0,
-            "format": "csv",
-            "message": "Export ready" if url else "Export timed out, please retry",
-        })
+        self._record_export(
+            ExportCall(
+                exp.id,
+                body["exportType"],
+                requested_start,
+                requested_end,
+                window[0],
+                window[1],
+                body.get("filters"),
+                url,
+                time.time(),
+            )
+        )
+        return json_response(
+            {
+                "exportType": body["exportType"],
+                "experienceId": exp.id,
+                "experienceName": exp.name,
+                "url": url,
+                "expiresIn": self.url_ttl_seconds if url else 0,
+                "format": "csv",
+                "message": "Export ready" if url else "Export timed out, please retry",
+            }
+        )
 
     def _export_problems(self, experience_id: str, body: Any) -> list[tuple[list[str], str]]:
         problems: list[tuple[list[str], str]] = []
@@ -1423,14 +1593,16 @@ class IntelligemsEmulator:
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(issued))
         credential = f"{self.access_key_id}/{amz_date[:8]}/{S3_REGION}/s3/aws4_request"
         expires_at = int(issued) + self.url_ttl_seconds
-        return urlencode({
-            "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
-            "X-Amz-Credential": credential,
-            "X-Amz-Date": amz_date,
-            "X-Amz-Expires": str(self.url_ttl_seconds),
-            "X-Amz-SignedHeaders": "host",
-            "X-Amz-Signature": self._signer.sign(f"{key}|{credential}", expires_at),
-        })
+        return urlencode(
+            {
+                "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+                "X-Amz-Credential": credential,
+                "X-Amz-Date": amz_date,
+                "X-Amz-Expires": str(self.url_ttl_seconds),
+                "X-Amz-SignedHeaders": "host",
+                "X-Amz-Signature": self._signer.sign(f"{key}|{credential}", expires_at),
+            }
+        )
 
     def _download(self, request: Request, key: str) -> Response:
         refusal = self._s3_auth_refusal(request)
@@ -1442,26 +1614,46 @@ class IntelligemsEmulator:
         length = self._file_length(export)
         byte_range = self._byte_range(request.headers.get("Range"), length)
         if byte_range is None:
-            return s3_error(416, "InvalidRange", "The requested range is not satisfiable",
-                            RangeRequested=request.headers.get("Range", ""), ActualObjectSize=str(length))
+            return s3_error(
+                416,
+                "InvalidRange",
+                "The requested range is not satisfiable",
+                RangeRequested=request.headers.get("Range", ""),
+                ActualObjectSize=str(length),
+            )
         return self._file_response(request, export, length, byte_range)
 
     def _s3_auth_refusal(self, request: Request) -> Response | None:
         """S3's checks of a presigned GET, in S3's order: one auth mechanism, parameters, signature, expiry."""
         for header in ("Authorization", "intelligems-access-token"):
             if header in request.headers:
-                return s3_error(400, "InvalidArgument", "Only one auth mechanism allowed; only the X-Amz-Algorithm "
-                                "query parameter, Signature query string parameter or the Authorization header "
-                                "should be specified", ArgumentName=header)
-        names = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
-                 "X-Amz-Signature")
+                return s3_error(
+                    400,
+                    "InvalidArgument",
+                    "Only one auth mechanism allowed; only the X-Amz-Algorithm "
+                    "query parameter, Signature query string parameter or the Authorization header "
+                    "should be specified",
+                    ArgumentName=header,
+                )
+        names = (
+            "X-Amz-Algorithm",
+            "X-Amz-Credential",
+            "X-Amz-Date",
+            "X-Amz-Expires",
+            "X-Amz-SignedHeaders",
+            "X-Amz-Signature",
+        )
         present = [name for name in names if name in request.args]
         if not present:
             return s3_error(403, "AccessDenied", "Access Denied")
         if len(present) < len(names) or not request.args["X-Amz-Expires"].isdigit():
-            return s3_error(400, "AuthorizationQueryParametersError", "Query-string authentication version 4 "
-                            "requires the X-Amz-Algorithm, X-Amz-Credential, X-Amz-Signature, X-Amz-Date, "
-                            "X-Amz-SignedHeaders, and X-Amz-Expires parameters.")
+            return s3_error(
+                400,
+                "AuthorizationQueryParametersError",
+                "Query-string authentication version 4 "
+                "requires the X-Amz-Algorithm, X-Amz-Credential, X-Amz-Signature, X-Amz-Date, "
+                "X-Amz-SignedHeaders, and X-Amz-Expires parameters.",
+            )
         return self._signature_refusal(request)
 
     def _signature_refusal(self, request: Request) -> Response | None:
@@ -1474,15 +1666,24 @@ class IntelligemsEmulator:
         signed = f"{request.path}|{args['X-Amz-Credential']}"
         verdict = self._signer.check(signed, str(expires_at), args["X-Amz-Signature"])
         if verdict == "invalid":
-            return s3_error(403, "SignatureDoesNotMatch", "The request signature we calculated does not match the "
-                            "signature you provided. Check your key and signing method.",
-                            AWSAccessKeyId=self.access_key_id)
+            return s3_error(
+                403,
+                "SignatureDoesNotMatch",
+                "The request signature we calculated does not match the "
+                "signature you provided. Check your key and signing method.",
+                AWSAccessKeyId=self.access_key_id,
+            )
         if verdict == "expired":
-            return s3_error(403, "AccessDenied", "Request has expired", **{
-                "X-Amz-Expires": args["X-Amz-Expires"],
-                "Expires": iso_z(dt.datetime.fromtimestamp(expires_at, tz=UTC)),
-                "ServerTime": iso_z(dt.datetime.now(tz=UTC)),
-            })
+            return s3_error(
+                403,
+                "AccessDenied",
+                "Request has expired",
+                **{
+                    "X-Amz-Expires": args["X-Amz-Expires"],
+                    "Expires": iso_z(dt.datetime.fromtimestamp(expires_at, tz=UTC)),
+                    "ServerTime": iso_z(dt.datetime.now(tz=UTC)),
+                },
+            )
         return None
 
     def _file_length(self, export: ExportFile) -> int:
@@ -1531,8 +1732,9 @@ class IntelligemsEmulator:
             body = self._with_transport_faults(body, size, request.environ)
             with self._lock:
                 self.downloads += 1
-        return Response(body, status=206 if partial else 200, headers=headers, mimetype="text/csv",
-                        direct_passthrough=True)
+        return Response(
+            body, status=206 if partial else 200, headers=headers, mimetype="text/csv", direct_passthrough=True
+        )
 
     def _with_transport_faults(self, body: Iterator[bytes], size: int, environ: dict) -> Iterator[bytes]:
         """The body as the network delivers it: whole, reset mid-way, or shorter than Content-Length."""

@@ -87,8 +87,8 @@ Design choices where the vendor docs are silent (each one is a guess made explic
 from __future__ import annotations
 
 import base64
-import bisect
 import binascii
+import bisect
 import csv
 import datetime as dt
 import hashlib
@@ -102,9 +102,10 @@ import struct
 import threading
 import time
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
 
@@ -136,8 +137,9 @@ LONG_NOTE_CHARS = 100_000
 CHUNK_BYTES = 64 * 1024
 BAD_UTF8_MARKER = "\x1fBADUTF8\x1f"
 CONTENT_FAULTS = ("malformed_row", "bad_utf8", "empty_file", "header_only", "new_column")
-DATETIME_FORMAT_HELP = ("Datetime has wrong format. Use one of these formats instead: "
-                        "YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z].")
+DATETIME_FORMAT_HELP = (
+    "Datetime has wrong format. Use one of these formats instead: YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z]."
+)
 
 STRING, INTEGER, NUMBER, BOOLEAN, DATETIME, JSON = "string", "integer", "number", "boolean", "datetime", "json"
 
@@ -212,16 +214,63 @@ class Dice:
 
 # ------------------------------------------------------------------ vocabulary
 
-FIRST_NAMES = ("Olivia", "José", "Zoë", "François", "Łukasz", "Søren", "Ngozi", "Hiroshi", "Anaïs", "Mateo",
-               "Priya", "Siobhán", "Björn", "Chloé", "Aaliyah", "美咲", "Seán", "Emma")
-LAST_NAMES = ("Smith", "Núñez", "O'Brien", "Müller", "Nguyễn", "García", "Kowalski", "渡辺", "Ørsted", "Dubois",
-              "Okafor", "Johansson", "Patel", "Rossi", "van der Berg", "Brown")
-STREETS = ("742 Evergreen Terrace", "1600 Amphitheatre Pkwy", "221B Baker Street", "12 Rue de la Paix",
-           "4 Privet Drive", "350 Fifth Avenue", "88 Chemin de la Côte-des-Neiges")
+FIRST_NAMES = (
+    "Olivia",
+    "José",
+    "Zoë",
+    "François",
+    "Łukasz",
+    "Søren",
+    "Ngozi",
+    "Hiroshi",
+    "Anaïs",
+    "Mateo",
+    "Priya",
+    "Siobhán",
+    "Björn",
+    "Chloé",
+    "Aaliyah",
+    "美咲",
+    "Seán",
+    "Emma",
+)
+LAST_NAMES = (
+    "Smith",
+    "Núñez",
+    "O'Brien",
+    "Müller",
+    "Nguyễn",
+    "García",
+    "Kowalski",
+    "渡辺",
+    "Ørsted",
+    "Dubois",
+    "Okafor",
+    "Johansson",
+    "Patel",
+    "Rossi",
+    "van der Berg",
+    "Brown",
+)
+STREETS = (
+    "742 Evergreen Terrace",
+    "1600 Amphitheatre Pkwy",
+    "221B Baker Street",
+    "12 Rue de la Paix",
+    "4 Privet Drive",
+    "350 Fifth Avenue",
+    "88 Chemin de la Côte-des-Neiges",
+)
 UNITS = (None, None, "Apt 4", "Suite 210", "Unit 7B")
-CITIES = (("Springfield", "IL", "62704", "US"), ("Austin", "TX", "78701", "US"), ("Chicago", "IL", "60601", "US"),
-          ("Toronto", "ON", "M5V 2T6", "CA"), ("Montréal", "QC", "H2X 1Y4", "CA"), ("London", None, "NW1 6XE", "GB"),
-          ("Paris", None, "75002", "FR"))
+CITIES = (
+    ("Springfield", "IL", "62704", "US"),
+    ("Austin", "TX", "78701", "US"),
+    ("Chicago", "IL", "60601", "US"),
+    ("Toronto", "ON", "M5V 2T6", "CA"),
+    ("Montréal", "QC", "H2X 1Y4", "CA"),
+    ("London", None, "NW1 6XE", "GB"),
+    ("Paris", None, "75002", "FR"),
+)
 CURRENCY_OF_COUNTRY = {"US": "USD", "CA": "CAD", "GB": "GBP", "FR": "EUR"}
 TAX_RATE_OF_COUNTRY = {"US": Decimal("0.0825"), "CA": Decimal("0.13"), "GB": Decimal("0.20"), "FR": Decimal("0.20")}
 LANGUAGES = ("en", "en", "en", "fr", "es", "de")
@@ -249,8 +298,12 @@ PAYMENT_METHODS = ("card", "card", "card", "paypal", "apple_pay", "google_pay", 
 GATEWAYS = ("Stripe", "Braintree", "NMI", "PayPal", "Adyen")
 SALES_CHANNELS = ("storefront", "checkout_funnel", "admin", "api", "upsell")
 UTM_SOURCES = ("google", "facebook", "tiktok", "newsletter", "direct")
-NOTES = ("Leave at the back door, please.\nRing twice.", 'Gift for "Nana" - no invoice, please', "Livraison après 18h",
-         "Call before delivery:\n+1 (555) 010-7788")
+NOTES = (
+    "Leave at the back door, please.\nRing twice.",
+    'Gift for "Nana" - no invoice, please',
+    "Livraison après 18h",
+    "Call before delivery:\n+1 (555) 010-7788",
+)
 TAGS = ("vip", "wholesale", "newsletter", "returning", "influencer")
 DISPUTE_REASONS = ("fraudulent", "product_not_received", "duplicate", "subscription_canceled", "credit_not_processed")
 DISPUTE_STATUSES = ("needs_response", "under_review", "won", "lost")
@@ -458,8 +511,9 @@ class RowFactory:
         address = ", ".join(part for part in (street, unit, city, locality, country) if part)
         local = ".".join(part for part in (ascii_slug(first), ascii_slug(last)) if part) or "customer"
         phone = f"+1 555 01{dice.integer(0, 99):02d} {dice.integer(0, 9999):04d}" if dice.chance(0.7) else None
-        return Customer(CUSTOMER_BASE + index, first, last, f"{local}{CUSTOMER_BASE + index}@example.com", phone,
-                        address, country)
+        return Customer(
+            CUSTOMER_BASE + index, first, last, f"{local}{CUSTOMER_BASE + index}@example.com", phone, address, country
+        )
 
     def profile(self, family: str, parent: int) -> Profile:
         dice = Dice(self.seed, family, "profile", parent)
@@ -480,8 +534,12 @@ class RowFactory:
 
     @staticmethod
     def _line_product(line: Line) -> Row:
-        return {"Product ID": line.product.id, "Product Title": line.product.title, "SKU": line.product.sku,
-                "Quantity": line.quantity}
+        return {
+            "Product ID": line.product.id,
+            "Product Title": line.product.title,
+            "SKU": line.product.sku,
+            "Quantity": line.quantity,
+        }
 
     # ---------------------------------------------------------------- orders
 
@@ -494,16 +552,27 @@ class RowFactory:
         discount = money(subtotal * dice.choice((Decimal(0), Decimal(0), Decimal("0.10"))))
         total = subtotal + shipping - discount
         return {
-            "Order Number": ORDER_BASE + slot.parent, "Date Created": slot.at, "Status": dice.choice(ORDER_STATUSES),
-            "Customer ID": customer.id, "Customer Email": customer.email,
-            "Customer Name": f"{customer.first_name} {customer.last_name}", "Currency": profile.currency,
-            "Lines Count": slot.lines_in_parent, "Subtotal Incl Tax": subtotal, "Shipping Incl Tax": shipping,
-            "Total Discounts": discount, "Total Tax": profile.tax_in(total), "Total Incl Tax": total,
-            "Payment Method": dice.choice(PAYMENT_METHODS), "Shipping Address": customer.address,
-            "Shipping Country": customer.country, "Is Test": dice.chance(0.05),
+            "Order Number": ORDER_BASE + slot.parent,
+            "Date Created": slot.at,
+            "Status": dice.choice(ORDER_STATUSES),
+            "Customer ID": customer.id,
+            "Customer Email": customer.email,
+            "Customer Name": f"{customer.first_name} {customer.last_name}",
+            "Currency": profile.currency,
+            "Lines Count": slot.lines_in_parent,
+            "Subtotal Incl Tax": subtotal,
+            "Shipping Incl Tax": shipping,
+            "Total Discounts": discount,
+            "Total Tax": profile.tax_in(total),
+            "Total Incl Tax": total,
+            "Payment Method": dice.choice(PAYMENT_METHODS),
+            "Shipping Address": customer.address,
+            "Shipping Country": customer.country,
+            "Is Test": dice.chance(0.05),
             "Notes": self.note("order_list", slot, dice, 0.25),
             "Metadata": {"utm_source": dice.choice(UTM_SOURCES), "ab_variant": dice.choice(("A", "B"))}
-            if dice.chance(0.6) else None,
+            if dice.chance(0.6)
+            else None,
             "Metadata Sales Channel": dice.choice(SALES_CHANNELS) if slot.at >= DRIFT_AT else None,
         }
 
@@ -512,10 +581,15 @@ class RowFactory:
         line = self.line("order_list", slot.parent, slot.line_number)
         profile = self.profile("order_list", slot.parent)
         return {
-            "Line ID": ORDER_LINE_BASE + slot.index, "Order Number": ORDER_BASE + slot.parent,
-            "Order Date Created": slot.at, "Line Number": slot.line_number, **self._line_product(line),
-            "Unit Price Incl Tax": line.product.price, "Total Incl Tax": line.total,
-            "Tax Amount": profile.tax_in(line.total), "Is Subscription": dice.chance(0.2),
+            "Line ID": ORDER_LINE_BASE + slot.index,
+            "Order Number": ORDER_BASE + slot.parent,
+            "Order Date Created": slot.at,
+            "Line Number": slot.line_number,
+            **self._line_product(line),
+            "Unit Price Incl Tax": line.product.price,
+            "Total Incl Tax": line.total,
+            "Tax Amount": profile.tax_in(line.total),
+            "Is Subscription": dice.chance(0.2),
             "Fulfillment Status": dice.choice(LINE_FULFILLMENT_STATUSES),
             "Attributes": {"Engraving": 'J. & K., "2024"'} if dice.chance(0.15) else None,
         }
@@ -527,9 +601,15 @@ class RowFactory:
         customer = self.customer(slot.index)
         orders = dice.integer(0, 12)
         return {
-            "Customer ID": customer.id, "Date Joined": slot.at, "Email": customer.email,
-            "First Name": customer.first_name, "Last Name": customer.last_name, "Phone": customer.phone,
-            "Accepts Marketing": dice.chance(0.55), "Language": dice.choice(LANGUAGES), "Orders Count": orders,
+            "Customer ID": customer.id,
+            "Date Joined": slot.at,
+            "Email": customer.email,
+            "First Name": customer.first_name,
+            "Last Name": customer.last_name,
+            "Phone": customer.phone,
+            "Accepts Marketing": dice.chance(0.55),
+            "Language": dice.choice(LANGUAGES),
+            "Orders Count": orders,
             "Total Spent": money(Decimal(dice.integer(0, 40_000)) / 100 * orders),
             "Default Address": customer.address,
             "Tags": sorted({dice.choice(TAGS) for _ in range(dice.integer(0, 3))}),
@@ -545,28 +625,42 @@ class RowFactory:
         method = dice.choice(PAYMENT_METHODS)
         country = dice.choice(CITIES)[3]
         return {
-            "Transaction ID": TRANSACTION_BASE + slot.index, "Date Created": slot.at,
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1), "Type": dice.choice(TRANSACTION_TYPES),
-            "Status": status, "Amount": money(Decimal(dice.integer(499, 25_000)) / 100),
-            "Currency": CURRENCY_OF_COUNTRY[country], "Gateway": dice.choice(GATEWAYS), "Payment Method": method,
+            "Transaction ID": TRANSACTION_BASE + slot.index,
+            "Date Created": slot.at,
+            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Type": dice.choice(TRANSACTION_TYPES),
+            "Status": status,
+            "Amount": money(Decimal(dice.integer(499, 25_000)) / 100),
+            "Currency": CURRENCY_OF_COUNTRY[country],
+            "Gateway": dice.choice(GATEWAYS),
+            "Payment Method": method,
             "Card Last4": f"{dice.integer(0, 9999):04d}" if method == "card" else None,
-            "Reference": f"ch_{dice.hex(24)}", "Is Test": dice.chance(0.05),
+            "Reference": f"ch_{dice.hex(24)}",
+            "Is Test": dice.chance(0.05),
             "Error Message": dice.choice(DECLINES) if status == "failed" else None,
-            "Response Data": {"avs": dice.choice(("Y", "N", "Z")), "cvv": dice.choice(("M", "N")),
-                              "processor_code": f"{dice.integer(0, 99):02d}"},
+            "Response Data": {
+                "avs": dice.choice(("Y", "N", "Z")),
+                "cvv": dice.choice(("M", "N")),
+                "processor_code": f"{dice.integer(0, 99):02d}",
+            },
         }
 
     def dispute_list(self, slot: Slot) -> Row:
         dice = Dice(self.seed, "dispute_list", "row", slot.index)
         customer = self.customer(dice.integer(0, self.customers - 1))
         return {
-            "Dispute ID": DISPUTE_BASE + slot.index, "Date Created": slot.at,
+            "Dispute ID": DISPUTE_BASE + slot.index,
+            "Date Created": slot.at,
             "Transaction ID": TRANSACTION_BASE + dice.integer(0, self.customers - 1),
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1), "Status": dice.choice(DISPUTE_STATUSES),
-            "Reason": dice.choice(DISPUTE_REASONS), "Amount": money(Decimal(dice.integer(499, 25_000)) / 100),
+            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Status": dice.choice(DISPUTE_STATUSES),
+            "Reason": dice.choice(DISPUTE_REASONS),
+            "Amount": money(Decimal(dice.integer(499, 25_000)) / 100),
             "Currency": CURRENCY_OF_COUNTRY[customer.country],
-            "Evidence Due By": slot.at + dt.timedelta(days=dice.integer(7, 14)), "Gateway": dice.choice(GATEWAYS),
-            "Customer Email": customer.email, "Notes": self.note("dispute_list", slot, dice, 0.3),
+            "Evidence Due By": slot.at + dt.timedelta(days=dice.integer(7, 14)),
+            "Gateway": dice.choice(GATEWAYS),
+            "Customer Email": customer.email,
+            "Notes": self.note("dispute_list", slot, dice, 0.3),
         }
 
     # --------------------------------------------------------- subscriptions
@@ -577,13 +671,18 @@ class RowFactory:
         status, interval, count = dice.choice(SUBSCRIPTION_STATUSES), dice.choice(INTERVALS), dice.integer(1, 3)
         days = {"day": 1, "week": 7, "month": 30}[interval] * count
         return {
-            "Subscription ID": SUBSCRIPTION_BASE + slot.parent, "Date Created": slot.at, "Status": status,
-            "Customer ID": profile.customer.id, "Customer Email": profile.customer.email, "Interval": interval,
+            "Subscription ID": SUBSCRIPTION_BASE + slot.parent,
+            "Date Created": slot.at,
+            "Status": status,
+            "Customer ID": profile.customer.id,
+            "Customer Email": profile.customer.email,
+            "Interval": interval,
             "Interval Count": count,
             "Next Renewal Date": None if status == "canceled" else slot.at + dt.timedelta(days=days),
             "Lines Count": slot.lines_in_parent,
             "Total Incl Tax": money(sum(line.total for line in self.lines("subscription_list", slot))),
-            "Currency": profile.currency, "Shipping Address": profile.customer.address,
+            "Currency": profile.currency,
+            "Shipping Address": profile.customer.address,
             "Cancel Reason": dice.choice(CANCEL_REASONS) if status == "canceled" else None,
             "Metadata": {"plan": f"{interval}ly-{count}", "source": dice.choice(UTM_SOURCES)},
         }
@@ -593,8 +692,11 @@ class RowFactory:
         line = self.line("subscription_list", slot.parent, slot.line_number)
         return {
             "Subscription Line ID": SUBSCRIPTION_LINE_BASE + slot.index,
-            "Subscription ID": SUBSCRIPTION_BASE + slot.parent, "Subscription Date Created": slot.at,
-            **self._line_product(line), "Unit Price Incl Tax": line.product.price, "Total Incl Tax": line.total,
+            "Subscription ID": SUBSCRIPTION_BASE + slot.parent,
+            "Subscription Date Created": slot.at,
+            **self._line_product(line),
+            "Unit Price Incl Tax": line.product.price,
+            "Total Incl Tax": line.total,
             "Is Trial": dice.chance(0.1),
         }
 
@@ -607,22 +709,30 @@ class RowFactory:
         subtotal = money(sum(line.total for line in self.lines("open_cart_list", slot)))
         voucher = f"SAVE{dice.integer(5, 30)}" if dice.chance(0.2) else None
         return {
-            "Cart ID": CART_BASE + slot.parent, "Date Created": slot.at,
+            "Cart ID": CART_BASE + slot.parent,
+            "Date Created": slot.at,
             "Customer Email": profile.customer.email if known else None,
             "Customer Name": f"{profile.customer.first_name} {profile.customer.last_name}" if known else None,
-            "Currency": profile.currency, "Lines Count": slot.lines_in_parent, "Subtotal Incl Tax": subtotal,
-            "Total Incl Tax": money(subtotal * (Decimal("0.9") if voucher else 1)), "Voucher Code": voucher,
+            "Currency": profile.currency,
+            "Lines Count": slot.lines_in_parent,
+            "Subtotal Incl Tax": subtotal,
+            "Total Incl Tax": money(subtotal * (Decimal("0.9") if voucher else 1)),
+            "Voucher Code": voucher,
             "Checkout URL": f"https://{self.store}.29next.store/checkout/{dice.hex(16)}/",
             "Is Abandoned": dice.chance(0.6),
             "Attribution": {"utm_source": dice.choice(UTM_SOURCES), "utm_campaign": "spring, 2024"}
-            if dice.chance(0.5) else None,
+            if dice.chance(0.5)
+            else None,
         }
 
     def open_cart_line_items(self, slot: Slot) -> Row:
         line = self.line("open_cart_list", slot.parent, slot.line_number)
         return {
-            "Cart Line ID": CART_LINE_BASE + slot.index, "Cart ID": CART_BASE + slot.parent,
-            "Cart Date Created": slot.at, **self._line_product(line), "Unit Price Incl Tax": line.product.price,
+            "Cart Line ID": CART_LINE_BASE + slot.index,
+            "Cart ID": CART_BASE + slot.parent,
+            "Cart Date Created": slot.at,
+            **self._line_product(line),
+            "Unit Price Incl Tax": line.product.price,
             "Total Incl Tax": line.total,
         }
 
@@ -633,10 +743,15 @@ class RowFactory:
         profile = self.profile("return_list", slot.parent)
         refund = money(sum(line.total for line in self.lines("return_list", slot)))
         return {
-            "Return ID": RETURN_BASE + slot.parent, "Date Created": slot.at,
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1), "Status": dice.choice(RETURN_STATUSES),
-            "Reason": dice.choice(RETURN_REASONS), "Customer Email": profile.customer.email,
-            "Lines Count": slot.lines_in_parent, "Refund Amount": refund, "Currency": profile.currency,
+            "Return ID": RETURN_BASE + slot.parent,
+            "Date Created": slot.at,
+            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Status": dice.choice(RETURN_STATUSES),
+            "Reason": dice.choice(RETURN_REASONS),
+            "Customer Email": profile.customer.email,
+            "Lines Count": slot.lines_in_parent,
+            "Refund Amount": refund,
+            "Currency": profile.currency,
             "Restock": dice.chance(0.5),
             "Return Tracking Number": f"1Z{dice.hex(16).upper()}" if dice.chance(0.6) else None,
             "Customer Note": self.note("return_list", slot, dice, 0.3),
@@ -646,10 +761,15 @@ class RowFactory:
         dice = Dice(self.seed, "return_line_items", "row", slot.index)
         line = self.line("return_list", slot.parent, slot.line_number)
         return {
-            "Return Line ID": RETURN_LINE_BASE + slot.index, "Return ID": RETURN_BASE + slot.parent,
-            "Return Date Created": slot.at, "Order Line ID": ORDER_LINE_BASE + dice.integer(0, 2 * self.customers),
-            "Product Title": line.product.title, "SKU": line.product.sku, "Quantity": line.quantity,
-            "Refund Amount": line.total, "Condition": dice.choice(CONDITIONS),
+            "Return Line ID": RETURN_LINE_BASE + slot.index,
+            "Return ID": RETURN_BASE + slot.parent,
+            "Return Date Created": slot.at,
+            "Order Line ID": ORDER_LINE_BASE + dice.integer(0, 2 * self.customers),
+            "Product Title": line.product.title,
+            "SKU": line.product.sku,
+            "Quantity": line.quantity,
+            "Refund Amount": line.total,
+            "Condition": dice.choice(CONDITIONS),
         }
 
     # ---------------------------------------------------------- fulfillments
@@ -661,13 +781,17 @@ class RowFactory:
         shipped = status in ("shipped", "delivered")
         tracking = f"{dice.integer(10**11, 10**12 - 1)}" if shipped else None
         return {
-            "Fulfillment ID": FULFILLMENT_BASE + slot.parent, "Date Created": slot.at,
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1), "Status": status,
-            "Location Name": dice.choice(LOCATIONS), "Carrier": dice.choice(CARRIERS) if shipped else None,
+            "Fulfillment ID": FULFILLMENT_BASE + slot.parent,
+            "Date Created": slot.at,
+            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Status": status,
+            "Location Name": dice.choice(LOCATIONS),
+            "Carrier": dice.choice(CARRIERS) if shipped else None,
             "Tracking Number": tracking,
             "Tracking URL": f"https://track.example.com/?tracking={tracking}&lang=en" if tracking else None,
             "Shipped At": slot.at + dt.timedelta(seconds=dice.integer(600, 3 * 86_400)) if shipped else None,
-            "Lines Count": slot.lines_in_parent, "Shipping Address": profile.customer.address,
+            "Lines Count": slot.lines_in_parent,
+            "Shipping Address": profile.customer.address,
             "Notify Customer": dice.chance(0.8),
         }
 
@@ -676,9 +800,12 @@ class RowFactory:
         line = self.line("fulfillment_list", slot.parent, slot.line_number)
         return {
             "Fulfillment Line ID": FULFILLMENT_LINE_BASE + slot.index,
-            "Fulfillment ID": FULFILLMENT_BASE + slot.parent, "Fulfillment Date Created": slot.at,
+            "Fulfillment ID": FULFILLMENT_BASE + slot.parent,
+            "Fulfillment Date Created": slot.at,
             "Order Line ID": ORDER_LINE_BASE + dice.integer(0, 2 * self.customers),
-            "Product Title": line.product.title, "SKU": line.product.sku, "Quantity": line.quantity,
+            "Product Title": line.product.title,
+            "SKU": line.product.sku,
+            "Quantity": line.quantity,
             "Lot Number": f"LOT-{dice.integer(1000, 9999)}-{dice.choice(('A', 'B'))}" if dice.chance(0.5) else None,
         }
 
@@ -736,7 +863,7 @@ class ExportTable:
     def record_columns(self, at: dt.datetime) -> tuple[Column, ...]:
         """The columns a canonical record of a row dated `at` has (the late column only after drift)."""
         if self.late_column is not None and self.late_since is not None and at >= self.late_since:
-            return self.columns + (self.late_column,)
+            return (*self.columns, self.late_column)
         return self.columns
 
 
@@ -747,79 +874,282 @@ def _columns(*pairs: tuple[str, str]) -> tuple[Column, ...]:
     return tuple(Column(label, kind) for label, kind in pairs)
 
 
-def _line_table(code: str, name: str, parent_code: str, line_id: str, parent_id: str, date_label: str,
-                build: Callable[[RowFactory, Slot], Row], rest: tuple[tuple[str, str], ...]) -> ExportTable:
+def _line_table(
+    code: str,
+    name: str,
+    parent_code: str,
+    line_id: str,
+    parent_id: str,
+    date_label: str,
+    build: Callable[[RowFactory, Slot], Row],
+    rest: tuple[tuple[str, str], ...],
+) -> ExportTable:
     columns = _columns((line_id, INTEGER), (parent_id, INTEGER), (date_label, DATETIME), *rest)
     return ExportTable(code, name, line_id, date_label, columns, build, parent_code, parent_id)
 
 
 _PRODUCT_COLUMNS = (("Product ID", INTEGER), ("Product Title", STRING), ("SKU", STRING), ("Quantity", INTEGER))
 
-TABLES: dict[str, ExportTable] = {table.code: table for table in (
-    ExportTable("order_list", "Orders", "Order Number", "Date Created", _columns(
-        ("Order Number", INTEGER), ("Date Created", DATETIME), ("Status", STRING), ("Customer ID", INTEGER),
-        ("Customer Email", STRING), ("Customer Name", STRING), ("Currency", STRING), ("Lines Count", INTEGER),
-        ("Subtotal Incl Tax", NUMBER), ("Shipping Incl Tax", NUMBER), ("Total Discounts", NUMBER),
-        ("Total Tax", NUMBER), ("Total Incl Tax", NUMBER), ("Payment Method", STRING),
-        ("Shipping Address", STRING), ("Shipping Country", STRING), ("Is Test", BOOLEAN), ("Notes", STRING),
-        ("Metadata", JSON)), RowFactory.order_list,
-        late_column=Column("Metadata Sales Channel", STRING), late_since=DRIFT_AT),
-    _line_table("order_line_items", "Order Line Items", "order_list", "Line ID", "Order Number",
-                "Order Date Created", RowFactory.order_line_items, (
-                    ("Line Number", INTEGER), *_PRODUCT_COLUMNS, ("Unit Price Incl Tax", NUMBER),
-                    ("Total Incl Tax", NUMBER), ("Tax Amount", NUMBER), ("Is Subscription", BOOLEAN),
-                    ("Fulfillment Status", STRING), ("Attributes", JSON))),
-    ExportTable("customer_list", "Customers", "Customer ID", "Date Joined", _columns(
-        ("Customer ID", INTEGER), ("Date Joined", DATETIME), ("Email", STRING), ("First Name", STRING),
-        ("Last Name", STRING), ("Phone", STRING), ("Accepts Marketing", BOOLEAN), ("Language", STRING),
-        ("Orders Count", INTEGER), ("Total Spent", NUMBER), ("Default Address", STRING), ("Tags", JSON),
-        ("Metadata", JSON), ("Last Login", DATETIME)), RowFactory.customer_list),
-    ExportTable("transaction_list", "Transactions", "Transaction ID", "Date Created", _columns(
-        ("Transaction ID", INTEGER), ("Date Created", DATETIME), ("Order Number", INTEGER), ("Type", STRING),
-        ("Status", STRING), ("Amount", NUMBER), ("Currency", STRING), ("Gateway", STRING),
-        ("Payment Method", STRING), ("Card Last4", STRING), ("Reference", STRING), ("Is Test", BOOLEAN),
-        ("Error Message", STRING), ("Response Data", JSON)), RowFactory.transaction_list),
-    ExportTable("dispute_list", "Disputes", "Dispute ID", "Date Created", _columns(
-        ("Dispute ID", INTEGER), ("Date Created", DATETIME), ("Transaction ID", INTEGER), ("Order Number", INTEGER),
-        ("Status", STRING), ("Reason", STRING), ("Amount", NUMBER), ("Currency", STRING),
-        ("Evidence Due By", DATETIME), ("Gateway", STRING), ("Customer Email", STRING), ("Notes", STRING)),
-        RowFactory.dispute_list),
-    ExportTable("subscription_list", "Subscriptions", "Subscription ID", "Date Created", _columns(
-        ("Subscription ID", INTEGER), ("Date Created", DATETIME), ("Status", STRING), ("Customer ID", INTEGER),
-        ("Customer Email", STRING), ("Interval", STRING), ("Interval Count", INTEGER),
-        ("Next Renewal Date", DATETIME), ("Lines Count", INTEGER), ("Total Incl Tax", NUMBER), ("Currency", STRING),
-        ("Shipping Address", STRING), ("Cancel Reason", STRING), ("Metadata", JSON)), RowFactory.subscription_list),
-    _line_table("subscription_line_items", "Subscription Line Items", "subscription_list", "Subscription Line ID",
-                "Subscription ID", "Subscription Date Created", RowFactory.subscription_line_items, (
-                    *_PRODUCT_COLUMNS, ("Unit Price Incl Tax", NUMBER), ("Total Incl Tax", NUMBER),
-                    ("Is Trial", BOOLEAN))),
-    ExportTable("open_cart_list", "Open Carts", "Cart ID", "Date Created", _columns(
-        ("Cart ID", INTEGER), ("Date Created", DATETIME), ("Customer Email", STRING), ("Customer Name", STRING),
-        ("Currency", STRING), ("Lines Count", INTEGER), ("Subtotal Incl Tax", NUMBER), ("Total Incl Tax", NUMBER),
-        ("Voucher Code", STRING), ("Checkout URL", STRING), ("Is Abandoned", BOOLEAN), ("Attribution", JSON)),
-        RowFactory.open_cart_list),
-    _line_table("open_cart_line_items", "Open Cart Line Items", "open_cart_list", "Cart Line ID", "Cart ID",
-                "Cart Date Created", RowFactory.open_cart_line_items, (
-                    *_PRODUCT_COLUMNS, ("Unit Price Incl Tax", NUMBER), ("Total Incl Tax", NUMBER))),
-    ExportTable("return_list", "Returns", "Return ID", "Date Created", _columns(
-        ("Return ID", INTEGER), ("Date Created", DATETIME), ("Order Number", INTEGER), ("Status", STRING),
-        ("Reason", STRING), ("Customer Email", STRING), ("Lines Count", INTEGER), ("Refund Amount", NUMBER),
-        ("Currency", STRING), ("Restock", BOOLEAN), ("Return Tracking Number", STRING), ("Customer Note", STRING)),
-        RowFactory.return_list),
-    _line_table("return_line_items", "Return Line Items", "return_list", "Return Line ID", "Return ID",
-                "Return Date Created", RowFactory.return_line_items, (
-                    ("Order Line ID", INTEGER), ("Product Title", STRING), ("SKU", STRING), ("Quantity", INTEGER),
-                    ("Refund Amount", NUMBER), ("Condition", STRING))),
-    ExportTable("fulfillment_list", "Fulfillments", "Fulfillment ID", "Date Created", _columns(
-        ("Fulfillment ID", INTEGER), ("Date Created", DATETIME), ("Order Number", INTEGER), ("Status", STRING),
-        ("Location Name", STRING), ("Carrier", STRING), ("Tracking Number", STRING), ("Tracking URL", STRING),
-        ("Shipped At", DATETIME), ("Lines Count", INTEGER), ("Shipping Address", STRING),
-        ("Notify Customer", BOOLEAN)), RowFactory.fulfillment_list),
-    _line_table("fulfillment_line_items", "Fulfillment Line Items", "fulfillment_list", "Fulfillment Line ID",
-                "Fulfillment ID", "Fulfillment Date Created", RowFactory.fulfillment_line_items, (
-                    ("Order Line ID", INTEGER), ("Product Title", STRING), ("SKU", STRING), ("Quantity", INTEGER),
-                    ("Lot Number", STRING))),
-)}
+TABLES: dict[str, ExportTable] = {
+    table.code: table
+    for table in (
+        ExportTable(
+            "order_list",
+            "Orders",
+            "Order Number",
+            "Date Created",
+            _columns(
+                ("Order Number", INTEGER),
+                ("Date Created", DATETIME),
+                ("Status", STRING),
+                ("Customer ID", INTEGER),
+                ("Customer Email", STRING),
+                ("Customer Name", STRING),
+                ("Currency", STRING),
+                ("Lines Count", INTEGER),
+                ("Subtotal Incl Tax", NUMBER),
+                ("Shipping Incl Tax", NUMBER),
+                ("Total Discounts", NUMBER),
+                ("Total Tax", NUMBER),
+                ("Total Incl Tax", NUMBER),
+                ("Payment Method", STRING),
+                ("Shipping Address", STRING),
+                ("Shipping Country", STRING),
+                ("Is Test", BOOLEAN),
+                ("Notes", STRING),
+                ("Metadata", JSON),
+            ),
+            RowFactory.order_list,
+            late_column=Column("Metadata Sales Channel", STRING),
+            late_since=DRIFT_AT,
+        ),
+        _line_table(
+            "order_line_items",
+            "Order Line Items",
+            "order_list",
+            "Line ID",
+            "Order Number",
+            "Order Date Created",
+            RowFactory.order_line_items,
+            (
+                ("Line Number", INTEGER),
+                *_PRODUCT_COLUMNS,
+                ("Unit Price Incl Tax", NUMBER),
+                ("Total Incl Tax", NUMBER),
+                ("Tax Amount", NUMBER),
+                ("Is Subscription", BOOLEAN),
+                ("Fulfillment Status", STRING),
+                ("Attributes", JSON),
+            ),
+        ),
+        ExportTable(
+            "customer_list",
+            "Customers",
+            "Customer ID",
+            "Date Joined",
+            _columns(
+                ("Customer ID", INTEGER),
+                ("Date Joined", DATETIME),
+                ("Email", STRING),
+                ("First Name", STRING),
+                ("Last Name", STRING),
+                ("Phone", STRING),
+                ("Accepts Marketing", BOOLEAN),
+                ("Language", STRING),
+                ("Orders Count", INTEGER),
+                ("Total Spent", NUMBER),
+                ("Default Address", STRING),
+                ("Tags", JSON),
+                ("Metadata", JSON),
+                ("Last Login", DATETIME),
+            ),
+            RowFactory.customer_list,
+        ),
+        ExportTable(
+            "transaction_list",
+            "Transactions",
+            "Transaction ID",
+            "Date Created",
+            _columns(
+                ("Transaction ID", INTEGER),
+                ("Date Created", DATETIME),
+                ("Order Number", INTEGER),
+                ("Type", STRING),
+                ("Status", STRING),
+                ("Amount", NUMBER),
+                ("Currency", STRING),
+                ("Gateway", STRING),
+                ("Payment Method", STRING),
+                ("Card Last4", STRING),
+                ("Reference", STRING),
+                ("Is Test", BOOLEAN),
+                ("Error Message", STRING),
+                ("Response Data", JSON),
+            ),
+            RowFactory.transaction_list,
+        ),
+        ExportTable(
+            "dispute_list",
+            "Disputes",
+            "Dispute ID",
+            "Date Created",
+            _columns(
+                ("Dispute ID", INTEGER),
+                ("Date Created", DATETIME),
+                ("Transaction ID", INTEGER),
+                ("Order Number", INTEGER),
+                ("Status", STRING),
+                ("Reason", STRING),
+                ("Amount", NUMBER),
+                ("Currency", STRING),
+                ("Evidence Due By", DATETIME),
+                ("Gateway", STRING),
+                ("Customer Email", STRING),
+                ("Notes", STRING),
+            ),
+            RowFactory.dispute_list,
+        ),
+        ExportTable(
+            "subscription_list",
+            "Subscriptions",
+            "Subscription ID",
+            "Date Created",
+            _columns(
+                ("Subscription ID", INTEGER),
+                ("Date Created", DATETIME),
+                ("Status", STRING),
+                ("Customer ID", INTEGER),
+                ("Customer Email", STRING),
+                ("Interval", STRING),
+                ("Interval Count", INTEGER),
+                ("Next Renewal Date", DATETIME),
+                ("Lines Count", INTEGER),
+                ("Total Incl Tax", NUMBER),
+                ("Currency", STRING),
+                ("Shipping Address", STRING),
+                ("Cancel Reason", STRING),
+                ("Metadata", JSON),
+            ),
+            RowFactory.subscription_list,
+        ),
+        _line_table(
+            "subscription_line_items",
+            "Subscription Line Items",
+            "subscription_list",
+            "Subscription Line ID",
+            "Subscription ID",
+            "Subscription Date Created",
+            RowFactory.subscription_line_items,
+            (*_PRODUCT_COLUMNS, ("Unit Price Incl Tax", NUMBER), ("Total Incl Tax", NUMBER), ("Is Trial", BOOLEAN)),
+        ),
+        ExportTable(
+            "open_cart_list",
+            "Open Carts",
+            "Cart ID",
+            "Date Created",
+            _columns(
+                ("Cart ID", INTEGER),
+                ("Date Created", DATETIME),
+                ("Customer Email", STRING),
+                ("Customer Name", STRING),
+                ("Currency", STRING),
+                ("Lines Count", INTEGER),
+                ("Subtotal Incl Tax", NUMBER),
+                ("Total Incl Tax", NUMBER),
+                ("Voucher Code", STRING),
+                ("Checkout URL", STRING),
+                ("Is Abandoned", BOOLEAN),
+                ("Attribution", JSON),
+            ),
+            RowFactory.open_cart_list,
+        ),
+        _line_table(
+            "open_cart_line_items",
+            "Open Cart Line Items",
+            "open_cart_list",
+            "Cart Line ID",
+            "Cart ID",
+            "Cart Date Created",
+            RowFactory.open_cart_line_items,
+            (*_PRODUCT_COLUMNS, ("Unit Price Incl Tax", NUMBER), ("Total Incl Tax", NUMBER)),
+        ),
+        ExportTable(
+            "return_list",
+            "Returns",
+            "Return ID",
+            "Date Created",
+            _columns(
+                ("Return ID", INTEGER),
+                ("Date Created", DATETIME),
+                ("Order Number", INTEGER),
+                ("Status", STRING),
+                ("Reason", STRING),
+                ("Customer Email", STRING),
+                ("Lines Count", INTEGER),
+                ("Refund Amount", NUMBER),
+                ("Currency", STRING),
+                ("Restock", BOOLEAN),
+                ("Return Tracking Number", STRING),
+                ("Customer Note", STRING),
+            ),
+            RowFactory.return_list,
+        ),
+        _line_table(
+            "return_line_items",
+            "Return Line Items",
+            "return_list",
+            "Return Line ID",
+            "Return ID",
+            "Return Date Created",
+            RowFactory.return_line_items,
+            (
+                ("Order Line ID", INTEGER),
+                ("Product Title", STRING),
+                ("SKU", STRING),
+                ("Quantity", INTEGER),
+                ("Refund Amount", NUMBER),
+                ("Condition", STRING),
+            ),
+        ),
+        ExportTable(
+            "fulfillment_list",
+            "Fulfillments",
+            "Fulfillment ID",
+            "Date Created",
+            _columns(
+                ("Fulfillment ID", INTEGER),
+                ("Date Created", DATETIME),
+                ("Order Number", INTEGER),
+                ("Status", STRING),
+                ("Location Name", STRING),
+                ("Carrier", STRING),
+                ("Tracking Number", STRING),
+                ("Tracking URL", STRING),
+                ("Shipped At", DATETIME),
+                ("Lines Count", INTEGER),
+                ("Shipping Address", STRING),
+                ("Notify Customer", BOOLEAN),
+            ),
+            RowFactory.fulfillment_list,
+        ),
+        _line_table(
+            "fulfillment_line_items",
+            "Fulfillment Line Items",
+            "fulfillment_list",
+            "Fulfillment Line ID",
+            "Fulfillment ID",
+            "Fulfillment Date Created",
+            RowFactory.fulfillment_line_items,
+            (
+                ("Order Line ID", INTEGER),
+                ("Product Title", STRING),
+                ("SKU", STRING),
+                ("Quantity", INTEGER),
+                ("Lot Number", STRING),
+            ),
+        ),
+    )
+}
 
 
 # ------------------------------------------------------------------- CSV values
@@ -917,7 +1247,7 @@ class CsvRenderer:
         for number, line in enumerate(self.lines(file)):
             opening = line.find(b'"')
             if number > 0 and opening >= 0:
-                yield line[:inside_quotes_cut(line, opening)]
+                yield line[: inside_quotes_cut(line, opening)]
                 return
             yield line
         if line:
@@ -934,7 +1264,7 @@ class CsvRenderer:
             cells = [*cells, "unexpected, extra field"]
         if first_row and "bad_utf8" in faults:
             target = next(i for i, column in enumerate(file.columns) if column.kind == STRING)
-            cells = [*cells[:target], cells[target] + BAD_UTF8_MARKER, *cells[target + 1:]]
+            cells = [*cells[:target], cells[target] + BAD_UTF8_MARKER, *cells[target + 1 :]]
         line = self._line(cells)
         return line.replace(BAD_UTF8_MARKER.encode(), b" caf\xe9") if first_row else line  # Latin-1 "cafe"
 
@@ -1053,8 +1383,15 @@ class NextCommerceEmulator:
     `downloads`, `rate_limited`. `columns(export_type)` describes every column a type's files can have.
     """
 
-    def __init__(self, ctx: SandboxContext, *, seed: int = 7, rows_per_type: int | None = None,
-                 store: str = "sandbox", store_timezone: str = "America/Chicago") -> None:
+    def __init__(
+        self,
+        ctx: SandboxContext,
+        *,
+        seed: int = 7,
+        rows_per_type: int | None = None,
+        store: str = "sandbox",
+        store_timezone: str = "America/Chicago",
+    ) -> None:
         self.ctx = ctx
         self.seed = seed
         self.rows_per_type = rows_per_type or DEFAULT_ROWS_PER_TYPE
@@ -1141,14 +1478,21 @@ class NextCommerceEmulator:
     def columns(self, export_type: str) -> list[dict[str, Any]]:
         """Every column an export type's files can have: label, record key, kind, and when it appears."""
         table = self._table(export_type)
-        described = [{"label": c.label, "key": c.key, "kind": c.kind, "since": None} for c in table.columns]
+        described: list[dict[str, Any]] = [
+            {"label": c.label, "key": c.key, "kind": c.kind, "since": None} for c in table.columns
+        ]
         if table.late_column is not None:
             late = table.late_column
             described.append({"label": late.label, "key": late.key, "kind": late.kind, "since": table.late_since})
         return described
 
-    def expected_records(self, stream_name: str, partition: dict | None = None,
-                         start: dt.datetime | str | None = None, end: dt.datetime | str | None = None) -> list[dict]:
+    def expected_records(
+        self,
+        stream_name: str,
+        partition: dict | None = None,
+        start: dt.datetime | str | None = None,
+        end: dt.datetime | str | None = None,
+    ) -> list[dict]:
         """The canonical records of a stream with `start <= date < end`, in file order, typed as the tap emits them.
 
         No row cap applies (the tap must split windows to get them all). The drift column of
@@ -1166,8 +1510,14 @@ class NextCommerceEmulator:
             records.append({column.key: record_value(row[column.label]) for column in table.record_columns(slot.at)})
         return records
 
-    def add_rows(self, stream_name: str, count: int, start: dt.datetime | str, end: dt.datetime | str,
-                 partition: dict | None = None) -> None:
+    def add_rows(
+        self,
+        stream_name: str,
+        count: int,
+        start: dt.datetime | str,
+        end: dt.datetime | str,
+        partition: dict | None = None,
+    ) -> None:
         """`count` new rows of one export type, evenly spread over [start, end)."""
         if partition:
             raise ValueError("Next Commerce streams have no partitions")
@@ -1217,16 +1567,23 @@ class NextCommerceEmulator:
         if status == 500:
             return detail("A server error occurred.", 500)
         reason = {502: "Bad Gateway", 503: "Service Temporarily Unavailable"}[status]
-        return Response(f"<html><head><title>{status} {reason}</title></head><body><center><h1>{status} {reason}"
-                        "</h1></center></body></html>\n", status=status, mimetype="text/html")
+        return Response(
+            f"<html><head><title>{status} {reason}</title></head><body><center><h1>{status} {reason}"
+            "</h1></center></body></html>\n",
+            status=status,
+            mimetype="text/html",
+        )
 
     def _version_refusal(self, request: Request) -> Response | None:
         version = request.headers.get(VERSION_HEADER)
         if version is None:
             return detail(f"Missing required header {VERSION_HEADER}; send {VERSION_HEADER}: {self.api_version}.", 400)
         if version != self.api_version:
-            return detail(f"Unsupported API version {version!r} in header {VERSION_HEADER}; "
-                          f"supported versions: {self.api_version}.", 400)
+            return detail(
+                f"Unsupported API version {version!r} in header {VERSION_HEADER}; "
+                f"supported versions: {self.api_version}.",
+                400,
+            )
         return None
 
     def _auth_refusal(self, request: Request) -> Response | None:
@@ -1307,10 +1664,24 @@ class NextCommerceEmulator:
             batches = tuple(self._batches.get(export_type, []))
             name = f"{export_type}-{export_id}-{created:%Y%m%d%H%M%S}.csv"
             columns = table.file_columns(date_to, with_new_column="new_column" in content_faults)
-            file = ExportFile(name, table, Span(date_from, date_to, end_inclusive=True), batches, self.row_cap,
-                              columns, content_faults)
-            export = Export(export_id, export_type, whole_second(created), date_from, date_to,
-                            None if stuck else time.time() + latency, file)
+            file = ExportFile(
+                name,
+                table,
+                Span(date_from, date_to, end_inclusive=True),
+                batches,
+                self.row_cap,
+                columns,
+                content_faults,
+            )
+            export = Export(
+                export_id,
+                export_type,
+                whole_second(created),
+                date_from,
+                date_to,
+                None if stuck else time.time() + latency,
+                file,
+            )
             self._exports[export_id] = export
             self._files[self._file_path(name)] = export
             self.exports_created += 1
@@ -1332,8 +1703,11 @@ class NextCommerceEmulator:
         if export is None:
             return detail("Not found.", 404)
         if export.status(time.time()) != "available":
-            return detail(f"Export {export_id} is not available yet (status: pending); poll "
-                          f"GET exports/{export_id}/ until its status is available, then ask again.", 400)
+            return detail(
+                f"Export {export_id} is not available yet (status: pending); poll "
+                f"GET exports/{export_id}/ until its status is available, then ask again.",
+                400,
+            )
         expires_at = int(time.time()) + self.download_url_ttl_seconds
         if self.ctx.faults.fire("url_expired"):
             expires_at = int(time.time()) - 1
@@ -1359,11 +1733,13 @@ class NextCommerceEmulator:
                 return detail("Invalid cursor", 404)
         matching = sorted(self._matching_exports(request), key=lambda export: export.id, reverse=True)
         page, has_next, has_previous = self._page(matching, cursor)
-        return json_response({
-            "next": self._page_url(request, encode_cursor(page[-1].id, False)) if has_next else None,
-            "previous": self._page_url(request, encode_cursor(page[0].id, True)) if has_previous else None,
-            "results": [self._export_json(export) for export in page],
-        })
+        return json_response(
+            {
+                "next": self._page_url(request, encode_cursor(page[-1].id, False)) if has_next else None,
+                "previous": self._page_url(request, encode_cursor(page[0].id, True)) if has_previous else None,
+                "results": [self._export_json(export) for export in page],
+            }
+        )
 
     def _list_filter_errors(self, request: Request) -> dict[str, list[str]]:
         """Query filters checked in django-filter's words."""
@@ -1425,8 +1801,11 @@ class NextCommerceEmulator:
 
     def _serve_file(self, request: Request, store: str, file_name: str) -> Response:
         if "Authorization" in request.headers:
-            return plain("Requests to signed URLs must not carry API credentials: drop the Authorization header "
-                         "(the signature in the URL is the only authorization this host accepts).", 400)
+            return plain(
+                "Requests to signed URLs must not carry API credentials: drop the Authorization header "
+                "(the signature in the URL is the only authorization this host accepts).",
+                400,
+            )
         verdict = self._signer.check(request.path, request.args.get("expires"), request.args.get("signature"))
         if verdict == "invalid":
             return plain("Signature does not match this URL; request a new one from GET exports/{id}/download/.", 403)

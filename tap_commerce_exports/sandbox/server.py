@@ -46,9 +46,7 @@ class Sandbox:
         rows_per_type: int | None = None,
     ) -> None:
         self.ctx = SandboxContext(export_latency_seconds=export_latency_seconds)
-        self.emulators = {
-            name: _emulator_type(name)(self.ctx, seed=seed, rows_per_type=rows_per_type) for name in apis
-        }
+        self.emulators = {name: _emulator_type(name)(self.ctx, seed=seed, rows_per_type=rows_per_type) for name in apis}
 
     def __getattr__(self, name: str) -> Any:
         emulators = self.__dict__.get("emulators", {})
@@ -101,10 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config-out", help="write the tap settings for this sandbox to this JSON file")
     args = parser.parse_args(argv)
 
-    sandbox = Sandbox(tuple(a.strip() for a in args.apis.split(",") if a.strip()), seed=args.seed,
-                      export_latency_seconds=args.latency, rows_per_type=args.rows).start()
-    config = {"start_date": "2024-01-01T00:00:00Z", "end_date": "2024-03-01T00:00:00Z",
-              "poll_interval_seconds": 0.5, **sandbox.tap_config()}
+    sandbox = Sandbox(
+        tuple(a.strip() for a in args.apis.split(",") if a.strip()),
+        seed=args.seed,
+        export_latency_seconds=args.latency,
+        rows_per_type=args.rows,
+    ).start()
+    config = {
+        "start_date": "2024-01-01T00:00:00Z",
+        "end_date": "2024-03-01T00:00:00Z",
+        "poll_interval_seconds": 0.5,
+        **sandbox.tap_config(),
+    }
     if args.config_out:
         with open(args.config_out, "w") as out:
             json.dump(config, out, indent=2)

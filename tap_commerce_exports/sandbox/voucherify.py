@@ -203,22 +203,63 @@ class KindSpec:
 KINDS: dict[str, KindSpec] = {
     kind.name: kind
     for kind in (
-        KindSpec("order", "ExportOrderFields", "ExportOrderBase", "updated_at",
-                 {"updated_at": "updated_at", "created_at": "created_at"}, ("id", "source_id", "status")),
-        KindSpec("voucher", "ExportVoucherFields", "ExportVoucherBase", "updated_at",
-                 {"updated_at": "updated_at", "created_at": "created_at"},
-                 ("code", "voucher_type", "value", "discount_type")),
-        KindSpec("redemption", "ExportRedemptionFields", "ExportRedemptionBase", "date", {"created_at": "date"},
-                 ("id", "object", "voucher_code", "customer_id", "date", "result")),
-        KindSpec("publication", "ExportPublicationFields", "ExportPublicationBase", "date", {"created_at": "date"},
-                 ("code", "customer_id", "date", "channel"), {"code": "voucher_code"}),
-        KindSpec("customer", "ExportCustomerFields", "ExportCustomerBase", "updated_at",
-                 {"updated_at": "updated_at", "created_at": "created_at"}, ("name", "source_id")),
-        KindSpec("points_expiration", "ExportPointsExpirationFields", "ExportPointsExpirationBase", "expires_at", {},
-                 ("id", "campaign_id", "voucher_id", "status", "expires_at", "points")),
-        KindSpec("voucher_transactions", "ExportVoucherTransactionsFields", "ExportVoucherTransactionsBase",
-                 "created_at", {"created_at": "created_at"},
-                 ("id", "type", "source_id", "status", "reason", "source", "balance", "amount", "created_at")),
+        KindSpec(
+            "order",
+            "ExportOrderFields",
+            "ExportOrderBase",
+            "updated_at",
+            {"updated_at": "updated_at", "created_at": "created_at"},
+            ("id", "source_id", "status"),
+        ),
+        KindSpec(
+            "voucher",
+            "ExportVoucherFields",
+            "ExportVoucherBase",
+            "updated_at",
+            {"updated_at": "updated_at", "created_at": "created_at"},
+            ("code", "voucher_type", "value", "discount_type"),
+        ),
+        KindSpec(
+            "redemption",
+            "ExportRedemptionFields",
+            "ExportRedemptionBase",
+            "date",
+            {"created_at": "date"},
+            ("id", "object", "voucher_code", "customer_id", "date", "result"),
+        ),
+        KindSpec(
+            "publication",
+            "ExportPublicationFields",
+            "ExportPublicationBase",
+            "date",
+            {"created_at": "date"},
+            ("code", "customer_id", "date", "channel"),
+            {"code": "voucher_code"},
+        ),
+        KindSpec(
+            "customer",
+            "ExportCustomerFields",
+            "ExportCustomerBase",
+            "updated_at",
+            {"updated_at": "updated_at", "created_at": "created_at"},
+            ("name", "source_id"),
+        ),
+        KindSpec(
+            "points_expiration",
+            "ExportPointsExpirationFields",
+            "ExportPointsExpirationBase",
+            "expires_at",
+            {},
+            ("id", "campaign_id", "voucher_id", "status", "expires_at", "points"),
+        ),
+        KindSpec(
+            "voucher_transactions",
+            "ExportVoucherTransactionsFields",
+            "ExportVoucherTransactionsBase",
+            "created_at",
+            {"created_at": "created_at"},
+            ("id", "type", "source_id", "status", "reason", "source", "balance", "amount", "created_at"),
+        ),
     )
 }
 
@@ -279,17 +320,29 @@ class StreamSpec:
 STREAMS: dict[str, StreamSpec] = {
     stream.name: stream
     for stream in (
-        StreamSpec("voucherify_orders", "order", "updated_at", lambda: (
-            *(name for name in KINDS["order"].fields if name != "metadata"),
-            *(f"metadata.{name}" for name in ORDER_METADATA_FIELDS))),
-        StreamSpec("voucherify_campaign_transactions", "voucher_transactions", "created_at",
-                   lambda: (*campaign_transaction_fields(), "campaign_id"), partitioned=True),
+        StreamSpec(
+            "voucherify_orders",
+            "order",
+            "updated_at",
+            lambda: (
+                *(name for name in KINDS["order"].fields if name != "metadata"),
+                *(f"metadata.{name}" for name in ORDER_METADATA_FIELDS),
+            ),
+        ),
+        StreamSpec(
+            "voucherify_campaign_transactions",
+            "voucher_transactions",
+            "created_at",
+            lambda: (*campaign_transaction_fields(), "campaign_id"),
+            partitioned=True,
+        ),
         StreamSpec("voucherify_vouchers", "voucher", "updated_at", lambda: KINDS["voucher"].fields),
         StreamSpec("voucherify_redemptions", "redemption", "date", lambda: KINDS["redemption"].fields),
         StreamSpec("voucherify_publications", "publication", "date", lambda: KINDS["publication"].fields),
         StreamSpec("voucherify_customers", "customer", "updated_at", lambda: KINDS["customer"].fields),
-        StreamSpec("voucherify_points_expirations", "points_expiration", None,
-                   lambda: KINDS["points_expiration"].fields),
+        StreamSpec(
+            "voucherify_points_expirations", "points_expiration", None, lambda: KINDS["points_expiration"].fields
+        ),
     )
 }
 
@@ -314,8 +367,10 @@ def to_ms(moment: dt.datetime) -> int:
 def iso_ms(moment: dt.datetime) -> str:
     """Voucherify's timestamp format: 2024-01-05T10:11:12.345Z (hand-formatted: strftime is slow per cell)."""
     m = moment.astimezone(UTC)
-    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
-            f".{m.microsecond // 1000:03d}Z")
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+        f".{m.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_instant(value: str | dt.datetime | dt.date) -> dt.datetime:
@@ -435,7 +490,9 @@ CAMPAIGN_SEEDS = (
     ("DISCOUNT_COUPONS", "Spring Discounts 20% off"),
 )
 VOUCHER_TYPES = {
-    "GIFT_VOUCHERS": "GIFT_VOUCHER", "LOYALTY_PROGRAM": "LOYALTY_CARD", "DISCOUNT_COUPONS": "DISCOUNT_VOUCHER",
+    "GIFT_VOUCHERS": "GIFT_VOUCHER",
+    "LOYALTY_PROGRAM": "LOYALTY_CARD",
+    "DISCOUNT_COUPONS": "DISCOUNT_VOUCHER",
 }
 TRANSACTION_CAMPAIGN_TYPES = ("GIFT_VOUCHERS", "LOYALTY_PROGRAM")
 VOUCHERS_PER_CAMPAIGN = 25
@@ -460,7 +517,9 @@ class Campaign:
         """The campaign as GET /v1/campaigns lists it (CampaignBase)."""
         voucher_type = VOUCHER_TYPES[self.campaign_type]
         voucher: dict[str, Any] = {
-            "type": voucher_type, "is_referral_code": False, "redemption": {"quantity": None},
+            "type": voucher_type,
+            "is_referral_code": False,
+            "redemption": {"quantity": None},
             "code_config": {"charset": CODE_CHARSET, "length": 8, "pattern": "########"},
         }
         if voucher_type == "GIFT_VOUCHER":
@@ -471,19 +530,37 @@ class Campaign:
             voucher["discount"] = {"type": "PERCENT", "percent_off": 20, "effect": "APPLY_TO_ORDER"}
         loyalty = self.campaign_type == "LOYALTY_PROGRAM"
         return {
-            "id": self.id, "name": self.name, "campaign_type": self.campaign_type, "type": "AUTO_UPDATE",
-            "object": "campaign", "created_at": iso_ms(self.created_at), "updated_at": iso_ms(self.created_at),
-            "start_date": iso_ms(PERIOD_START), "active": True, "auto_join": loyalty, "join_once": loyalty,
-            "category_id": None, "creation_status": "DONE", "vouchers_generation_status": "DONE",
-            "protected": False, "use_voucher_metadata_schema": True, "metadata": {},
-            "vouchers_count": VOUCHERS_PER_CAMPAIGN, "voucher": voucher,
+            "id": self.id,
+            "name": self.name,
+            "campaign_type": self.campaign_type,
+            "type": "AUTO_UPDATE",
+            "object": "campaign",
+            "created_at": iso_ms(self.created_at),
+            "updated_at": iso_ms(self.created_at),
+            "start_date": iso_ms(PERIOD_START),
+            "active": True,
+            "auto_join": loyalty,
+            "join_once": loyalty,
+            "category_id": None,
+            "creation_status": "DONE",
+            "vouchers_generation_status": "DONE",
+            "protected": False,
+            "use_voucher_metadata_schema": True,
+            "metadata": {},
+            "vouchers_count": VOUCHERS_PER_CAMPAIGN,
+            "voucher": voucher,
         }
 
 
 def seed_campaigns(seed: int) -> tuple[Campaign, ...]:
     return tuple(
-        Campaign("camp_" + token(24, seed, "campaign", position), name, campaign_type, position,
-                 dt.datetime(2023, 10, 2 + position * 3, 9, 30, tzinfo=UTC))
+        Campaign(
+            "camp_" + token(24, seed, "campaign", position),
+            name,
+            campaign_type,
+            position,
+            dt.datetime(2023, 10, 2 + position * 3, 9, 30, tzinfo=UTC),
+        )
         for position, (campaign_type, name) in enumerate(CAMPAIGN_SEEDS)
     )
 
@@ -506,16 +583,20 @@ class RowSource:
     def base_count(self) -> int:
         return self.timeline.count
 
-    def refs(self, after_ms: int | None, before_ms: int | None, added_count: int,
-             descending: bool) -> Iterator[tuple[int, int]]:
+    def refs(
+        self, after_ms: int | None, before_ms: int | None, added_count: int, descending: bool
+    ) -> Iterator[tuple[int, int]]:
         """(ms, index) of rows with after < ms < before, in time order."""
         low = 0 if after_ms is None else self.timeline.first_index_after(after_ms)
         high = self.base_count if before_ms is None else self.timeline.first_index_after(before_ms - 1)
         indexes = range(high - 1, low - 1, -1) if descending else range(low, high)
         base = ((self.timeline.at(index), index) for index in indexes)
         extra = sorted(
-            (ref for ref in self.added[:added_count]
-             if (after_ms is None or ref[0] > after_ms) and (before_ms is None or ref[0] < before_ms)),
+            (
+                ref
+                for ref in self.added[:added_count]
+                if (after_ms is None or ref[0] > after_ms) and (before_ms is None or ref[0] < before_ms)
+            ),
             reverse=descending,
         )
         return heapq.merge(base, extra, reverse=descending)
@@ -524,9 +605,15 @@ class RowSource:
 # --------------------------------------------------------------- synthetic data
 
 CUSTOMER_NAMES = (
-    ("Zoë Ångström", "zoe.angstrom"), ("山田太郎", "taro.yamada"), ("Smith, John", "john.smith"),
-    ('Anna "Ania" Kowalska', "anna.kowalska"), ("José Álvarez", "jose.alvarez"), ("Ольга Петрова", "olga.petrova"),
-    ("Liam O'Brien", "liam.obrien"), ("Chloé Dubois", "chloe.dubois"), ("Mohammed Al-Farsi", "mohammed.alfarsi"),
+    ("Zoë Ångström", "zoe.angstrom"),
+    ("山田太郎", "taro.yamada"),
+    ("Smith, John", "john.smith"),
+    ('Anna "Ania" Kowalska', "anna.kowalska"),
+    ("José Álvarez", "jose.alvarez"),
+    ("Ольга Петрова", "olga.petrova"),
+    ("Liam O'Brien", "liam.obrien"),
+    ("Chloé Dubois", "chloe.dubois"),
+    ("Mohammed Al-Farsi", "mohammed.alfarsi"),
     ("Emma Müller", "emma.mueller"),
 )
 ADDRESSES = (
@@ -538,17 +625,42 @@ ADDRESSES = (
 ORDER_STATUSES = ("PAID", "CREATED", "FULFILLED", "CANCELED")
 PAYMENT_MEANS = ("card", "paypal", "bank_transfer", "gift card, partial")
 ORDER_CHANNELS = ("web", "pos", "app")
-GIFT_TRANSACTION_TYPES = ("CREDITS_REDEMPTION", "CREDITS_REDEMPTION", "CREDITS_ADDITION", "CREDITS_REMOVAL",
-                          "CREDITS_REFUND")
-LOYALTY_TRANSACTION_TYPES = ("POINTS_ACCRUAL", "POINTS_ACCRUAL", "POINTS_REDEMPTION", "POINTS_ADDITION",
-                             "POINTS_REMOVAL", "POINTS_EXPIRATION", "POINTS_TRANSFER_IN", "POINTS_TRANSFER_OUT",
-                             "POINTS_REFUND")
-MANUAL_TRANSACTION_TYPES = {"CREDITS_ADDITION", "CREDITS_REMOVAL", "POINTS_ADDITION", "POINTS_REMOVAL",
-                            "POINTS_TRANSFER_OUT", "POINTS_TRANSFER_IN"}
+GIFT_TRANSACTION_TYPES = (
+    "CREDITS_REDEMPTION",
+    "CREDITS_REDEMPTION",
+    "CREDITS_ADDITION",
+    "CREDITS_REMOVAL",
+    "CREDITS_REFUND",
+)
+LOYALTY_TRANSACTION_TYPES = (
+    "POINTS_ACCRUAL",
+    "POINTS_ACCRUAL",
+    "POINTS_REDEMPTION",
+    "POINTS_ADDITION",
+    "POINTS_REMOVAL",
+    "POINTS_EXPIRATION",
+    "POINTS_TRANSFER_IN",
+    "POINTS_TRANSFER_OUT",
+    "POINTS_REFUND",
+)
+MANUAL_TRANSACTION_TYPES = {
+    "CREDITS_ADDITION",
+    "CREDITS_REMOVAL",
+    "POINTS_ADDITION",
+    "POINTS_REMOVAL",
+    "POINTS_TRANSFER_OUT",
+    "POINTS_TRANSFER_IN",
+}
 MANUAL_GIFT_TYPES = tuple(sorted(MANUAL_TRANSACTION_TYPES.intersection(GIFT_TRANSACTION_TYPES)))
 MANUAL_LOYALTY_TYPES = tuple(sorted(MANUAL_TRANSACTION_TYPES.intersection(LOYALTY_TRANSACTION_TYPES)))
-OUTGOING_TRANSACTION_TYPES = {"CREDITS_REDEMPTION", "CREDITS_REMOVAL", "POINTS_REDEMPTION", "POINTS_REMOVAL",
-                              "POINTS_EXPIRATION", "POINTS_TRANSFER_OUT"}
+OUTGOING_TRANSACTION_TYPES = {
+    "CREDITS_REDEMPTION",
+    "CREDITS_REMOVAL",
+    "POINTS_REDEMPTION",
+    "POINTS_REMOVAL",
+    "POINTS_EXPIRATION",
+    "POINTS_TRANSFER_OUT",
+}
 TRANSFER_TRANSACTION_TYPES = {"POINTS_TRANSFER_IN", "POINTS_TRANSFER_OUT"}
 TRANSACTION_REASONS = (
     "Apology for sending a broken item",
@@ -598,14 +710,17 @@ class SyntheticData:
         for kind in KINDS:
             if kind == "voucher_transactions":
                 for campaign in self.campaigns:
-                    count = (DEFAULT_ROW_COUNTS[kind] if rows_per_type is None else rows_per_type)
-                    self._add_source(f"{kind}:{campaign.id}", kind, count if campaign.has_transactions else 0,
-                                     campaign)
+                    count = DEFAULT_ROW_COUNTS[kind] if rows_per_type is None else rows_per_type
+                    self._add_source(f"{kind}:{campaign.id}", kind, count if campaign.has_transactions else 0, campaign)
             else:
                 self._add_source(kind, kind, DEFAULT_ROW_COUNTS[kind] if rows_per_type is None else rows_per_type)
         self._builders: dict[str, Callable[[RowSource, int, int], dict]] = {
-            "order": self._order, "voucher_transactions": self._transaction, "voucher": self._voucher,
-            "redemption": self._redemption, "publication": self._publication, "customer": self._customer,
+            "order": self._order,
+            "voucher_transactions": self._transaction,
+            "voucher": self._voucher,
+            "redemption": self._redemption,
+            "publication": self._publication,
+            "customer": self._customer,
             "points_expiration": self._points_expiration,
         }
 
@@ -655,12 +770,18 @@ class SyntheticData:
         if index % 11 == 4:
             metadata["gift_message"] = "Alles Gute, Zoë!\nViele Grüße"
         return {
-            "id": "ord_" + self._id(source, index), "source_id": None if index % 9 == 5 else f"WEB-{100_000 + index}",
-            "created_at": from_ms(ms - rng.randrange(0, 5 * DAY_MS)), "updated_at": from_ms(ms),
-            "status": rng.choice(ORDER_STATUSES), "amount": amount, "discount_amount": discount,
-            "items_discount_amount": items_discount, "total_discount_amount": discount + items_discount,
+            "id": "ord_" + self._id(source, index),
+            "source_id": None if index % 9 == 5 else f"WEB-{100_000 + index}",
+            "created_at": from_ms(ms - rng.randrange(0, 5 * DAY_MS)),
+            "updated_at": from_ms(ms),
+            "status": rng.choice(ORDER_STATUSES),
+            "amount": amount,
+            "discount_amount": discount,
+            "items_discount_amount": items_discount,
+            "total_discount_amount": discount + items_discount,
             "total_amount": amount - discount - items_discount,
-            "customer_id": customer.id if customer else None, "referrer_id": referrer.id if referrer else None,
+            "customer_id": customer.id if customer else None,
+            "referrer_id": referrer.id if referrer else None,
             "metadata": metadata,
         }
 
@@ -679,29 +800,45 @@ class SyntheticData:
         voucher_id = campaign.voucher_id(rng.randrange(VOUCHERS_PER_CAMPAIGN))
         manual = kind in MANUAL_TRANSACTION_TYPES
         return {
-            "id": "vtx_" + hex_token(18, self.seed, source.key, index), "type": kind,
+            "id": "vtx_" + hex_token(18, self.seed, source.key, index),
+            "type": kind,
             "source_id": f"adj-{index:06d}" if manual and index % 3 else None,
             "reason": TRANSACTION_REASONS[index % len(TRANSACTION_REASONS)] if manual else None,
-            "balance": balance, "amount": amount, "created_at": from_ms(ms), "voucher_id": voucher_id,
-            "campaign_id": campaign.id, "source": rng.choice(TRANSACTION_SOURCES),
+            "balance": balance,
+            "amount": amount,
+            "created_at": from_ms(ms),
+            "voucher_id": voucher_id,
+            "campaign_id": campaign.id,
+            "source": rng.choice(TRANSACTION_SOURCES),
             "details": self._transaction_details(source, index, kind, gift, amount, balance, voucher_id),
-            "related_transaction_id": ("vtx_" + hex_token(18, self.seed, source.key, index, "related")
-                                       if kind in TRANSFER_TRANSACTION_TYPES else None),
+            "related_transaction_id": (
+                "vtx_" + hex_token(18, self.seed, source.key, index, "related")
+                if kind in TRANSFER_TRANSACTION_TYPES
+                else None
+            ),
         }
 
-    def _transaction_details(self, source: RowSource, index: int, kind: str, gift: bool, amount: int,
-                             balance: int, voucher_id: str) -> dict:
-        details: dict[str, Any] = {"balance": {
-            "type": "gift_voucher" if gift else "loyalty_card", "object": "balance",
-            "total": balance + max(0, -amount), ("amount" if gift else "points"): amount, "balance": balance,
-            "related_object": {"id": voucher_id, "type": "voucher"},
-        }}
+    def _transaction_details(
+        self, source: RowSource, index: int, kind: str, gift: bool, amount: int, balance: int, voucher_id: str
+    ) -> dict:
+        details: dict[str, Any] = {
+            "balance": {
+                "type": "gift_voucher" if gift else "loyalty_card",
+                "object": "balance",
+                "total": balance + max(0, -amount),
+                ("amount" if gift else "points"): amount,
+                "balance": balance,
+                "related_object": {"id": voucher_id, "type": "voucher"},
+            }
+        }
         if kind in ("CREDITS_REDEMPTION", "POINTS_REDEMPTION", "CREDITS_REFUND", "POINTS_REFUND"):
             details["order"] = {"id": "ord_" + self._id(source, index, "order"), "source_id": f"WEB-{index}"}
             details["redemption"] = {"id": "r_" + hex_token(18, self.seed, source.key, index, "redemption")}
         if kind == "POINTS_ACCRUAL":
-            details["earning_rule"] = {"id": "ern_" + self._id(source, index, "rule"),
-                                       "source": {"banner": "Order paid, 1 point per €1"}}
+            details["earning_rule"] = {
+                "id": "ern_" + self._id(source, index, "rule"),
+                "source": {"banner": "Order paid, 1 point per €1"},
+            }
         return details
 
     def _voucher(self, source: RowSource, index: int, ms: int) -> dict:
@@ -711,26 +848,39 @@ class SyntheticData:
         created_at = from_ms(ms - rng.randrange(0, 30 * DAY_MS))
         customer = self.customer_ref(rng.randrange(1 << 30)) if index % 3 else None
         row: dict[str, Any] = {
-            "id": "v_" + self._id(source, index, length=32), "code": self.voucher_code(index),
-            "voucher_type": voucher_type, "formula": None, "discount_type": None,
-            "campaign": campaign.name, "campaign_id": campaign.id,
+            "id": "v_" + self._id(source, index, length=32),
+            "code": self.voucher_code(index),
+            "voucher_type": voucher_type,
+            "formula": None,
+            "discount_type": None,
+            "campaign": campaign.name,
+            "campaign_id": campaign.id,
             "category": (None, "Retail", "VIP, Gold")[index % 3],
             "start_date": created_at if index % 4 else None,
             "expiration_date": created_at + dt.timedelta(days=365) if voucher_type != "LOYALTY_CARD" else None,
-            "gift_balance": None, "loyalty_balance": None, "redemption_quantity": None,
-            "redemption_count": rng.randrange(0, 60), "active": index % 10 != 3,
+            "gift_balance": None,
+            "loyalty_balance": None,
+            "redemption_quantity": None,
+            "redemption_count": rng.randrange(0, 60),
+            "active": index % 10 != 3,
             "qr_code": f"https://dl.voucherify.io/api/v1/assets/qr/{self._id(source, index, 'qr', 40)}",
             "bar_code": f"https://dl.voucherify.io/api/v1/assets/barcode/{self._id(source, index, 'bar', 40)}",
-            "metadata": {} if index % 7 == 0 else {"source": rng.choice(("import", "api", "dashboard")),
-                                                   "region": rng.choice(("EU", "AMER", "APAC"))},
-            "is_referral_code": index % 17 == 8, "created_at": created_at, "updated_at": from_ms(ms),
+            "metadata": {}
+            if index % 7 == 0
+            else {"source": rng.choice(("import", "api", "dashboard")), "region": rng.choice(("EU", "AMER", "APAC"))},
+            "is_referral_code": index % 17 == 8,
+            "created_at": created_at,
+            "updated_at": from_ms(ms),
             "validity_timeframe_interval": "P2D" if index % 6 == 1 else None,
             "validity_timeframe_duration": "PT1H" if index % 6 == 1 else None,
             "validity_day_of_week": "1,2,3,4,5" if index % 4 == 2 else None,
-            "discount_amount_limit": None, "additional_info": self._additional_info(index),
+            "discount_amount_limit": None,
+            "additional_info": self._additional_info(index),
             "customer_id": customer.id if customer else None,
             "customer_source_id": customer.source_id if customer else None,
-            "discount_effect": None, "discount_unit_type": None, "discount_unit_effect": None,
+            "discount_effect": None,
+            "discount_unit_type": None,
+            "discount_unit_effect": None,
             "validation_rules_id": "val_" + self._id(source, index, "rules") if index % 4 == 1 else None,
         }
         row.update(self._voucher_value(rng, index, voucher_type))
@@ -756,8 +906,12 @@ class SyntheticData:
         if discount_type == "AMOUNT":
             fields |= {"value": rng.choice((10.0, 25.0, 50.0)), "discount_effect": "APPLY_TO_ORDER"}
         elif discount_type == "PERCENT":
-            fields |= {"value": rng.choice((10.0, 12.5, 20.0)), "discount_amount_limit": rng.choice((50, 100)),
-                       "discount_effect": "APPLY_TO_ITEMS", "formula": "MIN(order.amount * 0.1, 5000)"}
+            fields |= {
+                "value": rng.choice((10.0, 12.5, 20.0)),
+                "discount_amount_limit": rng.choice((50, 100)),
+                "discount_effect": "APPLY_TO_ITEMS",
+                "formula": "MIN(order.amount * 0.1, 5000)",
+            }
         elif discount_type == "UNIT":
             fields |= {"value": 1.0, "discount_unit_type": "prod_5h1pp1ng", "discount_unit_effect": "ADD_MISSING_ITEMS"}
         else:
@@ -772,7 +926,9 @@ class SyntheticData:
         failure = REDEMPTION_FAILURES[index % len(REDEMPTION_FAILURES)] if failed else (None, None)
         campaign_type = campaign.campaign_type if campaign else None
         return {
-            "id": "r_" + hex_token(18, self.seed, source.key, index), "object": "redemption", "date": from_ms(ms),
+            "id": "r_" + hex_token(18, self.seed, source.key, index),
+            "object": "redemption",
+            "date": from_ms(ms),
             "voucher_code": self.voucher_code(rng.randrange(1 << 30)) if campaign else None,
             "campaign": campaign.name if campaign else None,
             "promotion_tier_id": None if campaign else "promo_" + self._id(source, index, "tier"),
@@ -780,12 +936,16 @@ class SyntheticData:
             "customer_source_id": customer.source_id if customer else None,
             "customer_name": customer.name if customer else None,
             "tracking_id": "track_" + self._id(source, index, "tracking", 32),
-            "order_id": "ord_" + self._id(source, index, "order"), "order_amount": rng.randrange(1_000, 80_000),
+            "order_id": "ord_" + self._id(source, index, "order"),
+            "order_amount": rng.randrange(1_000, 80_000),
             "gift_amount": rng.randrange(100, 5_000) if campaign_type == "GIFT_VOUCHERS" else None,
             "loyalty_points": rng.randrange(10, 500) if campaign_type == "LOYALTY_PROGRAM" else None,
-            "result": "FAILURE" if failed else "SUCCESS", "failure_code": failure[0], "failure_message": failure[1],
+            "result": "FAILURE" if failed else "SUCCESS",
+            "failure_code": failure[0],
+            "failure_message": failure[1],
             "metadata": {"locale": rng.choice(("de-DE", "pl-PL", "ja-JP")), "store": "Berlin, Mitte"}
-            if index % 4 else {},
+            if index % 4
+            else {},
         }
 
     def _publication(self, source: RowSource, index: int, ms: int) -> dict:
@@ -795,8 +955,10 @@ class SyntheticData:
             "voucher_code": self.voucher_code(index + 10_000),
             "customer_id": customer.id if customer else None,
             "customer_source_id": customer.source_id if customer else None,
-            "date": from_ms(ms), "channel": rng.choice(PUBLICATION_CHANNELS),
-            "campaign": self.campaigns[index % len(self.campaigns)].name, "is_winner": index % 8 == 3,
+            "date": from_ms(ms),
+            "channel": rng.choice(PUBLICATION_CHANNELS),
+            "campaign": self.campaigns[index % len(self.campaigns)].name,
+            "is_winner": index % 8 == 3,
             "metadata": {"source": "newsletter", "note": "Grüße, Zoë"} if index % 3 else {},
         }
 
@@ -811,26 +973,38 @@ class SyntheticData:
         total_amount = sum(rng.randrange(1_000, 20_000) for _ in range(order_count))
         last_amount = rng.randrange(1_000, 20_000) if order_count else None
         return {
-            "name": reference.name, "id": reference.id, "email": reference.email, "source_id": reference.source_id,
+            "name": reference.name,
+            "id": reference.id,
+            "email": reference.email,
+            "source_id": reference.source_id,
             "description": CUSTOMER_DESCRIPTIONS[index % len(CUSTOMER_DESCRIPTIONS)],
-            "created_at": from_ms(ms - rng.randrange(0, 200 * DAY_MS)), "updated_at": from_ms(ms),
-            "address_city": city, "address_state": state, "address_line_1": line_1, "address_line_2": line_2,
-            "address_country": country, "address_postal_code": postal_code,
-            "redemptions_total_redeemed": succeeded + failed, "redemptions_total_failed": failed,
+            "created_at": from_ms(ms - rng.randrange(0, 200 * DAY_MS)),
+            "updated_at": from_ms(ms),
+            "address_city": city,
+            "address_state": state,
+            "address_line_1": line_1,
+            "address_line_2": line_2,
+            "address_country": country,
+            "address_postal_code": postal_code,
+            "redemptions_total_redeemed": succeeded + failed,
+            "redemptions_total_failed": failed,
             "redemptions_total_succeeded": succeeded,
             "redemptions_total_rolled_back": rollback_succeeded + rollback_failed,
             "redemptions_total_rollback_failed": rollback_failed,
             "redemptions_total_rollback_succeeded": rollback_succeeded,
-            "orders_total_amount": total_amount, "orders_total_count": order_count,
+            "orders_total_amount": total_amount,
+            "orders_total_count": order_count,
             "orders_average_amount": total_amount // order_count if order_count else 0,
             "orders_last_order_amount": last_amount,
             "orders_last_order_date": from_ms(ms - rng.randrange(0, 20 * DAY_MS)) if order_count else None,
-            "loyalty_points": rng.randrange(0, 5_000), "loyalty_referred_customers": rng.randrange(0, 4),
+            "loyalty_points": rng.randrange(0, 5_000),
+            "loyalty_referred_customers": rng.randrange(0, 4),
             "phone": f"+1 ({200 + index % 700}) 752-{1000 + index % 9000}" if index % 3 else None,
             "birthday": dt.date(1980 + index % 20, 1 + index % 12, 1 + index % 28) if index % 9 == 0 else None,
             "birthdate": dt.date(1970 + index % 40, 1 + index % 12, 1 + index % 28) if index % 2 else None,
             "metadata": {"tier": ("bronze", "silver", "gold")[index % 3], "newsletter": index % 2 == 0}
-            if index % 5 else {},
+            if index % 5
+            else {},
         }
 
     def _points_expiration(self, source: RowSource, index: int, ms: int) -> dict:
@@ -839,9 +1013,11 @@ class SyntheticData:
         campaign = loyalty[index % len(loyalty)]
         expires_at = from_ms(ms).date()
         return {
-            "id": "lopb_" + self._id(source, index), "campaign_id": campaign.id,
+            "id": "lopb_" + self._id(source, index),
+            "campaign_id": campaign.id,
             "voucher_id": campaign.voucher_id(rng.randrange(VOUCHERS_PER_CAMPAIGN)),
-            "points": rng.randrange(10, 2_000), "status": "EXPIRED" if expires_at < PERIOD_END.date() else "ACTIVE",
+            "points": rng.randrange(10, 2_000),
+            "status": "EXPIRED" if expires_at < PERIOD_END.date() else "ACTIVE",
             "expires_at": expires_at,
         }
 
@@ -863,12 +1039,19 @@ def _json_text(value: Any) -> str:
 
 # Formatting dispatches on the exact type: it runs for every cell of million-row files.
 CELL_FORMATS: dict[type, Callable[[Any], str]] = {
-    str: str, type(None): lambda _: "", bool: lambda value: "true" if value else "false", int: str,
-    float: lambda value: f"{value:.2f}", dt.datetime: iso_ms, dt.date: dt.date.isoformat,
-    dict: _json_text, list: _json_text,
+    str: str,
+    type(None): lambda _: "",
+    bool: lambda value: "true" if value else "false",
+    int: str,
+    float: lambda value: f"{value:.2f}",
+    dt.datetime: iso_ms,
+    dt.date: dt.date.isoformat,
+    dict: _json_text,
+    list: _json_text,
 }
 RECORD_FORMATS: dict[type, Callable[[Any], Any]] = {
-    dt.datetime: lambda value: value.astimezone(UTC).isoformat(), dt.date: dt.date.isoformat,
+    dt.datetime: lambda value: value.astimezone(UTC).isoformat(),
+    dt.date: dt.date.isoformat,
     str: lambda value: value or None,
 }
 
@@ -887,11 +1070,10 @@ def record_value(value: Any) -> Any:
 def field_getter(field_name: str, kind: KindSpec) -> Callable[[dict], Any]:
     """How to read a requested field from a row: plain, `metadata.<name>`, or a default-only alias."""
     if field_name.startswith("metadata."):
-        name = field_name[len("metadata."):]
+        name = field_name[len("metadata.") :]
         return lambda row: row["metadata"].get(name) if isinstance(row.get("metadata"), dict) else None
     key = kind.aliases.get(field_name, field_name)
     return lambda row: row.get(key)
-
 
 
 class LineWriter:
@@ -974,8 +1156,9 @@ def _instant_operand(operand: Any, where: str) -> int:
 
 
 def _text_operand(operator: str, operand: Any, where: str) -> tuple[str, ...]:
-    values = operand if isinstance(operand, list) and operator in ("$in", "$not_in") else [
-        _single_operand(operand, where)]
+    values = (
+        operand if isinstance(operand, list) and operator in ("$in", "$not_in") else [_single_operand(operand, where)]
+    )
     if not all(isinstance(value, (str, int, float, bool)) for value in values):
         raise InvalidPayload(f"{where}: expected text values")
     return tuple(cell_text(value) for value in values)
@@ -1089,7 +1272,7 @@ def _cut_inside_quote(lines: Iterable[bytes]) -> Iterator[bytes]:
     for number, line in enumerate(lines):
         quote = line.find(b'"')
         if number >= FAULT_ROW_NUMBER and quote >= 0:
-            yield line[: quote + 1] + line[quote + 1: quote + 4].split(b'"')[0]
+            yield line[: quote + 1] + line[quote + 1 : quote + 4].split(b'"')[0]
             return
         yield line
         last = line
@@ -1180,8 +1363,9 @@ class VoucherifyEmulator:
         with self._lock:
             self._deleted_campaigns.add(campaign_id)
 
-    def expected_records(self, stream_name: str, partition: dict | None = None,
-                         start: Any = None, end: Any = None) -> list[dict]:
+    def expected_records(
+        self, stream_name: str, partition: dict | None = None, start: Any = None, end: Any = None
+    ) -> list[dict]:
         """Rows of a tap stream with start <= replication key < end, typed and keyed as the tap emits them."""
         stream = STREAMS[stream_name]
         kind = KINDS[stream.kind]
@@ -1190,13 +1374,13 @@ class VoucherifyEmulator:
             after = None if start is None else to_ms(parse_instant(start)) - 1
             before = None if end is None else to_ms(parse_instant(end))
         sources = self._stream_sources(stream, partition)
-        rows = self._select_rows(kind, sources, tuple(len(s.added) for s in sources),
-                                 RowFilter(), (kind.primary_field, False), after, before)
+        rows = self._select_rows(
+            kind, sources, tuple(len(s.added) for s in sources), RowFilter(), (kind.primary_field, False), after, before
+        )
         to_record = self._recorder(stream.fields(), kind)
         return [to_record(row) for row in rows]
 
-    def add_rows(self, stream_name: str, count: int, start: Any, end: Any,
-                 partition: dict | None = None) -> list[dict]:
+    def add_rows(self, stream_name: str, count: int, start: Any, end: Any, partition: dict | None = None) -> list[dict]:
         """Add `count` rows evenly spread over [start, end) on the stream's timeline; returns their records."""
         stream = STREAMS[stream_name]
         if not stream.partitioned:
@@ -1219,10 +1403,16 @@ class VoucherifyEmulator:
         api = self.api_host
         api.route("/v1/campaigns", ["GET"], self._guarded(self._list_campaigns))
         api.route("/v1/orders/export", ["POST"], self._guarded(self._create_order_export))
-        api.route("/v1/campaigns/<campaign_ref>/transactions/export", ["POST"],
-                  self._guarded(self._create_campaign_transactions_export))
-        api.route("/v1/loyalties/<campaign_ref>/transactions/export", ["POST"],
-                  self._guarded(self._create_loyalty_transactions_export))
+        api.route(
+            "/v1/campaigns/<campaign_ref>/transactions/export",
+            ["POST"],
+            self._guarded(self._create_campaign_transactions_export),
+        )
+        api.route(
+            "/v1/loyalties/<campaign_ref>/transactions/export",
+            ["POST"],
+            self._guarded(self._create_loyalty_transactions_export),
+        )
         api.route("/v1/exports", ["POST"], self._guarded(self._create_export))
         api.route("/v1/exports", ["GET"], self._guarded(self._list_exports))
         api.route("/v1/exports/<export_id>", ["GET"], self._guarded(self._get_export))
@@ -1239,8 +1429,10 @@ class VoucherifyEmulator:
             if self.faults.fire("server_error"):
                 return self._server_error()
             decision = self._bucket.take(self.app_id)
-            rate_headers = {"X-Rate-Limit-Limit": str(decision.limit),
-                            "X-Rate-Limit-Remaining": str(decision.remaining)}
+            rate_headers = {
+                "X-Rate-Limit-Limit": str(decision.limit),
+                "X-Rate-Limit-Remaining": str(decision.remaining),
+            }
             if self.faults.fire("rate_limit"):
                 retry = self.faults.value("rate_limit", self.rate_limit_fault_retry_seconds)
                 return self._too_many_requests(rate_headers, retry)
@@ -1258,8 +1450,9 @@ class VoucherifyEmulator:
 
     # -- refusals
     @staticmethod
-    def _error(status: int, key: str, message: str, details: str, headers: dict[str, str] | None = None,
-               **extra: Any) -> Response:
+    def _error(
+        status: int, key: str, message: str, details: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> Response:
         body = {"code": status, "key": key, "message": message, "details": details, "request_id": request_id(), **extra}
         return json_response(body, status, headers)
 
@@ -1267,10 +1460,10 @@ class VoucherifyEmulator:
         app_id = request.headers.get("X-App-Id", "")
         app_token = request.headers.get("X-App-Token", "")
         if hmac.compare_digest(app_id.encode(), self.app_id.encode()) and hmac.compare_digest(
-                app_token.encode(), self.app_token.encode()):
+            app_token.encode(), self.app_token.encode()
+        ):
             return None
-        return self._error(401, "unauthorized", "Unauthorized",
-                           "Missing or invalid X-App-Id / X-App-Token headers")
+        return self._error(401, "unauthorized", "Unauthorized", "Missing or invalid X-App-Id / X-App-Token headers")
 
     def _server_error(self) -> Response:
         with self._lock:
@@ -1279,19 +1472,35 @@ class VoucherifyEmulator:
         if status == 500:
             return self._error(500, "internal_server_error", "Internal Server Error", "Unexpected error, please retry")
         title = "502 Bad Gateway" if status == 502 else "503 Service Temporarily Unavailable"
-        return Response(f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>",
-                        status=status, mimetype="text/html")
+        return Response(
+            f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>",
+            status=status,
+            mimetype="text/html",
+        )
 
     def _too_many_requests(self, rate_headers: dict[str, str], retry_seconds: float) -> Response:
-        headers = {**rate_headers, "X-Rate-Limit-Remaining": "0",
-                   "X-Rate-Limit-Retry": f"{math.ceil(max(retry_seconds, 0.001) * 1000) / 1000:g}"}
-        return self._error(429, "too_many_requests", "Too many requests",
-                           "Rate limit exceeded, retry after X-Rate-Limit-Retry seconds", headers)
+        headers = {
+            **rate_headers,
+            "X-Rate-Limit-Remaining": "0",
+            "X-Rate-Limit-Retry": f"{math.ceil(max(retry_seconds, 0.001) * 1000) / 1000:g}",
+        }
+        return self._error(
+            429,
+            "too_many_requests",
+            "Too many requests",
+            "Rate limit exceeded, retry after X-Rate-Limit-Retry seconds",
+            headers,
+        )
 
     def _not_found(self, resource_type: str, resource_id: str) -> Response:
-        return self._error(404, "not_found", "Resource not found",
-                           f"Cannot find {resource_type} with id {resource_id}",
-                           resource_id=resource_id, resource_type=resource_type)
+        return self._error(
+            404,
+            "not_found",
+            "Resource not found",
+            f"Cannot find {resource_type} with id {resource_id}",
+            resource_id=resource_id,
+            resource_type=resource_type,
+        )
 
     # -- campaigns
     def _live_campaigns(self) -> list[Campaign]:
@@ -1316,9 +1525,15 @@ class VoucherifyEmulator:
         if campaign_type is not None and campaign_type not in known_types:
             raise InvalidPayload(f"campaign_type: {campaign_type!r} is not one of {', '.join(known_types)}")
         campaigns = [c for c in self._live_campaigns() if campaign_type in (None, c.campaign_type)]
-        shown = campaigns[(page - 1) * limit: page * limit]
-        return json_response({"object": "list", "data_ref": "campaigns",
-                              "campaigns": [c.as_json() for c in shown], "total": len(campaigns)})
+        shown = campaigns[(page - 1) * limit : page * limit]
+        return json_response(
+            {
+                "object": "list",
+                "data_ref": "campaigns",
+                "campaigns": [c.as_json() for c in shown],
+                "total": len(campaigns),
+            }
+        )
 
     # -- creating exports
     def _create_order_export(self, request: Request) -> Response:
@@ -1329,15 +1544,18 @@ class VoucherifyEmulator:
 
     def _create_campaign_transactions_export(self, request: Request, campaign_ref: str) -> Response:
         # Any campaign type: a discount campaign has no transactions, so its file is header-only.
-        return self._create_transactions_export(request, campaign_ref, "/v1/campaigns/{campaignId}/transactions/export",
-                                                None)
+        return self._create_transactions_export(
+            request, campaign_ref, "/v1/campaigns/{campaignId}/transactions/export", None
+        )
 
     def _create_loyalty_transactions_export(self, request: Request, campaign_ref: str) -> Response:
-        return self._create_transactions_export(request, campaign_ref, "/v1/loyalties/{campaignId}/transactions/export",
-                                                ("LOYALTY_PROGRAM",))
+        return self._create_transactions_export(
+            request, campaign_ref, "/v1/loyalties/{campaignId}/transactions/export", ("LOYALTY_PROGRAM",)
+        )
 
-    def _create_transactions_export(self, request: Request, campaign_ref: str, openapi_path: str,
-                                    campaign_types: tuple[str, ...] | None) -> Response:
+    def _create_transactions_export(
+        self, request: Request, campaign_ref: str, openapi_path: str, campaign_types: tuple[str, ...] | None
+    ) -> Response:
         campaign = self._find_campaign(campaign_ref)
         if campaign is None or (campaign_types is not None and campaign.campaign_type not in campaign_types):
             return self._not_found("campaign", campaign_ref)
@@ -1346,10 +1564,17 @@ class VoucherifyEmulator:
         parameters = dict(body.get("parameters") or {})
         if "order" not in parameters and body.get("order"):
             parameters["order"] = body["order"]
-        echoed = {**parameters, "filters": {**(parameters.get("filters") or {}),
-                                            "campaign_id": {"conditions": {"$in": [campaign.id]}}}}
-        return self._create(KINDS["voucher_transactions"], (self.data.transaction_source(campaign),), parameters,
-                            echoed, campaign_transaction_fields())
+        echoed = {
+            **parameters,
+            "filters": {**(parameters.get("filters") or {}), "campaign_id": {"conditions": {"$in": [campaign.id]}}},
+        }
+        return self._create(
+            KINDS["voucher_transactions"],
+            (self.data.transaction_source(campaign),),
+            parameters,
+            echoed,
+            campaign_transaction_fields(),
+        )
 
     def _create_export(self, request: Request) -> Response:
         body = _json_body(request)
@@ -1374,19 +1599,29 @@ class VoucherifyEmulator:
                 return [f"exported_object: is required, one of {choices}"]
             return [f"exported_object: {exported_object!r} is not one of {choices}"]
         spec = repaired_spec()
-        schema = {"$ref": f"#/components/schemas/{KINDS[exported_object].branch_schema}",
-                  "components": spec["components"]}
+        schema = {
+            "$ref": f"#/components/schemas/{KINDS[exported_object].branch_schema}",
+            "components": spec["components"],
+        }
         validator = jsonschema.Draft202012Validator(schema)
-        return [f"{'/'.join(map(str, error.absolute_path)) or '(body)'}: {error.message}"
-                for error in sorted(validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))]
+        return [
+            f"{'/'.join(map(str, error.absolute_path)) or '(body)'}: {error.message}"
+            for error in sorted(validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
+        ]
 
     @staticmethod
     def _check(errors: list[str]) -> None:
         if errors:
             raise InvalidPayload("; ".join(errors))
 
-    def _create(self, kind: KindSpec, sources: tuple[RowSource, ...], parameters: dict,
-                echoed: dict | None = None, filterable: Iterable[str] | None = None) -> Response:
+    def _create(
+        self,
+        kind: KindSpec,
+        sources: tuple[RowSource, ...],
+        parameters: dict,
+        echoed: dict | None = None,
+        filterable: Iterable[str] | None = None,
+    ) -> Response:
         """Compile the request's fields, filters and order into a job, decide its fate, answer SCHEDULED."""
         fields = tuple(parameters.get("fields") or kind.default_fields)
         row_filter = compile_filters(kind, parameters.get("filters"), filterable or kind.fields)
@@ -1395,11 +1630,18 @@ class VoucherifyEmulator:
             self._export_counter += 1
             job = ExportJob(
                 id="exp_" + token(24, self.seed, "export", self._export_counter, time.time_ns()),
-                kind=kind, sources=sources, added_counts=tuple(len(s.added) for s in sources),
-                fields=fields, row_filter=row_filter, sort=sort, parameters=echoed or parameters,
-                created_at=dt.datetime.now(UTC), created_clock=time.monotonic(),
+                kind=kind,
+                sources=sources,
+                added_counts=tuple(len(s.added) for s in sources),
+                fields=fields,
+                row_filter=row_filter,
+                sort=sort,
+                parameters=echoed or parameters,
+                created_at=dt.datetime.now(UTC),
+                created_clock=time.monotonic(),
                 latency_seconds=float(self.faults.value("export_latency", self.ctx.export_latency_seconds)),
-                outcome=self._decide_outcome(), content_fault=self._decide_content_fault(),
+                outcome=self._decide_outcome(),
+                content_fault=self._decide_content_fault(),
             )
             self._jobs[job.id] = job
         return json_response(self._export_json(job))
@@ -1422,9 +1664,17 @@ class VoucherifyEmulator:
     def _export_json(self, job: ExportJob) -> dict:
         status = job.status(time.monotonic())
         result = {"url": self._file_url(job)} if status == "DONE" else None
-        return {"id": job.id, "object": "export", "created_at": iso_ms(job.created_at), "status": status,
-                "channel": "API", "exported_object": job.kind.name, "parameters": job.parameters,
-                "result": result, "user_id": None}
+        return {
+            "id": job.id,
+            "object": "export",
+            "created_at": iso_ms(job.created_at),
+            "status": status,
+            "channel": "API",
+            "exported_object": job.kind.name,
+            "parameters": job.parameters,
+            "result": result,
+            "user_id": None,
+        }
 
     def _file_url(self, job: ExportJob) -> str:
         """A fresh download URL: `token=<expiry>.<nonce>.<signature>`, signing the file path, nonce and expiry.
@@ -1463,9 +1713,15 @@ class VoucherifyEmulator:
         now = time.monotonic()
         key = (lambda job: job.created_clock) if order.endswith("created_at") else (lambda job: job.status(now))
         jobs.sort(key=key, reverse=order.startswith("-"))
-        shown = jobs[(page - 1) * limit: page * limit]
-        return json_response({"object": "list", "data_ref": "exports",
-                              "exports": [self._export_json(job) for job in shown], "total": len(jobs)})
+        shown = jobs[(page - 1) * limit : page * limit]
+        return json_response(
+            {
+                "object": "list",
+                "data_ref": "exports",
+                "exports": [self._export_json(job) for job in shown],
+                "total": len(jobs),
+            }
+        )
 
     # -- the download host
     def _download(self, request: Request, export_id: str) -> Response:
@@ -1541,9 +1797,16 @@ class VoucherifyEmulator:
             yield [CELL_FORMATS[type(value)](value) for value in (get(row) for get in getters)]
 
     # -- selecting rows
-    def _select_rows(self, kind: KindSpec, sources: tuple[RowSource, ...], added_counts: tuple[int, ...],
-                     row_filter: RowFilter, sort: tuple[str, bool], after: int | None,
-                     before: int | None) -> Iterator[dict]:
+    def _select_rows(
+        self,
+        kind: KindSpec,
+        sources: tuple[RowSource, ...],
+        added_counts: tuple[int, ...],
+        row_filter: RowFilter,
+        sort: tuple[str, bool],
+        after: int | None,
+        before: int | None,
+    ) -> Iterator[dict]:
         """Rows of the sources inside (after, before) that pass the filter, in the requested order."""
         sort_field, descending = sort
         on_timeline = sort_field == kind.primary_field
@@ -1566,9 +1829,15 @@ class VoucherifyEmulator:
             yield self._build(sources, ref)
 
     @staticmethod
-    def _merged_refs(sources: tuple[RowSource, ...], added_counts: tuple[int, ...], after: int | None,
-                     before: int | None, descending: bool) -> Iterator[tuple[int, int, int]]:
+    def _merged_refs(
+        sources: tuple[RowSource, ...],
+        added_counts: tuple[int, ...],
+        after: int | None,
+        before: int | None,
+        descending: bool,
+    ) -> Iterator[tuple[int, int, int]]:
         """(ms, source position, index) of every candidate row, merged in time order across sources."""
+
         def tagged(position: int) -> Iterator[tuple[int, int, int]]:
             refs = sources[position].refs(after, before, added_counts[position], descending)
             return ((ms, position, index) for ms, index in refs)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
@@ -34,7 +35,7 @@ class SourceDefinition:
     validate: Callable[[dict], None] = lambda config: None
     check_connection: Callable[[ExportApi], str] | None = None
 
-    def is_configured(self, config: dict) -> bool:
+    def is_configured(self, config: Mapping[str, Any]) -> bool:
         """A source's streams are discovered only when its credentials are set."""
         return all(config.get(setting) for setting in self.credential_settings)
 
@@ -62,7 +63,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def string_list(config: dict, setting: str) -> list[str]:
+def string_list(config: Mapping[str, Any], setting: str) -> list[str]:
     """A list setting given as a JSON array or as one comma-separated string (env vars)."""
     value: Any = config.get(setting) or []
     if isinstance(value, str):

@@ -18,8 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import quote
 
 from singer_sdk import typing as th
@@ -65,8 +66,13 @@ class Experience:
     def from_api(cls, item: dict) -> Experience:
         status = str(item.get("status") or "")
         stop = {"ended": item.get("endedAtTs"), "paused": item.get("pausedAtTs")}.get(status)
-        return cls(str(item["id"]), str(item.get("name") or ""), status, _from_millis(item.get("startedAtTs")),
-                   _from_millis(stop))
+        return cls(
+            str(item["id"]),
+            str(item.get("name") or ""),
+            status,
+            _from_millis(item.get("startedAtTs")),
+            _from_millis(stop),
+        )
 
     def lifetime(self, now: dt.datetime) -> Window | None:
         if self.started_at is None:
@@ -170,8 +176,12 @@ class IntelligemsExportStream(ExportStream):
         if span is None or lifetime is None:
             return None
         if experience.ended_at is not None and bookmark is not None and bookmark >= experience.ended_at:
-            self.logger.info("%s: experience %s is %s and fully exported; no export needed",
-                             self.name, experience.id, experience.status)
+            self.logger.info(
+                "%s: experience %s is %s and fully exported; no export needed",
+                self.name,
+                experience.id,
+                experience.status,
+            )
             return None
         start = max(span.start, lifetime.start.replace(microsecond=0))
         end = min(span.end, lifetime.end)
@@ -222,7 +232,7 @@ class ExperiencesStream(Stream):
         self.runtime = runtime
         super().__init__(tap=tap, schema=experiences_schema())
 
-    def get_records(self, context: dict | None) -> Iterable[dict]:
+    def get_records(self, context: Mapping[str, Any] | None) -> Iterable[dict]:
         for item in self.runtime.api.experience_items():
             record = {}
             for name, value in item.items():
@@ -312,19 +322,32 @@ def check_connection(api: ExportApi) -> str:
 SOURCE = SourceDefinition(
     name="intelligems",
     settings=[
-        th.Property("intelligems_api_token", th.StringType, secret=True,
-                    description="External API key (header intelligems-access-token). Intelligems streams are "
-                                "discovered when set."),
-        th.Property("intelligems_api_url", th.StringType, default="https://api.intelligems.io",
-                    description="API base URL."),
-        th.Property("intelligems_experience_ids", th.ArrayType(th.StringType),
-                    description="Experiences to export (UUIDs). Default: every experience that has started."),
-        th.Property("intelligems_filters", th.ObjectType(additional_properties=True),
-                    description="Analytics filters sent with every export (`filters` of the export endpoint), "
-                                "validated against the published schema."),
-        th.Property("intelligems_requests_per_second", th.NumberType,
-                    description="Client-side pace for API calls. Default: unpaced, relying on the rate-limit "
-                                "headers and 429."),
+        th.Property(
+            "intelligems_api_token",
+            th.StringType,
+            secret=True,
+            description="External API key (header intelligems-access-token). Intelligems streams are "
+            "discovered when set.",
+        ),
+        th.Property(
+            "intelligems_api_url", th.StringType, default="https://api.intelligems.io", description="API base URL."
+        ),
+        th.Property(
+            "intelligems_experience_ids",
+            th.ArrayType(th.StringType),
+            description="Experiences to export (UUIDs). Default: every experience that has started.",
+        ),
+        th.Property(
+            "intelligems_filters",
+            th.ObjectType(additional_properties=True),
+            description="Analytics filters sent with every export (`filters` of the export endpoint), "
+            "validated against the published schema.",
+        ),
+        th.Property(
+            "intelligems_requests_per_second",
+            th.NumberType,
+            description="Client-side pace for API calls. Default: unpaced, relying on the rate-limit headers and 429.",
+        ),
     ],
     credential_settings=("intelligems_api_token",),
     build_api=build_api,

@@ -53,6 +53,7 @@ def api_range(window: Window) -> tuple[str, str]:
 
 class NextCommerceApi(ExportApi):
     name = "nextcommerce"
+    can_resume = True
     max_recreates = 0  # no failed status exists; a stuck export ends in the timeout
 
     def __init__(self, client: ApiClient, row_cap: int) -> None:
@@ -143,53 +144,105 @@ def _stream(code: str, primary_keys: tuple[str, ...], replication_key: str, colu
 # Export columns are not published; these are the ones the tap types. Any other column a file
 # brings (store metadata columns appear over time) is kept as text (see engine/csv_records.py).
 STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
-    _stream("order_list", ("order_number",), "date_created",
-            "order_number:integer date_created:datetime status customer_id:integer customer_email customer_name "
-            "currency lines_count:integer subtotal_incl_tax:number shipping_incl_tax:number total_discounts:number "
-            "total_tax:number total_incl_tax:number payment_method shipping_address shipping_country is_test:boolean "
-            "notes metadata:json"),
-    _stream("order_line_items", ("line_id",), "order_date_created",
-            "line_id:integer order_number:integer order_date_created:datetime line_number:integer product_id:integer "
-            "product_title sku quantity:integer unit_price_incl_tax:number total_incl_tax:number tax_amount:number "
-            "is_subscription:boolean fulfillment_status attributes:json"),
-    _stream("customer_list", ("customer_id",), "date_joined",
-            "customer_id:integer date_joined:datetime email first_name last_name phone accepts_marketing:boolean "
-            "language orders_count:integer total_spent:number default_address tags:json metadata:json "
-            "last_login:datetime"),
-    _stream("transaction_list", ("transaction_id",), "date_created",
-            "transaction_id:integer date_created:datetime order_number:integer type status amount:number currency "
-            "gateway payment_method card_last4 reference is_test:boolean error_message response_data:json"),
-    _stream("dispute_list", ("dispute_id",), "date_created",
-            "dispute_id:integer date_created:datetime transaction_id:integer order_number:integer status reason "
-            "amount:number currency evidence_due_by:datetime gateway customer_email notes"),
-    _stream("subscription_list", ("subscription_id",), "date_created",
-            "subscription_id:integer date_created:datetime status customer_id:integer customer_email interval "
-            "interval_count:integer next_renewal_date:datetime lines_count:integer total_incl_tax:number currency "
-            "shipping_address cancel_reason metadata:json"),
-    _stream("subscription_line_items", ("subscription_line_id",), "subscription_date_created",
-            "subscription_line_id:integer subscription_id:integer subscription_date_created:datetime "
-            "product_id:integer product_title sku quantity:integer unit_price_incl_tax:number total_incl_tax:number "
-            "is_trial:boolean"),
-    _stream("open_cart_list", ("cart_id",), "date_created",
-            "cart_id:integer date_created:datetime customer_email customer_name currency lines_count:integer "
-            "subtotal_incl_tax:number total_incl_tax:number voucher_code checkout_url is_abandoned:boolean "
-            "attribution:json"),
-    _stream("open_cart_line_items", ("cart_line_id",), "cart_date_created",
-            "cart_line_id:integer cart_id:integer cart_date_created:datetime product_id:integer product_title sku "
-            "quantity:integer unit_price_incl_tax:number total_incl_tax:number"),
-    _stream("return_list", ("return_id",), "date_created",
-            "return_id:integer date_created:datetime order_number:integer status reason customer_email "
-            "lines_count:integer refund_amount:number currency restock:boolean return_tracking_number customer_note"),
-    _stream("return_line_items", ("return_line_id",), "return_date_created",
-            "return_line_id:integer return_id:integer return_date_created:datetime order_line_id:integer "
-            "product_title sku quantity:integer refund_amount:number condition"),
-    _stream("fulfillment_list", ("fulfillment_id",), "date_created",
-            "fulfillment_id:integer date_created:datetime order_number:integer status location_name carrier "
-            "tracking_number tracking_url shipped_at:datetime lines_count:integer shipping_address "
-            "notify_customer:boolean"),
-    _stream("fulfillment_line_items", ("fulfillment_line_id",), "fulfillment_date_created",
-            "fulfillment_line_id:integer fulfillment_id:integer fulfillment_date_created:datetime "
-            "order_line_id:integer product_title sku quantity:integer lot_number"),
+    _stream(
+        "order_list",
+        ("order_number",),
+        "date_created",
+        "order_number:integer date_created:datetime status customer_id:integer customer_email customer_name "
+        "currency lines_count:integer subtotal_incl_tax:number shipping_incl_tax:number total_discounts:number "
+        "total_tax:number total_incl_tax:number payment_method shipping_address shipping_country is_test:boolean "
+        "notes metadata:json",
+    ),
+    _stream(
+        "order_line_items",
+        ("line_id",),
+        "order_date_created",
+        "line_id:integer order_number:integer order_date_created:datetime line_number:integer product_id:integer "
+        "product_title sku quantity:integer unit_price_incl_tax:number total_incl_tax:number tax_amount:number "
+        "is_subscription:boolean fulfillment_status attributes:json",
+    ),
+    _stream(
+        "customer_list",
+        ("customer_id",),
+        "date_joined",
+        "customer_id:integer date_joined:datetime email first_name last_name phone accepts_marketing:boolean "
+        "language orders_count:integer total_spent:number default_address tags:json metadata:json "
+        "last_login:datetime",
+    ),
+    _stream(
+        "transaction_list",
+        ("transaction_id",),
+        "date_created",
+        "transaction_id:integer date_created:datetime order_number:integer type status amount:number currency "
+        "gateway payment_method card_last4 reference is_test:boolean error_message response_data:json",
+    ),
+    _stream(
+        "dispute_list",
+        ("dispute_id",),
+        "date_created",
+        "dispute_id:integer date_created:datetime transaction_id:integer order_number:integer status reason "
+        "amount:number currency evidence_due_by:datetime gateway customer_email notes",
+    ),
+    _stream(
+        "subscription_list",
+        ("subscription_id",),
+        "date_created",
+        "subscription_id:integer date_created:datetime status customer_id:integer customer_email interval "
+        "interval_count:integer next_renewal_date:datetime lines_count:integer total_incl_tax:number currency "
+        "shipping_address cancel_reason metadata:json",
+    ),
+    _stream(
+        "subscription_line_items",
+        ("subscription_line_id",),
+        "subscription_date_created",
+        "subscription_line_id:integer subscription_id:integer subscription_date_created:datetime "
+        "product_id:integer product_title sku quantity:integer unit_price_incl_tax:number total_incl_tax:number "
+        "is_trial:boolean",
+    ),
+    _stream(
+        "open_cart_list",
+        ("cart_id",),
+        "date_created",
+        "cart_id:integer date_created:datetime customer_email customer_name currency lines_count:integer "
+        "subtotal_incl_tax:number total_incl_tax:number voucher_code checkout_url is_abandoned:boolean "
+        "attribution:json",
+    ),
+    _stream(
+        "open_cart_line_items",
+        ("cart_line_id",),
+        "cart_date_created",
+        "cart_line_id:integer cart_id:integer cart_date_created:datetime product_id:integer product_title sku "
+        "quantity:integer unit_price_incl_tax:number total_incl_tax:number",
+    ),
+    _stream(
+        "return_list",
+        ("return_id",),
+        "date_created",
+        "return_id:integer date_created:datetime order_number:integer status reason customer_email "
+        "lines_count:integer refund_amount:number currency restock:boolean return_tracking_number customer_note",
+    ),
+    _stream(
+        "return_line_items",
+        ("return_line_id",),
+        "return_date_created",
+        "return_line_id:integer return_id:integer return_date_created:datetime order_line_id:integer "
+        "product_title sku quantity:integer refund_amount:number condition",
+    ),
+    _stream(
+        "fulfillment_list",
+        ("fulfillment_id",),
+        "date_created",
+        "fulfillment_id:integer date_created:datetime order_number:integer status location_name carrier "
+        "tracking_number tracking_url shipped_at:datetime lines_count:integer shipping_address "
+        "notify_customer:boolean",
+    ),
+    _stream(
+        "fulfillment_line_items",
+        ("fulfillment_line_id",),
+        "fulfillment_date_created",
+        "fulfillment_line_id:integer fulfillment_id:integer fulfillment_date_created:datetime "
+        "order_line_id:integer product_title sku quantity:integer lot_number",
+    ),
 )
 
 
@@ -245,24 +298,47 @@ def check_connection(api: ExportApi) -> str:
 SOURCE = SourceDefinition(
     name="nextcommerce",
     settings=[
-        th.Property("nextcommerce_api_token", th.StringType, secret=True,
-                    description="Admin API access token (OAuth app with exports:read and exports:write). "
-                                "Next Commerce streams are discovered when set."),
-        th.Property("nextcommerce_store", th.StringType,
-                    description="Store subdomain: `mystore` for https://mystore.29next.store."),
-        th.Property("nextcommerce_api_url", th.StringType,
-                    description="Admin API base URL; overrides nextcommerce_store (e.g. the sandbox)."),
-        th.Property("nextcommerce_api_version", th.StringType, default=API_VERSION,
-                    description="Sent as X-29next-API-Version."),
-        th.Property("nextcommerce_store_timezone", th.StringType, default="UTC",
-                    description="IANA timezone of the store: export timestamps are naive, in this zone, "
-                                "and are emitted as UTC instants."),
-        th.Property("nextcommerce_requests_per_second", th.NumberType, default=REQUESTS_PER_SECOND,
-                    description="Client-side pace for API calls, shared by all exports. Next Commerce allows 4 "
-                                "requests/second per token; raise it only if your token's limit is higher."),
-        th.Property("nextcommerce_export_row_cap", th.IntegerType, default=100000,
-                    description="Rows at which Next Commerce truncates an export; a window at the cap is split "
-                                "and exported again."),
+        th.Property(
+            "nextcommerce_api_token",
+            th.StringType,
+            secret=True,
+            description="Admin API access token (OAuth app with exports:read and exports:write). "
+            "Next Commerce streams are discovered when set.",
+        ),
+        th.Property(
+            "nextcommerce_store",
+            th.StringType,
+            description="Store subdomain: `mystore` for https://mystore.29next.store.",
+        ),
+        th.Property(
+            "nextcommerce_api_url",
+            th.StringType,
+            description="Admin API base URL; overrides nextcommerce_store (e.g. the sandbox).",
+        ),
+        th.Property(
+            "nextcommerce_api_version", th.StringType, default=API_VERSION, description="Sent as X-29next-API-Version."
+        ),
+        th.Property(
+            "nextcommerce_store_timezone",
+            th.StringType,
+            default="UTC",
+            description="IANA timezone of the store: export timestamps are naive, in this zone, "
+            "and are emitted as UTC instants.",
+        ),
+        th.Property(
+            "nextcommerce_requests_per_second",
+            th.NumberType,
+            default=REQUESTS_PER_SECOND,
+            description="Client-side pace for API calls, shared by all exports. Next Commerce allows 4 "
+            "requests/second per token; raise it only if your token's limit is higher.",
+        ),
+        th.Property(
+            "nextcommerce_export_row_cap",
+            th.IntegerType,
+            default=100000,
+            description="Rows at which Next Commerce truncates an export; a window at the cap is split "
+            "and exported again.",
+        ),
     ],
     credential_settings=("nextcommerce_api_token",),
     build_api=build_api,

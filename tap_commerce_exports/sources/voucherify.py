@@ -28,8 +28,12 @@ from tap_commerce_exports.engine.http import ApiClient, ApiError
 from tap_commerce_exports.engine.stream import ExportStream
 from tap_commerce_exports.sources.base import SourceDefinition, checked_base_url, pacer, string_list
 
-STATES = {"SCHEDULED": ExportState.PENDING, "IN_PROGRESS": ExportState.PENDING,
-          "DONE": ExportState.READY, "ERROR": ExportState.FAILED}
+STATES = {
+    "SCHEDULED": ExportState.PENDING,
+    "IN_PROGRESS": ExportState.PENDING,
+    "DONE": ExportState.READY,
+    "ERROR": ExportState.FAILED,
+}
 TRANSACTION_CAMPAIGN_TYPES = ("GIFT_VOUCHERS", "LOYALTY_PROGRAM")
 CAMPAIGN_PAGE_SIZE = 100
 
@@ -41,6 +45,7 @@ def _voucherify_time(moment: dt.datetime) -> str:
 class VoucherifyApi(ExportApi):
     name = "voucherify"
     max_recreates = 3
+    can_resume = True
 
     def __init__(self, client: ApiClient) -> None:
         self.client = client
@@ -54,10 +59,12 @@ class VoucherifyApi(ExportApi):
         if request.window is not None and stream.filter_field:
             parameters["filters"] = {
                 "junction": "and",
-                stream.filter_field: {"conditions": {
-                    "$after": _voucherify_time(request.window.start - dt.timedelta(milliseconds=1)),
-                    "$before": _voucherify_time(request.window.end),
-                }},
+                stream.filter_field: {
+                    "conditions": {
+                        "$after": _voucherify_time(request.window.start - dt.timedelta(milliseconds=1)),
+                        "$before": _voucherify_time(request.window.end),
+                    }
+                },
             }
         path, body = self._create_call(request, parameters)
         return self._handle(self.client.post(path, body=body))
@@ -254,10 +261,15 @@ class PointsExpirationsStream(VoucherifyStream):
 
 
 STREAM_TYPES: tuple[type[VoucherifyStream], ...] = (
-    OrdersStream, CampaignTransactionsStream, VouchersStream, RedemptionsStream, PublicationsStream,
-    CustomersStream, PointsExpirationsStream,
+    OrdersStream,
+    CampaignTransactionsStream,
+    VouchersStream,
+    RedemptionsStream,
+    PublicationsStream,
+    CustomersStream,
+    PointsExpirationsStream,
 )
-STREAM_TYPES_BY_NAME = {stream.name: stream for stream in STREAM_TYPES}
+STREAM_TYPES_BY_NAME = {stream.name: stream for stream in STREAM_TYPES}  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------ source
@@ -285,22 +297,40 @@ def check_connection(api: ExportApi) -> str:
 SOURCE = SourceDefinition(
     name="voucherify",
     settings=[
-        th.Property("voucherify_app_id", th.StringType, secret=False,
-                    description="Voucherify application ID (X-App-Id). Voucherify streams are discovered when set."),
-        th.Property("voucherify_app_token", th.StringType, secret=True,
-                    description="Voucherify secret key (X-App-Token)."),
-        th.Property("voucherify_api_url", th.StringType, default="https://api.voucherify.io",
-                    description="API base URL for your cluster: https://api.voucherify.io, "
-                                "https://us1.api.voucherify.io or https://as1.api.voucherify.io."),
-        th.Property("voucherify_campaign_ids", th.ArrayType(th.StringType),
-                    description="Campaigns whose transactions to export. Default: every GIFT_VOUCHERS and "
-                                "LOYALTY_PROGRAM campaign."),
-        th.Property("voucherify_order_metadata_fields", th.ArrayType(th.StringType),
-                    description="Order metadata properties to export as their own columns "
-                                "(`payment_mean` becomes column `metadata_payment_mean`)."),
-        th.Property("voucherify_requests_per_second", th.NumberType,
-                    description="Client-side pace for API calls (your plan's limit). Default: unpaced, "
-                                "relying on 429 X-Rate-Limit-Retry."),
+        th.Property(
+            "voucherify_app_id",
+            th.StringType,
+            secret=False,
+            description="Voucherify application ID (X-App-Id). Voucherify streams are discovered when set.",
+        ),
+        th.Property(
+            "voucherify_app_token", th.StringType, secret=True, description="Voucherify secret key (X-App-Token)."
+        ),
+        th.Property(
+            "voucherify_api_url",
+            th.StringType,
+            default="https://api.voucherify.io",
+            description="API base URL for your cluster: https://api.voucherify.io, "
+            "https://us1.api.voucherify.io or https://as1.api.voucherify.io.",
+        ),
+        th.Property(
+            "voucherify_campaign_ids",
+            th.ArrayType(th.StringType),
+            description="Campaigns whose transactions to export. Default: every GIFT_VOUCHERS and "
+            "LOYALTY_PROGRAM campaign.",
+        ),
+        th.Property(
+            "voucherify_order_metadata_fields",
+            th.ArrayType(th.StringType),
+            description="Order metadata properties to export as their own columns "
+            "(`payment_mean` becomes column `metadata_payment_mean`).",
+        ),
+        th.Property(
+            "voucherify_requests_per_second",
+            th.NumberType,
+            description="Client-side pace for API calls (your plan's limit). Default: unpaced, "
+            "relying on 429 X-Rate-Limit-Retry.",
+        ),
     ],
     credential_settings=("voucherify_app_id", "voucherify_app_token"),
     build_api=build_api,

@@ -54,8 +54,12 @@ class Client:
         return requests.get(self.base + PREFIX + path, params=params, headers=self.headers, timeout=10)
 
     def export(self, experience_id: str, body: object, **kwargs) -> requests.Response:
-        return requests.post(f"{self.base}{PREFIX}/analytics/experience/{experience_id}/export",
-                             json=body, headers=kwargs.get("headers", self.headers), timeout=10)
+        return requests.post(
+            f"{self.base}{PREFIX}/analytics/experience/{experience_id}/export",
+            json=body,
+            headers=kwargs.get("headers", self.headers),
+            timeout=10,
+        )
 
     def export_url(self, experience_id: str, export_type: str = "orders", **body) -> str:
         answer = self.export(experience_id, {"exportType": export_type, **body})
@@ -102,8 +106,13 @@ def typed_records(body: bytes, export_type: str, experience_id: str) -> list[dic
     assert body.startswith(BOM)
     kinds = {column.label: column.kind for column in EXPORT_TABLES[export_type].columns}
     rows = list(csv.DictReader(io.StringIO(body.decode("utf-8-sig"), newline=""), strict=True))
-    return [{**{key: (CASTS[kinds[key]](cell) if cell != "" else None) for key, cell in row.items()},
-             "experience_id": experience_id} for row in rows]
+    return [
+        {
+            **{key: (CASTS[kinds[key]](cell) if cell != "" else None) for key, cell in row.items()},
+            "experience_id": experience_id,
+        }
+        for row in rows
+    ]
 
 
 def oldest_running(emulator: IntelligemsEmulator) -> str:
@@ -128,8 +137,14 @@ def test_api_refuses_missing_and_wrong_token(emulator, api):
         assert answer.json() == {"error": "Unauthorized"}
         assert "x-ratelimit-remaining" in answer.headers
     assert api.get("/experiences-list").status_code == 200
-    assert api.export(emulator.experience_ids("started")[0], {"exportType": "orders"},
-                      headers={"Authorization": "Bearer " + emulator.api_token}).status_code == 401
+    assert (
+        api.export(
+            emulator.experience_ids("started")[0],
+            {"exportType": "orders"},
+            headers={"Authorization": "Bearer " + emulator.api_token},
+        ).status_code
+        == 401
+    )
 
 
 # ----------------------------------------------------------------- experiences
@@ -227,8 +242,14 @@ def test_experiences_stream_records(emulator):
 
 
 def test_export_body_and_path_are_validated(emulator, api):
-    answer = api.export("not-a-uuid", {"exportType": "everything", "startTs": "2024-01-01",
-                                       "filters": {"deviceType": "tablet", "countryCodes": ["US", 7]}})
+    answer = api.export(
+        "not-a-uuid",
+        {
+            "exportType": "everything",
+            "startTs": "2024-01-01",
+            "filters": {"deviceType": "tablet", "countryCodes": ["US", 7]},
+        },
+    )
     assert answer.status_code == 400
     body = answer.json()
     assert body["errors"] == []
@@ -242,8 +263,9 @@ def test_export_body_and_path_are_validated(emulator, api):
     started = emulator.experience_ids("started")[0]
     missing = api.export(started, {})
     assert missing.json()["properties"]["exportType"]["errors"] == ["'exportType' is a required property"]
-    inverted = api.export(started, {"exportType": "orders", "startTs": epoch("2024-02-01"),
-                                    "endTs": epoch("2024-01-01")})
+    inverted = api.export(
+        started, {"exportType": "orders", "startTs": epoch("2024-02-01"), "endTs": epoch("2024-01-01")}
+    )
     assert inverted.status_code == 400 and "startTs" in inverted.json()["properties"]
     assert api.export("6f1c2d3e-4b5a-4c6d-8e7f-001122334455", {"exportType": "orders"}).status_code == 404
     assert emulator.export_count == 0
@@ -269,8 +291,10 @@ def test_export_answer_follows_spec_and_file_matches_expected_records(emulator, 
 
 def test_window_boundaries_are_start_inclusive_end_exclusive(emulator, api):
     experience_id = emulator.experience_ids("started")[-1]
-    times = [record["created_at"] for record in
-             emulator.expected_records("intelligems_orders", {"experience_id": experience_id})]
+    times = [
+        record["created_at"]
+        for record in emulator.expected_records("intelligems_orders", {"experience_id": experience_id})
+    ]
     start, end = dt.datetime.fromisoformat(times[5]), dt.datetime.fromisoformat(times[15])
     url = api.export_url(experience_id, startTs=str(int(start.timestamp())), endTs=str(int(end.timestamp())))
     records = typed_records(requests.get(url, timeout=10).content, "orders", experience_id)
@@ -305,8 +329,11 @@ def test_awkward_content_of_the_default_data(emulator, api):
     assert any("\n" in note for note in notes)
     assert any(record["landing_page"] and "," in record["landing_page"] for record in records)
     assert any(record["discount"] is None for record in records) and any(record["tax"] is None for record in records)
-    items = typed_records(requests.get(api.export_url(experience_id, "order_line_items"), timeout=10).content,
-                          "order_line_items", experience_id)
+    items = typed_records(
+        requests.get(api.export_url(experience_id, "order_line_items"), timeout=10).content,
+        "order_line_items",
+        experience_id,
+    )
     assert any(not record["product_title"].isascii() for record in items)
     assert any(isinstance(record["properties"], dict) for record in items)
     per_order = {record["order_id"]: record["items_count"] for record in records}
@@ -316,19 +343,27 @@ def test_awkward_content_of_the_default_data(emulator, api):
 def test_added_rows_wait_for_the_analytics_lag(emulator, api):
     experience_id = emulator.experience_ids("started")[0]
     now = dt.datetime.now(UTC)
-    emulator.add_rows("intelligems_orders", 4, now - dt.timedelta(hours=3), now - dt.timedelta(minutes=20),
-                      {"experience_id": experience_id})
+    emulator.add_rows(
+        "intelligems_orders",
+        4,
+        now - dt.timedelta(hours=3),
+        now - dt.timedelta(minutes=20),
+        {"experience_id": experience_id},
+    )
     recent = {"startTs": str(int((now - dt.timedelta(hours=4)).timestamp()))}
     emulator.analytics_lag_seconds = 3600
-    lagging = typed_records(requests.get(api.export_url(experience_id, **recent), timeout=10).content,
-                            "orders", experience_id)
+    lagging = typed_records(
+        requests.get(api.export_url(experience_id, **recent), timeout=10).content, "orders", experience_id
+    )
     assert len(lagging) == 3  # rows at now-160, -120, -80 min; the one at -40 min is not analysed yet
     emulator.analytics_lag_seconds = 0
-    caught_up = typed_records(requests.get(api.export_url(experience_id, **recent), timeout=10).content,
-                              "orders", experience_id)
+    caught_up = typed_records(
+        requests.get(api.export_url(experience_id, **recent), timeout=10).content, "orders", experience_id
+    )
     assert len(caught_up) == 4 and all(record["items_count"] == 1 for record in caught_up)
-    assert caught_up == emulator.expected_records("intelligems_orders", {"experience_id": experience_id},
-                                                  now - dt.timedelta(hours=4))
+    assert caught_up == emulator.expected_records(
+        "intelligems_orders", {"experience_id": experience_id}, now - dt.timedelta(hours=4)
+    )
 
 
 # ---------------------------------------------------------------------- S3 host

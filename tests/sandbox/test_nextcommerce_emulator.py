@@ -67,10 +67,15 @@ class Client:
         url = path if path.startswith("http") else self.base + path
         return requests.get(url, params=params, headers=self.headers if headers is None else headers, timeout=10)
 
-    def create(self, export_type: str = "order_list", date_from: str = WHOLE_PERIOD[0],
-               date_to: str = WHOLE_PERIOD[1]) -> dict:
-        response = requests.post(f"{self.base}/exports/", json={"type": export_type, "date_from": date_from,
-                                                                 "date_to": date_to}, headers=self.headers, timeout=10)
+    def create(
+        self, export_type: str = "order_list", date_from: str = WHOLE_PERIOD[0], date_to: str = WHOLE_PERIOD[1]
+    ) -> dict:
+        response = requests.post(
+            f"{self.base}/exports/",
+            json={"type": export_type, "date_from": date_from, "date_to": date_to},
+            headers=self.headers,
+            timeout=10,
+        )
         assert response.status_code == 201, response.text
         return response.json()
 
@@ -88,8 +93,9 @@ class Client:
         assert response.status_code == 200, response.text
         return response.json()["url"]
 
-    def ready_file_url(self, export_type: str = "order_list", date_from: str = WHOLE_PERIOD[0],
-                       date_to: str = WHOLE_PERIOD[1]) -> str:
+    def ready_file_url(
+        self, export_type: str = "order_list", date_from: str = WHOLE_PERIOD[0], date_to: str = WHOLE_PERIOD[1]
+    ) -> str:
         export = self.create(export_type, date_from, date_to)
         self.wait_available(export)
         return self.file_url(export)
@@ -130,8 +136,9 @@ def parse_csv(body: bytes, emulator: NextCommerceEmulator, export_type: str) -> 
     kinds = {column["label"]: column["kind"] for column in emulator.columns(export_type)}
     rows = list(csv.reader(io.StringIO(body.decode("utf-8"), newline=""), strict=True))
     header = rows[0]
-    records = [{snake(label): cast(cell, kinds.get(label, "string")) for label, cell in zip(header, row)}
-               for row in rows[1:]]
+    records = [
+        {snake(label): cast(cell, kinds.get(label, "string")) for label, cell in zip(header, row)} for row in rows[1:]
+    ]
     return header, records
 
 
@@ -188,13 +195,20 @@ def test_create_body_is_validated_against_the_published_schema(client, emulator)
     assert reversed_range.status_code == 400 and "non_field_errors" in reversed_range.json()
     not_object = post(["order_list"])
     assert not_object.json() == {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}
-    broken_json = requests.post(f"{client.base}/exports/", data=b'{"type": ', timeout=10,
-                                headers={**client.headers, "Content-Type": "application/json"})
+    broken_json = requests.post(
+        f"{client.base}/exports/",
+        data=b'{"type": ',
+        timeout=10,
+        headers={**client.headers, "Content-Type": "application/json"},
+    )
     assert broken_json.status_code == 400 and broken_json.json()["detail"].startswith("JSON parse error")
     assert emulator.exports_created == 0
 
-    form = requests.post(f"{client.base}/exports/", data={"type": "customer_list", "date_from": WHOLE_PERIOD[0],
-                                                          "date_to": WHOLE_PERIOD[1]}, headers=client.headers)
+    form = requests.post(
+        f"{client.base}/exports/",
+        data={"type": "customer_list", "date_from": WHOLE_PERIOD[0], "date_to": WHOLE_PERIOD[1]},
+        headers=client.headers,
+    )
     assert form.status_code == 201 and form.json()["type"] == "customer_list"
     assert emulator.exports_created == 1
 
@@ -253,7 +267,8 @@ def test_list_is_newest_first_with_cursor_pages_and_filters(client, emulator):
     assert client.get("/exports/", cursor="not*base64").json() == {"detail": "Invalid cursor"}
     assert client.get("/exports/", type="orders").status_code == 400
     assert client.get("/exports/", date_created_from="2024/01/01").json() == {
-        "date_created_from": ["Enter a valid date."]}
+        "date_created_from": ["Enter a valid date."]
+    }
 
 
 # ------------------------------------------------------------------------------------ files
@@ -282,8 +297,9 @@ def test_file_host_refuses_expired_and_tampered_urls_with_403(client, emulator, 
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     tampered_sig = urlunsplit(parts._replace(query=f"expires={query['expires'][0]}&signature={'0' * 64}"))
-    longer = urlunsplit(parts._replace(query=f"expires={int(query['expires'][0]) + 999}"
-                                             f"&signature={query['signature'][0]}"))
+    longer = urlunsplit(
+        parts._replace(query=f"expires={int(query['expires'][0]) + 999}&signature={query['signature'][0]}")
+    )
     other_file = url.replace("customer_list-", "order_list-")
     for bad in (tampered_sig, longer, other_file, url.split("?")[0]):
         refused = requests.get(bad, timeout=10)
@@ -335,8 +351,9 @@ def test_every_type_has_an_id_and_a_date_column_and_agrees_with_expected_records
     body = download(client.ready_file_url(export_type, "2024-01-20T00:00:00Z", "2024-01-30T23:59:59Z")).content
     header, records = parse_csv(body, emulator, export_type)
     assert header == [c.label for c in table.columns]
-    expected = emulator.expected_records(f"nextcommerce_{export_type}", start="2024-01-20T00:00:00Z",
-                                         end="2024-01-31T00:00:00Z")
+    expected = emulator.expected_records(
+        f"nextcommerce_{export_type}", start="2024-01-20T00:00:00Z", end="2024-01-31T00:00:00Z"
+    )
     assert records == expected and len(records) > 3
     ids = [r[snake(table.id_label)] for r in records]
     assert len(set(ids)) == len(ids)
@@ -353,10 +370,12 @@ def test_window_includes_both_ends(client, emulator):
     assert [r["transaction_id"] for r in records] == [r["transaction_id"] for r in rows[10:15]]
 
     one_second_in = lambda iso, s: (dt.datetime.fromisoformat(iso) + dt.timedelta(seconds=s)).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
     body = download(client.ready_file_url("transaction_list", one_second_in(first, 1), one_second_in(last, -1))).content
     assert [r["transaction_id"] for r in parse_csv(body, emulator, "transaction_list")[1]] == [
-        r["transaction_id"] for r in rows[11:14]]
+        r["transaction_id"] for r in rows[11:14]
+    ]
 
 
 def test_naive_date_from_means_the_store_timezone(client, emulator):
@@ -394,25 +413,30 @@ def test_order_list_gains_a_metadata_column_from_february(client, emulator):
     for record in records:
         late = dt.datetime.fromisoformat(record["date_created"]) >= drift
         assert (record["metadata_sales_channel"] is not None) == late
-    expected = emulator.expected_records("nextcommerce_order_list", start="2024-01-25T00:00:00Z",
-                                         end="2024-02-06T00:00:00Z")
+    expected = emulator.expected_records(
+        "nextcommerce_order_list", start="2024-01-25T00:00:00Z", end="2024-02-06T00:00:00Z"
+    )
     assert [{k: v for k, v in r.items() if v is not None} for r in records] == [
-        {k: v for k, v in r.items() if v is not None} for r in expected]
-    assert all(("metadata_sales_channel" in r) == (dt.datetime.fromisoformat(r["date_created"]) >= drift)
-               for r in expected)
+        {k: v for k, v in r.items() if v is not None} for r in expected
+    ]
+    assert all(
+        ("metadata_sales_channel" in r) == (dt.datetime.fromisoformat(r["date_created"]) >= drift) for r in expected
+    )
 
 
 def test_add_rows_appear_in_new_exports_only(client, emulator):
     before = client.create("dispute_list", "2024-02-10T00:00:00Z", "2024-02-10T23:59:59Z")
-    emulator.add_rows("nextcommerce_dispute_list", 4, dt.datetime(2024, 2, 10, 1, tzinfo=UTC),
-                      dt.datetime(2024, 2, 10, 5, tzinfo=UTC))
+    emulator.add_rows(
+        "nextcommerce_dispute_list", 4, dt.datetime(2024, 2, 10, 1, tzinfo=UTC), dt.datetime(2024, 2, 10, 5, tzinfo=UTC)
+    )
     after = client.create("dispute_list", "2024-02-10T00:00:00Z", "2024-02-10T23:59:59Z")
     client.wait_available(after)
     old = parse_csv(download(client.file_url(before)).content, emulator, "dispute_list")[1]
     new = parse_csv(download(client.file_url(after)).content, emulator, "dispute_list")[1]
     assert len(new) == len(old) + 4
-    assert new == emulator.expected_records("nextcommerce_dispute_list", start="2024-02-10T00:00:00Z",
-                                            end="2024-02-11T00:00:00Z")
+    assert new == emulator.expected_records(
+        "nextcommerce_dispute_list", start="2024-02-10T00:00:00Z", end="2024-02-11T00:00:00Z"
+    )
     added_ids = {r["dispute_id"] for r in new} - {r["dispute_id"] for r in old}
     assert len(added_ids) == 4 and min(added_ids) > max(r["dispute_id"] for r in old)
 
@@ -422,11 +446,13 @@ def test_a_million_rows_per_type_are_never_materialized(ctx):
     big.rate_per_second = 1000
     try:
         started = time.monotonic()
-        records = big.expected_records("nextcommerce_order_line_items", start="2024-02-10T00:00:00Z",
-                                       end="2024-02-10T00:30:00Z")
+        records = big.expected_records(
+            "nextcommerce_order_line_items", start="2024-02-10T00:00:00Z", end="2024-02-10T00:30:00Z"
+        )
         assert 500 < len(records) < 1000
-        body = download(Client(big).ready_file_url("order_line_items", "2024-02-10T00:00:00Z",
-                                                   "2024-02-10T00:29:59Z")).content
+        body = download(
+            Client(big).ready_file_url("order_line_items", "2024-02-10T00:00:00Z", "2024-02-10T00:29:59Z")
+        ).content
         assert parse_csv(body, big, "order_line_items")[1] == records
         assert time.monotonic() - started < 3
     finally:
@@ -537,12 +563,14 @@ def test_header_only_and_new_column(client, emulator, ctx):
     assert header_only.count(b"\r\n") == 1 and header_only.startswith(b"Fulfillment ID,")
 
     ctx.faults.arm("new_column")
-    header, records = parse_csv(download(client.ready_file_url("fulfillment_list")).content, emulator,
-                                "fulfillment_list")
+    header, records = parse_csv(
+        download(client.ready_file_url("fulfillment_list")).content, emulator, "fulfillment_list"
+    )
     assert header[-1] == "Metadata Affiliate Code"
     assert any(r["metadata_affiliate_code"] for r in records)
-    assert [{k: v for k, v in r.items() if k != "metadata_affiliate_code"} for r in records] == \
-        emulator.expected_records("nextcommerce_fulfillment_list")
+    assert [
+        {k: v for k, v in r.items() if k != "metadata_affiliate_code"} for r in records
+    ] == emulator.expected_records("nextcommerce_fulfillment_list")
 
 
 def test_requests_are_logged_with_their_headers(client, ctx):

@@ -106,8 +106,15 @@ def voucherify_time(moment: dt.datetime) -> str:
 
 def window_filter(field: str, start: dt.datetime, end: dt.datetime) -> dict:
     """The tap's window: $after is strict, so it starts 1 ms early; $before is strict too."""
-    return {"junction": "and", field: {"conditions": {
-        "$after": voucherify_time(start - dt.timedelta(milliseconds=1)), "$before": voucherify_time(end)}}}
+    return {
+        "junction": "and",
+        field: {
+            "conditions": {
+                "$after": voucherify_time(start - dt.timedelta(milliseconds=1)),
+                "$before": voucherify_time(end),
+            }
+        },
+    }
 
 
 def cell_matches(cell: str, expected: Any) -> bool:
@@ -138,8 +145,9 @@ def assert_file_holds(rows: list[list[str]], fields: list[str], expected: list[d
 
 def spec_validator(schema_name: str) -> jsonschema.Draft202012Validator:
     spec = load_spec(SPEC_FILE)
-    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{schema_name}",
-                                            "components": spec["components"]})
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"#/components/schemas/{schema_name}", "components": spec["components"]}
+    )
 
 
 # ----------------------------------------------------------------------- auth
@@ -148,11 +156,16 @@ def spec_validator(schema_name: str) -> jsonschema.Draft202012Validator:
 def test_both_hosts_refuse_missing_or_wrong_credentials(client, emulator):
     _, response = client.export_file("/v1/orders/export", {"parameters": {"fields": ["id"]}})
     url = response.url
-    wrong = ({}, {"X-App-Id": emulator.app_id, "X-App-Token": "wrong"},
-             {"X-App-Id": "x", "X-App-Token": emulator.app_token})
+    wrong = (
+        {},
+        {"X-App-Id": emulator.app_id, "X-App-Token": "wrong"},
+        {"X-App-Id": "x", "X-App-Token": emulator.app_token},
+    )
     for headers in wrong:
-        for answer in (requests.get(emulator.api_host.base_url + "/v1/campaigns", headers=headers, timeout=5),
-                       requests.get(url, headers=headers, timeout=5)):
+        for answer in (
+            requests.get(emulator.api_host.base_url + "/v1/campaigns", headers=headers, timeout=5),
+            requests.get(url, headers=headers, timeout=5),
+        ):
             assert answer.status_code == 401
             body = answer.json()
             assert set(body) == {"code", "key", "message", "details", "request_id"}
@@ -213,20 +226,36 @@ def test_campaign_paths_take_names_and_loyalty_path_takes_only_loyalty(client, e
     [
         ("/v1/orders/export", {"parameters": {"fields": ["id", "colour"]}}, "parameters/fields/1"),
         ("/v1/orders/export", {"parameters": {"order": "amount"}}, "parameters/order"),
-        ("/v1/exports", {"exported_object": "voucher", "parameters": {"fields": ["code", "date"]}},
-         "parameters/fields/1"),
+        (
+            "/v1/exports",
+            {"exported_object": "voucher", "parameters": {"fields": ["code", "date"]}},
+            "parameters/fields/1",
+        ),
         ("/v1/exports", {"exported_object": "coupon"}, "exported_object"),
         ("/v1/exports", {"parameters": {"fields": ["id"]}}, "exported_object"),
-        ("/v1/orders/export", {"parameters": {"filters": {"updated_at": {"conditions": {"$after": "last week"}}}}},
-         "parameters.filters.updated_at.conditions.$after"),
-        ("/v1/orders/export", {"parameters": {"filters": {"amount": {"conditions": {"$more_than": 100}}}}},
-         "parameters.filters.amount.conditions.$more_than"),
-        ("/v1/exports", {"exported_object": "points_expiration",
-                         "parameters": {"filters": {"expires_at": {"conditions": {"$after": "2024-01-01T00:00:00Z"}}}}},
-         "parameters.filters.expires_at"),
-        ("/v1/campaigns/Loyalty Club/transactions/export",
-         {"parameters": {"filters": {"created_at": {"conditions": {"$after": ["2024-01-01T00:00:00.000Z"]}}}}},
-         "parameters/filters/created_at/conditions/$after"),
+        (
+            "/v1/orders/export",
+            {"parameters": {"filters": {"updated_at": {"conditions": {"$after": "last week"}}}}},
+            "parameters.filters.updated_at.conditions.$after",
+        ),
+        (
+            "/v1/orders/export",
+            {"parameters": {"filters": {"amount": {"conditions": {"$more_than": 100}}}}},
+            "parameters.filters.amount.conditions.$more_than",
+        ),
+        (
+            "/v1/exports",
+            {
+                "exported_object": "points_expiration",
+                "parameters": {"filters": {"expires_at": {"conditions": {"$after": "2024-01-01T00:00:00Z"}}}},
+            },
+            "parameters.filters.expires_at",
+        ),
+        (
+            "/v1/campaigns/Loyalty Club/transactions/export",
+            {"parameters": {"filters": {"created_at": {"conditions": {"$after": ["2024-01-01T00:00:00.000Z"]}}}}},
+            "parameters/filters/created_at/conditions/$after",
+        ),
     ],
 )
 def test_bad_bodies_are_refused_naming_the_field(client, path, body, named):
@@ -402,8 +431,9 @@ def test_download_reset_and_short_cut_the_body(client, emulator):
 
 
 def test_download_cut_quote_ends_inside_a_quoted_field(client, emulator):
-    export, whole = client.export_file("/v1/exports", {"exported_object": "customer", "parameters": {
-        "fields": list(KINDS["customer"].fields)}})
+    export, whole = client.export_file(
+        "/v1/exports", {"exported_object": "customer", "parameters": {"fields": list(KINDS["customer"].fields)}}
+    )
     emulator.ctx.faults.arm("download_cut_quote")
     cut = client.download(export["result"]["url"])
     assert cut.status_code == 200 and int(cut.headers["Content-Length"]) == len(cut.content) < len(whole.content)
@@ -479,8 +509,10 @@ def test_window_boundaries_are_strict_after_and_before(client, emulator):
 
     def ids(after: dt.datetime, before: dt.datetime) -> list[str]:
         filters = {"updated_at": {"conditions": {"$after": voucherify_time(after), "$before": voucherify_time(before)}}}
-        _, response = client.export_file("/v1/orders/export", {"parameters": {
-            "fields": ["id", "updated_at"], "filters": filters, "order": "updated_at"}})
+        _, response = client.export_file(
+            "/v1/orders/export",
+            {"parameters": {"fields": ["id", "updated_at"], "filters": filters, "order": "updated_at"}},
+        )
         return [row[0] for row in csv_rows(response.content)[1:]]
 
     row_id = next(r["id"] for r in records if r["updated_at"] == midnight)
@@ -505,13 +537,22 @@ def test_order_parameter_sorts_rows(client):
 def test_voucher_transactions_export_merges_campaigns_and_filters_by_campaign(client, emulator):
     gift = emulator.campaign_ids("GIFT_VOUCHERS")[0]
     fields = ["id", "campaign_id", "created_at"]
-    _, everything = client.export_file("/v1/exports", {"exported_object": "voucher_transactions",
-                                                       "parameters": {"fields": fields}})
+    _, everything = client.export_file(
+        "/v1/exports", {"exported_object": "voucher_transactions", "parameters": {"fields": fields}}
+    )
     rows = csv_rows(everything.content)[1:]
     assert len(rows) == len(emulator.expected_records("voucherify_campaign_transactions"))
     assert [row[2] for row in rows] == sorted(row[2] for row in rows)
-    _, one = client.export_file("/v1/exports", {"exported_object": "voucher_transactions", "parameters": {
-        "fields": fields, "filters": {"junction": "and", "campaign_id": {"conditions": {"$in": [gift]}}}}})
+    _, one = client.export_file(
+        "/v1/exports",
+        {
+            "exported_object": "voucher_transactions",
+            "parameters": {
+                "fields": fields,
+                "filters": {"junction": "and", "campaign_id": {"conditions": {"$in": [gift]}}},
+            },
+        },
+    )
     expected = emulator.expected_records("voucherify_campaign_transactions", {"campaign_id": gift})
     assert [row[0] for row in csv_rows(one.content)[1:]] == [record["id"] for record in expected]
 
@@ -531,10 +572,12 @@ def test_added_rows_reach_later_exports_only(client, emulator):
 
 
 def test_default_files_hold_the_awkward_parts(client, emulator):
-    _, vouchers = client.export_file("/v1/exports", {"exported_object": "voucher",
-                                                      "parameters": {"fields": list(KINDS["voucher"].fields)}})
-    _, customers = client.export_file("/v1/exports", {"exported_object": "customer",
-                                                       "parameters": {"fields": list(KINDS["customer"].fields)}})
+    _, vouchers = client.export_file(
+        "/v1/exports", {"exported_object": "voucher", "parameters": {"fields": list(KINDS["voucher"].fields)}}
+    )
+    _, customers = client.export_file(
+        "/v1/exports", {"exported_object": "customer", "parameters": {"fields": list(KINDS["customer"].fields)}}
+    )
     raw = vouchers.content
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw and raw.count(b"\r\n") >= 60
     voucher_rows = csv_rows(raw)
