@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 from singer_sdk import Tap
+from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
 from singer_sdk.configuration._dict_config import parse_environment_config
 
@@ -180,14 +182,16 @@ class TapCommerceExports(Tap):
                 self.logger.warning("Connection check of %s failed (%s); trying the exports anyway", name, detail)
 
     def _start_exports(self, streams: list[ExportStream]) -> None:
+        self._streams_failed_to_start: set[str] = set()
         for stream in streams:
             try:
                 stream.start_exports()
-            except Exception as exc:
+            except Exception as exc:  # listing its partitions failed: nothing of it can run
+                self._streams_failed_to_start.add(stream.name)
                 self.record_failure(stream.name, None, exc)
 
     def _sync_one(self, stream) -> None:
-        if any(failure.startswith(f"{stream.name}:") for failure in self.failures):
+        if stream.name in self._streams_failed_to_start:
             return  # it could not even list its partitions
         try:
             stream.sync()
@@ -202,9 +206,22 @@ class TapCommerceExports(Tap):
 
     def record_failure(self, stream_name: str, context: dict | None, error: BaseException) -> None:
         where = "".join(f" {key}={value}" for key, value in (context or {}).items())
-        message = f"{stream_name}:{where} {error}"
+        # Engine errors already start with the stream and partition they concern: say them once.
+        detail = str(error).removeprefix(f"{stream_name}{where} ")
+        message = f"{stream_name}:{where} {detail}"
         self.failures.append(message)
         self.logger.error("Stream %s%s failed, continuing with the others: %s", stream_name, where, error)
+
+    def _handle_termination(self, signum: int, frame: Any) -> None:  # type: ignore[override]
+        """SIGTERM/SIGINT: write the state as it stands (the SDK skips an unchanged one) and stop.
+
+        The bookmarks name only finished windows, so rows written after them are sent again by
+        the next run. Exit code 128 + signal tells an orchestrator the run was interrupted.
+        """
+        self.write_message(singer.StateMessage(value=self.state))
+        sys.stdout.flush()
+        self.logger.warning("Stopped by signal %d; the last STATE resumes the next run", signum)
+        sys.exit(128 + signum)
 
     def note_exports_in_flight(self) -> None:
         """While waiting for a file: put exports started meanwhile into STATE (see ExportStream)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import decimal
+import io
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ class CsvFormatError(ValueError):
 # ------------------------------------------------------------------- header keys
 
 _NON_ALPHANUMERIC_RUN = re.compile(r"[^0-9a-zA-Z]+")
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def header_key(label: str) -> str:
@@ -236,9 +238,22 @@ class CsvRecordReader:
         except csv.Error as exc:
             raise CsvFormatError(f"{self.describe}: row {self.rows_read + 1} is not valid CSV: {exc}") from None
         except UnicodeDecodeError as exc:
-            raise CsvFormatError(
-                f"{self.describe}: row {self.rows_read + 1} holds bytes that are not UTF-8 ({exc.reason})"
-            ) from None
+            row = self._row_with_bad_bytes(text) or self.rows_read + 1
+            raise CsvFormatError(f"{self.describe}: row {row} holds bytes that are not UTF-8 ({exc.reason})") from None
+
+    @staticmethod
+    def _row_with_bad_bytes(text: TextIO) -> int | None:
+        """The data row holding the bad bytes. Decoding fails a whole chunk ahead of the parser, so
+        the count of rows read says little; on this error path the file is read again to find it."""
+        raw = getattr(text, "buffer", None)
+        if raw is None or not raw.seekable():
+            return None
+        raw.seek(0)
+        lenient = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        for number, row in enumerate(csv.reader(lenient)):
+            if any(_SURROGATE.search(cell) for cell in row):
+                return number  # the header is row 0
+        return None
 
     def _records(self, rows: Iterator[list[str]], layout: CsvLayout) -> Iterator[dict]:
         # The hot loop of the tap: the dict is built in C, then only typed or empty cells are

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from tap_commerce_exports.engine.download import DownloadedFile, FileDownloader
+from tap_commerce_exports.engine.download import DownloadedFile, DownloadError, FileDownloader
 from tap_commerce_exports.engine.windows import Window
 
 
@@ -194,18 +194,25 @@ class ExportRunner:
     def prepare(self, request: ExportRequest) -> ReadyExport:
         """Create (or reuse) the export, wait for it, and download its file whole."""
         failures: list[str] = []
-        for attempt in range(self.api.max_recreates + 1):
-            tracked = self._start(request, request.remembered_export_id if attempt == 0 else None)
+        # At least one re-creation: a file damaged at the source is only cured by a new export.
+        attempts = max(self.api.max_recreates, 1) + 1
+        for attempt in range(attempts):
+            tracked = self._start(request, request.remembered_export_id, first_attempt=attempt == 0)
             tracked = self._wait_until_ready(request, tracked)
             if tracked.handle.state is ExportState.READY:
-                file = self._download(request, tracked)
+                try:
+                    file = self._download(request, tracked)
+                except DownloadError as exc:
+                    failures.append(f"{tracked.handle.export_id} (file never complete)")
+                    self.logger.warning("%s; creating the export again (%d of %d)", exc, attempt + 1, attempts - 1)
+                    continue
                 waited = time.monotonic() - tracked.started
                 ready = ReadyExport(request, tracked.handle, file, waited, tracked.polls)
                 if self.api.row_cap:
                     ready.row_count, ready.request_row_cap = count_csv_rows(file.path), self.api.row_cap
                 return ready
             failures.append(f"{tracked.handle.export_id} ({tracked.handle.status})")
-            if attempt == self.api.max_recreates:
+            if attempt >= self.api.max_recreates:
                 break
             delay = min(self.poll_policy.interval * 2**attempt, self.poll_policy.max_interval)
             self.logger.warning(
@@ -223,13 +230,14 @@ class ExportRunner:
             f"{request.describe()}: export failed {len(failures)} times: {', '.join(failures)}; giving up"
         )
 
-    def _start(self, request: ExportRequest, remembered_export_id: str | None) -> _Tracked:
+    def _start(self, request: ExportRequest, remembered_export_id: str | None, *, first_attempt: bool) -> _Tracked:
+        """Resume or reuse an export on the first attempt; later attempts always create a new one."""
         handle = None
-        if remembered_export_id:
+        if first_attempt and remembered_export_id:
             handle = self.api.resume(request, remembered_export_id)
             if handle:
                 self.logger.info("%s: resuming export %s from state", request.describe(), handle.export_id)
-        if handle is None:
+        if handle is None and first_attempt:
             handle = self.api.find_reusable(request)
             if handle:
                 self.logger.info("%s: reusing existing export %s", request.describe(), handle.export_id)

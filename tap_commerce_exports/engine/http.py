@@ -34,6 +34,10 @@ class ApiError(RuntimeError):
         self.status = status
 
 
+class ApiTimeout(ApiError):
+    """The API did not answer within the read timeout the caller chose (a synchronous export)."""
+
+
 class _RateLimited(Exception):
     def __init__(self, wait_seconds: float) -> None:
         self.wait_seconds = wait_seconds
@@ -162,19 +166,29 @@ class ApiClient:
     def get(self, path: str, *, params: dict | None = None, ok: Iterable[int] = (200,)) -> Any:
         return self.request("GET", path, params=params, ok=ok)
 
-    def post(self, path: str, *, body: Any, ok: Iterable[int] = (200, 201)) -> Any:
-        return self.request("POST", path, json_body=body, ok=ok)
+    def post(self, path: str, *, body: Any, ok: Iterable[int] = (200, 201), read_timeout: float | None = None) -> Any:
+        """`read_timeout`: give up (ApiTimeout, no retry) when the answer takes longer."""
+        return self.request("POST", path, json_body=body, ok=ok, read_timeout=read_timeout)
 
     def request(
-        self, method: str, path: str, *, params: dict | None = None, json_body: Any = None, ok: Iterable[int] = (200,)
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        json_body: Any = None,
+        ok: Iterable[int] = (200,),
+        read_timeout: float | None = None,
     ) -> Any:
         """The parsed JSON answer (None for an empty body), after retries; ApiError otherwise."""
-        response = self._send_with_retries(method, self.url(path), params, json_body)
+        response = self._send_with_retries(method, self.url(path), params, json_body, read_timeout)
         if response.status_code not in set(ok):
             raise ApiError(self._describe_failure(method, path, response), response.status_code)
         return response.json() if response.content else None
 
-    def _send_with_retries(self, method: str, url: str, params: dict | None, body: Any) -> requests.Response:
+    def _send_with_retries(
+        self, method: str, url: str, params: dict | None, body: Any, read_timeout: float | None
+    ) -> requests.Response:
         send = backoff.on_exception(
             backoff.expo,
             _Retriable,
@@ -207,7 +221,7 @@ class ApiClient:
                 on_giveup=lambda d: self._give_up(method, url, d["exception"]),
             )(self._send_once)
         )
-        return send(method, url, params, body)
+        return send(method, url, params, body, read_timeout)
 
     def _give_up(self, method: str, url: str, exc: Exception) -> None:
         if isinstance(exc, _RateLimited):
@@ -220,14 +234,22 @@ class ApiClient:
             f"{getattr(exc, 'reason', exc)}"
         )
 
-    def _send_once(self, method: str, url: str, params: dict | None, body: Any) -> requests.Response:
+    def _send_once(
+        self, method: str, url: str, params: dict | None, body: Any, read_timeout: float | None
+    ) -> requests.Response:
         if self.stopping.is_set():
             raise ApiError(f"{self.api_name}: {method} {without_query(url)} not sent: the run is stopping")
         self.pacer.wait_turn()
         with self._calls_lock:
             self.calls += 1
+        timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT
         try:
-            response = self.session.request(method, url, params=params, json=body, timeout=TIMEOUT)
+            response = self.session.request(method, url, params=params, json=body, timeout=timeout)
+        except requests.ReadTimeout:
+            if read_timeout:
+                where = without_query(url)
+                raise ApiTimeout(f"{self.api_name}: {method} {where} gave no answer in {read_timeout:g}s") from None
+            raise _Retriable("ReadTimeout") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retriable(type(exc).__name__) from None
         if response.status_code == 429:

@@ -195,7 +195,10 @@ class ExportStream(Stream):
     def start_exports(self) -> None:
         """Queue this stream's first exports now, so they run while earlier streams are read."""
         for context in self.partitions or [{}]:
-            self._queue_for(context or None)
+            try:
+                self._queue_for(context or None)
+            except Exception as exc:  # reported by get_records, which meets the same error per partition
+                self.logger.debug("%s %s: exports not started early: %s", self.name, context, exc)
 
     def _queue_for(self, context: dict | None) -> ExportQueue:
         key = tuple(sorted((context or {}).items()))
@@ -213,8 +216,9 @@ class ExportStream(Stream):
         """Rows window by window. A failure ends this partition only: the tap reports it at the end."""
         context = dict(context) if context else None
         coordinator: Any = self._tap  # TapCommerceExports: failures and in-flight exports are tap-wide
-        queue = self._queue_for(context)
+        queue: ExportQueue | None = None
         try:
+            queue = self._queue_for(context)
             while queue:
                 ready = queue.next_ready(while_waiting=coordinator.note_exports_in_flight)
                 if ready.at_row_cap:
@@ -226,7 +230,8 @@ class ExportStream(Stream):
         except Exception as exc:
             coordinator.record_failure(self.name, context, exc)
         finally:
-            queue.cancel()
+            if queue is not None:
+                queue.cancel()
             self._queues.pop(tuple(sorted((context or {}).items())), None)
 
     def _split(self, ready: ReadyExport) -> list[ExportRequest]:

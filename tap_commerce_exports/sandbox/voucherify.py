@@ -705,6 +705,7 @@ class SyntheticData:
 
     def __init__(self, seed: int, rows_per_type: int | None) -> None:
         self.seed = seed
+        self.rows_per_type = rows_per_type
         self.campaigns = seed_campaigns(seed)
         self.sources: dict[str, RowSource] = {}
         for kind in KINDS:
@@ -1357,6 +1358,27 @@ class VoucherifyEmulator:
     def campaign_ids(self, campaign_type: str | None = None) -> list[str]:
         """Ids of the campaigns the API lists (deleted ones left out)."""
         return [c.id for c in self._live_campaigns() if campaign_type in (None, c.campaign_type)]
+
+    def add_campaigns(self, count: int, campaign_type: str = "GIFT_VOUCHERS") -> list[str]:
+        """`count` more campaigns with transactions (load tests): listed, exportable, in expected_records."""
+        data = self.data
+        rows = DEFAULT_ROW_COUNTS["voucher_transactions"] if data.rows_per_type is None else data.rows_per_type
+        with self._lock:
+            first = len(data.campaigns)
+            added = tuple(
+                Campaign(
+                    "camp_" + token(24, self.seed, "campaign", position),
+                    f"Load campaign {position}",
+                    campaign_type,
+                    position,
+                    dt.datetime(2023, 12, 1, 9, 30, tzinfo=UTC),
+                )
+                for position in range(first, first + count)
+            )
+            for campaign in added:
+                data._add_source(f"voucher_transactions:{campaign.id}", "voucher_transactions", rows, campaign)
+            data.campaigns = (*data.campaigns, *added)
+        return [campaign.id for campaign in added]
 
     def delete_campaign(self, campaign_id: str) -> None:
         """Remove a campaign: it leaves the list and exports of its transactions answer 404."""

@@ -28,7 +28,7 @@ from singer_sdk.streams import Stream
 
 from tap_commerce_exports.engine.csv_records import Column
 from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
-from tap_commerce_exports.engine.http import ApiClient
+from tap_commerce_exports.engine.http import ApiClient, ApiTimeout
 from tap_commerce_exports.engine.stream import ExportStream
 from tap_commerce_exports.engine.windows import UTC, Window
 from tap_commerce_exports.openapi import SpecValidator
@@ -85,9 +85,11 @@ class IntelligemsApi(ExportApi):
     name = "intelligems"
     max_recreates = 4  # url: null answers are retried this many times, with backoff
 
-    def __init__(self, client: ApiClient, filters: dict | None) -> None:
+    def __init__(self, client: ApiClient, filters: dict | None, export_timeout_seconds: float) -> None:
         self.client = client
         self.filters = filters
+        # The export call is synchronous: export_timeout_seconds bounds the wait for its answer.
+        self.export_timeout_seconds = export_timeout_seconds
         self._experiences: dict[str, Experience] | None = None
 
     def create(self, request: ExportRequest) -> ExportHandle:
@@ -98,10 +100,15 @@ class IntelligemsApi(ExportApi):
             body["endTs"] = str(int(request.window.end.timestamp()))
         if self.filters:
             body["filters"] = self.filters
-        answer = self.client.post(EXPORT_PATH.format(experienceId=quote(experience_id, safe="")), body=body, ok=(200,))
+        handle_id = f"{experience_id}/{request.export_type}/{body.get('startTs', '')}-{body.get('endTs', '')}"
+        path = EXPORT_PATH.format(experienceId=quote(experience_id, safe=""))
+        try:
+            answer = self.client.post(path, body=body, ok=(200,), read_timeout=self.export_timeout_seconds)
+        except ApiTimeout:
+            status = f"no answer within export_timeout_seconds={self.export_timeout_seconds:g}"
+            return ExportHandle(handle_id, status, ExportState.FAILED)
         url = answer.get("url")
         message = str(answer.get("message") or "")
-        handle_id = f"{experience_id}/{request.export_type}/{body.get('startTs', '')}-{body.get('endTs', '')}"
         if not url:
             return ExportHandle(handle_id, message or "no url", ExportState.FAILED)
         return ExportHandle(handle_id, message or "ready", ExportState.READY, str(url))
@@ -310,7 +317,7 @@ def build_api(config: dict, logger: logging.Logger) -> IntelligemsApi:
         # The export bucket holds 20; x-ratelimit-remaining/-reset and 429 pace us beyond that.
         pacer=pacer(config.get("intelligems_requests_per_second"), burst=5),
     )
-    return IntelligemsApi(client, _filters(config))
+    return IntelligemsApi(client, _filters(config), float(config.get("export_timeout_seconds") or 3600))
 
 
 def check_connection(api: ExportApi) -> str:
