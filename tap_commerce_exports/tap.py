@@ -50,7 +50,7 @@ COMMON_SETTINGS = [
         "poll_max_interval_seconds",
         th.NumberType,
         default=60,
-        description="Polls back off (x1.5 each) up to this wait.",
+        description="Polls back off (x1.25 each) up to this wait.",
     ),
     th.Property(
         "export_timeout_seconds",
@@ -61,7 +61,7 @@ COMMON_SETTINGS = [
     th.Property(
         "max_concurrent_exports",
         th.IntegerType,
-        default=8,
+        default=16,
         description="Exports created, polled and downloaded at the same time across all streams.",
     ),
 ]
@@ -76,10 +76,12 @@ class TapCommerceExports(Tap):
         *COMMON_SETTINGS, *(setting for source in SOURCES for setting in source.settings)
     ).to_dict()
 
+    stop_signal: int = 0
+
     def discover_streams(self) -> list[ExportStream]:
         install_log_redaction()
         self._check_settings()
-        self.scheduler = ExportScheduler(int(self.config.get("max_concurrent_exports", 8)))
+        self.scheduler = ExportScheduler(int(self.config.get("max_concurrent_exports", 16)))
         streams: list[ExportStream] = []
         self._runtimes: dict[str, SourceRuntime] = {}
         for source in SOURCES:
@@ -161,10 +163,15 @@ class TapCommerceExports(Tap):
         export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
         self._fail_fast_on_bad_credentials()
         try:
+            self.check_stop()
             self._start_exports(export_streams)
             for stream in self.streams.values():
                 if stream.selected:
+                    self.check_stop()
                     self._sync_one(stream)
+        except StopRequested as stop:
+            self._stop_workers()
+            self._write_final_state_and_exit(stop.signum)
         finally:
             self._stop_workers()
         self._log_summary(export_streams, time.monotonic() - started)
@@ -197,6 +204,8 @@ class TapCommerceExports(Tap):
             stream.sync()
         except Exception as exc:
             self.record_failure(stream.name, None, exc)
+        if isinstance(stream, ExportStream):
+            stream.finish_fast_output()
         stream.finalize_state_progress_markers()
         stream.log_sync_costs()
 
@@ -213,11 +222,24 @@ class TapCommerceExports(Tap):
         self.logger.error("Stream %s%s failed, continuing with the others: %s", stream_name, where, error)
 
     def _handle_termination(self, signum: int, frame: Any) -> None:  # type: ignore[override]
-        """SIGTERM/SIGINT: write the state as it stands (the SDK skips an unchanged one) and stop.
+        """SIGTERM/SIGINT: stop at the next safe point (a chunk of rows written, or a wait).
 
-        The bookmarks name only finished windows, so rows written after them are sent again by
-        the next run. Exit code 128 + signal tells an orchestrator the run was interrupted.
+        Stopping inside the handler could interleave the final STATE with a half-written chunk of
+        records; so the handler only asks, and `check_stop` ends the run where output is whole.
+        A second signal stops at once.
         """
+        if self.stop_signal:
+            self._write_final_state_and_exit(signum)
+        self.stop_signal = signum
+        self.logger.warning("Signal %d received: stopping after the rows being written", signum)
+
+    def check_stop(self) -> None:
+        if self.stop_signal:
+            raise StopRequested(self.stop_signal)
+
+    def _write_final_state_and_exit(self, signum: int) -> None:
+        """The bookmarks name finished windows only, so the next run re-sends the rest. Exit code
+        128 + signal tells an orchestrator the run was interrupted."""
         self.write_message(singer.StateMessage(value=self.state))
         sys.stdout.flush()
         self.logger.warning("Stopped by signal %d; the last STATE resumes the next run", signum)
@@ -225,6 +247,7 @@ class TapCommerceExports(Tap):
 
     def note_exports_in_flight(self) -> None:
         """While waiting for a file: put exports started meanwhile into STATE (see ExportStream)."""
+        self.check_stop()
         for stream in self.streams.values():
             if isinstance(stream, ExportStream) and stream.selected:
                 stream.note_all_exports_in_flight()
@@ -244,6 +267,14 @@ class TapCommerceExports(Tap):
                 t.seconds,
             )
         self.logger.info("Sync finished in %.1fs with %d failure(s)", elapsed, len(getattr(self, "failures", [])))
+
+
+class StopRequested(BaseException):
+    """A signal asked the run to stop; raised at a safe point, caught by sync_all."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 class SyncFailures(RuntimeError):

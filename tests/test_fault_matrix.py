@@ -532,7 +532,7 @@ def test_sigterm_mid_window_exits_cleanly_with_a_state_as_its_last_message():
         rest, last_line = drain(process)
         stderr = Path(process.stderr_path).read_text()
 
-        assert process.returncode >= 0, f"killed by the signal ({process.returncode}), not shut down"
+        assert process.returncode == 128 + signal.SIGTERM, f"exit code {process.returncode}, not a clean stop"
         assert "Traceback" not in stderr
         last = (rest or seen)[-1]
         assert last["type"] == "STATE", f"last message is a {last['type']}: {(last_line or json.dumps(last))[:120]}"
@@ -784,11 +784,9 @@ def test_fifty_intelligems_experiences_sync_in_one_run_within_the_rate_limit():
         refused = [e for e in exports if e.status == 429]
         accepted = [e for e in exports if e.status == 200]
         assert len(accepted) == len(started) * 3
-        # The tap is unpaced by default and stops when x-ratelimit-remaining reaches 0: only requests
-        # already on their way when the bucket ran dry may be refused, at most one per export worker.
-        assert len(refused) <= FAST_SETTINGS.get("max_concurrent_exports", 8), (
-            f"{len(refused)} exports answered 429 out of {len(exports)}"
-        )
+        # The tap spends the budget the API reports (x-ratelimit-remaining, less the requests in
+        # flight) and waits for x-ratelimit-reset at zero: it stays inside the limit, no 429.
+        assert refused == [], f"{len(refused)} exports answered 429 out of {len(exports)}"
         assert growth_mb < 300, f"peak RSS grew by {growth_mb:.0f} MB"
         print(
             f"50-experience load: {len(exports)} export calls, {len(refused)} 429s, {elapsed:.1f}s, "

@@ -73,7 +73,10 @@ class ExportHandle:
 
 @dataclass
 class PollPolicy:
-    """Poll from `interval` up to `max_interval` (x1.5 each time); give up after `timeout` seconds."""
+    """Poll from `interval` up to `max_interval` (x1.25 each time); give up after `timeout` seconds.
+
+    A gentle growth: an export is noticed at most a quarter of its age after it became ready.
+    """
 
     interval: float = 5.0
     max_interval: float = 60.0
@@ -84,7 +87,7 @@ class PollPolicy:
         wait = self.interval
         while True:
             yield wait
-            wait = min(self.max_interval, wait * 1.5)
+            wait = min(self.max_interval, wait * 1.25)
 
 
 class ExportApi(ABC):

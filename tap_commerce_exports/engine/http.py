@@ -96,8 +96,27 @@ def retry_after_seconds(response: requests.Response, default: float = 1.0) -> fl
     return default
 
 
+def reported_budget(response: requests.Response | None) -> tuple[int | None, float | None]:
+    """(requests left, seconds to reset) from x-ratelimit-remaining / x-ratelimit-reset, if sent."""
+    if response is None:
+        return None, None
+    remaining = response.headers.get("x-ratelimit-remaining")
+    reset = response.headers.get("x-ratelimit-reset")
+    if remaining is None or reset is None or not remaining.strip().isdigit():
+        return None, None
+    return int(remaining), max(0.0, float(reset) / 1000.0 - time.time())
+
+
 class RequestPacer:
-    """Client-side token bucket: stay under an API's documented requests-per-second, across threads."""
+    """Keeps one API's callers, across threads, inside its rate limits.
+
+    Two limits, either may be absent: a client-side token bucket for a documented requests per
+    second (Next Commerce's 4/s), and the budget the API reports itself (Intelligems'
+    x-ratelimit-remaining / x-ratelimit-reset). The reported budget is reduced by the requests
+    still in flight, which the API had not counted when it answered; at zero, callers wait for the
+    reset instead of sending a request bound to be refused. Budgets are kept per `kind` of call
+    (the export endpoint and the others have separate buckets).
+    """
 
     def __init__(self, per_second: float | None, burst: int = 1) -> None:
         self.per_second = per_second
@@ -106,37 +125,51 @@ class RequestPacer:
         self._tokens = float(burst)
         self._last = time.monotonic()
         self._paused_until = 0.0
+        self._budgets: dict[str, tuple[int, float]] = {}  # kind -> (requests left, reset time)
+        self._in_flight: dict[str, int] = {}
 
-    def wait_turn(self) -> None:
+    def wait_turn(self, kind: str = "") -> None:
         while True:
             with self._lock:
-                now = time.monotonic()
-                wait = self._paused_until - now
-                rate = self.per_second
-                if wait <= 0 and rate is None:
+                wait = self._wait_needed(kind, time.monotonic())
+                if wait <= 0:
+                    self._in_flight[kind] = self._in_flight.get(kind, 0) + 1
                     return
-                if wait <= 0 and rate is not None:
-                    self._tokens = min(float(self.burst), self._tokens + (now - self._last) * rate)
-                    self._last = now
-                    if self._tokens >= 1.0:
-                        self._tokens -= 1.0
-                        return
-                    wait = (1.0 - self._tokens) / rate
             time.sleep(wait)
 
+    def _wait_needed(self, kind: str, now: float) -> float:
+        """0 and the turn is taken, or how long to wait. Call with the lock held."""
+        if self._paused_until > now:
+            return self._paused_until - now
+        left, reset = self._budgets.get(kind, (1, 0.0))
+        if left <= 0 and reset > now:
+            return reset - now
+        if self.per_second is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.per_second)
+            self._last = now
+            if self._tokens < 1.0:
+                return (1.0 - self._tokens) / self.per_second
+            self._tokens -= 1.0
+        if kind in self._budgets:
+            self._budgets[kind] = (left - 1, reset) if reset > now else (1, 0.0)
+        return 0.0
+
+    def done(self, kind: str = "", remaining: int | None = None, reset_in: float | None = None) -> None:
+        """A request answered; `remaining`/`reset_in` are the budget the API reported, if any."""
+        with self._lock:
+            self._in_flight[kind] = max(0, self._in_flight.get(kind, 1) - 1)
+            if remaining is not None and reset_in is not None:
+                self._budgets[kind] = (remaining - self._in_flight[kind], time.monotonic() + reset_in)
+
     def pause_for(self, seconds: float) -> None:
-        """Everyone waits: the API said the budget is spent (429, or remaining == 0)."""
+        """Everyone waits: the API answered 429."""
         with self._lock:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
 
 @dataclass
 class ApiClient:
-    """Calls one API: base URL, credential headers, pacing and retries.
-
-    `exhausted_budget_wait(response)` lets an API say "remaining is 0, wait N s" from its own
-    headers before it answers 429 (Intelligems' x-ratelimit-remaining / x-ratelimit-reset).
-    """
+    """Calls one API: base URL, credential headers, pacing and retries."""
 
     api_name: str
     base_url: str
@@ -239,10 +272,12 @@ class ApiClient:
     ) -> requests.Response:
         if self.stopping.is_set():
             raise ApiError(f"{self.api_name}: {method} {without_query(url)} not sent: the run is stopping")
-        self.pacer.wait_turn()
+        kind = method  # Intelligems' export bucket is its POSTs; reads have another
+        self.pacer.wait_turn(kind)
         with self._calls_lock:
             self.calls += 1
         timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT
+        response = None
         try:
             response = self.session.request(method, url, params=params, json=body, timeout=timeout)
         except requests.ReadTimeout:
@@ -252,21 +287,15 @@ class ApiClient:
             raise _Retriable("ReadTimeout") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retriable(type(exc).__name__) from None
+        finally:
+            self.pacer.done(kind, *reported_budget(response))
         if response.status_code == 429:
             wait = retry_after_seconds(response)
             self.pacer.pause_for(wait)
             raise _RateLimited(wait)
         if response.status_code in RETRIABLE_STATUSES:
             raise _Retriable(f"HTTP {response.status_code}")
-        if (budget_wait := self.exhausted_budget_wait(response)) is not None:
-            self.pacer.pause_for(budget_wait)
         return response
-
-    def exhausted_budget_wait(self, response: requests.Response) -> float | None:
-        remaining = response.headers.get("x-ratelimit-remaining")
-        if remaining is not None and remaining.strip() == "0" and "x-ratelimit-reset" in response.headers:
-            return retry_after_seconds(response)
-        return None
 
     def _describe_failure(self, method: str, path: str, response: requests.Response) -> str:
         detail = response.text[:300].strip() if response.content else ""
