@@ -451,3 +451,24 @@ def test_every_tap_setting_reaches_the_tap(meltano, sandbox):
     missing = sorted(name for name in settings if name not in config)
     if missing:
         raise SettingDropped(f"Meltano dropped {missing}: declare them under the extractor's settings in meltano.yml")
+
+
+def test_meltano_config_test_passes_with_good_credentials_and_fails_clearly_with_bad(meltano, sandbox):
+    """`meltano config test tap-commerce-exports`: the tap checks every source's credentials first."""
+    settings = {**FAST_SETTINGS, "end_date": END, **sandbox.tap_config()}
+    passed = meltano("config", "test", "tap-commerce-exports", env=tap_environment(settings))
+    assert "Plugin configuration is valid" in passed.stdout + passed.stderr
+
+    bad = {**settings, "nextcommerce_api_token": "not-the-token"}
+    env = {**clean_environment(), "MELTANO_DATABASE_URI": meltano.database_uri, **tap_environment(bad)}
+    failed = subprocess.run(
+        [MELTANO, "config", "test", "tap-commerce-exports"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    assert failed.returncode != 0
+    assert "nextcommerce refused the credentials" in failed.stdout + failed.stderr
+    assert "not-the-token" not in failed.stdout + failed.stderr

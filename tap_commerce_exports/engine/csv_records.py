@@ -150,6 +150,15 @@ class Column:
         return schema
 
 
+def columns_from_spec(spec: str) -> tuple[Column, ...]:
+    """Columns written compactly: "id amount:integer created_at:datetime" (no kind means string)."""
+    columns = []
+    for item in spec.split():
+        key, _, kind = item.partition(":")
+        columns.append(Column(key, kind or "string"))
+    return tuple(columns)
+
+
 _KIND_SCHEMAS: dict[str, dict] = {
     "string": {"type": ["string", "null"]},
     "integer": {"type": ["integer", "null"]},

@@ -1351,7 +1351,8 @@ def field_errors(messages: list[str], body: Any) -> dict[str, list[str]]:
 def parse_api_datetime(text: str, zone: dt.tzinfo) -> dt.datetime | None:
     """An ISO-8601 date-time as DRF reads it (naive means the store's timezone); None if unreadable."""
     try:
-        moment = dt.datetime.fromisoformat(text)
+        # Python 3.10's fromisoformat does not read a trailing "Z".
+        moment = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
         return None
     return (moment.replace(tzinfo=zone) if moment.tzinfo is None else moment).astimezone(UTC)

@@ -26,7 +26,7 @@ from urllib.parse import quote
 from singer_sdk import typing as th
 from singer_sdk.streams import Stream
 
-from tap_commerce_exports.engine.csv_records import Column
+from tap_commerce_exports.engine.csv_records import columns_from_spec
 from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
 from tap_commerce_exports.engine.http import ApiClient, ApiTimeout
 from tap_commerce_exports.engine.stream import ExportStream
@@ -146,14 +146,6 @@ class IntelligemsApi(ExportApi):
 # ------------------------------------------------------------------------ streams
 
 
-def _columns(spec: str) -> tuple[Column, ...]:
-    columns = []
-    for item in spec.split():
-        key, _, kind = item.partition(":")
-        columns.append(Column(key, kind or "string"))
-    return tuple(columns)
-
-
 class IntelligemsExportStream(ExportStream):
     """An experience export type; partitioned by experience and clamped to its lifetime."""
 
@@ -254,7 +246,7 @@ class OrdersStream(IntelligemsExportStream):
     name = "intelligems_orders"
     export_type = "orders"
     primary_keys = ("experience_id", "order_id")
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "order_id order_name created_at:datetime variation_id variation_name is_control:boolean visitor_id "
         "device_type country_code source_channel landing_page is_new_visitor:boolean currency subtotal:number "
         "discount:number shipping:number tax:number revenue:number items_count:integer discount_code note "
@@ -266,7 +258,7 @@ class OrderLineItemsStream(IntelligemsExportStream):
     name = "intelligems_order_line_items"
     export_type = "order_line_items"
     primary_keys = ("experience_id", "line_item_id")
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "line_item_id order_id created_at:datetime variation_id variation_name product_id product_title variant_id "
         "variant_title sku quantity:integer price:number compare_at_price:number discount:number line_total:number "
         "currency is_test_product:boolean properties:json experience_id"
@@ -277,7 +269,7 @@ class OrderReconciliationStream(IntelligemsExportStream):
     name = "intelligems_order_reconciliation"
     export_type = "order_reconciliation"
     primary_keys = ("experience_id", "order_id")
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "order_id order_name created_at:datetime variation_id variation_name currency shopify_total:number "
         "intelligems_total:number difference:number included_in_analysis:boolean exclusion_reason "
         "analytics_synced_at:datetime experience_id"

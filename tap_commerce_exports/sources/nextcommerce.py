@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
 
-from tap_commerce_exports.engine.csv_records import Column, zone
+from tap_commerce_exports.engine.csv_records import columns_from_spec, zone
 from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
 from tap_commerce_exports.engine.http import ApiClient, ApiError
 from tap_commerce_exports.engine.stream import ExportStream
@@ -126,14 +126,6 @@ class NextCommerceApi(ExportApi):
 # ------------------------------------------------------------------------ streams
 
 
-def _columns(spec: str) -> tuple[Column, ...]:
-    columns = []
-    for item in spec.split():
-        key, _, kind = item.partition(":")
-        columns.append(Column(key, kind or "string"))
-    return tuple(columns)
-
-
 class NextCommerceStream(ExportStream):
     """One Next Commerce export type; the class attributes below are all that differs."""
 
@@ -147,7 +139,7 @@ def _stream(code: str, primary_keys: tuple[str, ...], replication_key: str, colu
             "export_type": code,
             "primary_keys": primary_keys,
             "replication_key": replication_key,
-            "known_columns": _columns(columns),
+            "known_columns": columns_from_spec(columns),
             "__doc__": f"Next Commerce `{code}` export.",
         },
     )

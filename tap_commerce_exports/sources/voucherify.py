@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from singer_sdk import typing as th
 
-from tap_commerce_exports.engine.csv_records import Column, header_key
+from tap_commerce_exports.engine.csv_records import Column, columns_from_spec, header_key
 from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
 from tap_commerce_exports.engine.http import ApiClient, ApiError
 from tap_commerce_exports.engine.stream import ExportStream
@@ -124,15 +124,6 @@ class VoucherifyApi(ExportApi):
 # ------------------------------------------------------------------------ streams
 
 
-def _columns(spec: str) -> tuple[Column, ...]:
-    """'key:kind key2 key3:kind' -> Columns; a key without a kind is a string."""
-    columns = []
-    for item in spec.split():
-        key, _, kind = item.partition(":")
-        columns.append(Column(key, kind or "string"))
-    return tuple(columns)
-
-
 class VoucherifyStream(ExportStream):
     """A Voucherify export object. `filter_field` is the date the window filters on."""
 
@@ -154,7 +145,7 @@ class OrdersStream(VoucherifyStream):
     replication_key = "updated_at"
     filter_field = "updated_at"
     sort_order = "updated_at"
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "id source_id created_at:datetime updated_at:datetime status amount:integer discount_amount:integer "
         "items_discount_amount:integer total_discount_amount:integer total_amount:integer customer_id "
         "referrer_id metadata:json"
@@ -178,7 +169,7 @@ class CampaignTransactionsStream(VoucherifyStream):
     partition_key = "campaign_id"
     filter_field = "created_at"
     sort_order = "created_at"
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "id type source_id reason balance:integer amount:integer created_at:datetime voucher_id source "
         "details:json related_transaction_id campaign_id"
     )
@@ -194,7 +185,7 @@ class VouchersStream(VoucherifyStream):
     replication_key = "updated_at"
     filter_field = "updated_at"
     sort_order = "updated_at"
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "id code voucher_type value:number formula discount_type campaign campaign_id category "
         "start_date:datetime expiration_date:datetime gift_balance:integer loyalty_balance:integer "
         "redemption_quantity:integer redemption_count:integer active:boolean qr_code bar_code metadata:json "
@@ -211,7 +202,7 @@ class RedemptionsStream(VoucherifyStream):
     replication_key = "date"
     filter_field = "created_at"  # the redemption's creation, exported as `date`
     sort_order = "created_at"
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "id object date:datetime voucher_code campaign promotion_tier_id customer_id customer_source_id "
         "customer_name tracking_id order_id order_amount:integer gift_amount:integer loyalty_points:integer "
         "result failure_code failure_message metadata:json"
@@ -226,7 +217,7 @@ class PublicationsStream(VoucherifyStream):
     replication_key = "date"
     filter_field = "created_at"  # the publication's creation, exported as `date`
     sort_order = "created_at"
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "voucher_code customer_id customer_source_id date:datetime channel campaign is_winner:boolean metadata:json"
     )
 
@@ -238,7 +229,7 @@ class CustomersStream(VoucherifyStream):
     replication_key = "updated_at"
     filter_field = "updated_at"
     sort_order = "updated_at"
-    known_columns = _columns(
+    known_columns = columns_from_spec(
         "id name description email source_id created_at:datetime updated_at:datetime address_city "
         "address_state address_line_1 address_line_2 address_country address_postal_code "
         "redemptions_total_redeemed:integer redemptions_total_failed:integer redemptions_total_succeeded:integer "
@@ -257,7 +248,7 @@ class PointsExpirationsStream(VoucherifyStream):
     primary_keys = ("id",)
     replication_key = None
     sort_order = "expires_at"
-    known_columns = _columns("id campaign_id voucher_id points:integer status expires_at:date")
+    known_columns = columns_from_spec("id campaign_id voucher_id points:integer status expires_at:date")
 
 
 STREAM_TYPES: tuple[type[VoucherifyStream], ...] = (
