@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import requests
 import urllib3
 
-from tap_commerce_exports.engine.http import TIMEOUT, without_query
+from tap_commerce_exports.engine.http import TIMEOUT, pooled_session, without_query
 
 CHUNK_BYTES = 1 << 20
 QUOTE = ord('"')
@@ -67,7 +67,7 @@ class FileDownloader:
         self.max_attempts = max_attempts
         self.max_file_bytes = max_file_bytes
         self.temp_dir = temp_dir
-        self.session = requests.Session()
+        self.session = pooled_session()  # no credentials: file hosts get none
         self.session.headers.update({"User-Agent": "tap-commerce-exports", "Accept-Encoding": "identity"})
 
     def fetch(

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import backoff
 import requests
+import requests.adapters
 
 TIMEOUT = (10.0, 120.0)  # connect, read: every request has both
 RETRIABLE_STATUSES = {500, 502, 503, 504}
@@ -46,6 +47,18 @@ class _RateLimited(Exception):
 class _Retriable(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+POOL_CONNECTIONS = 64  # above any sensible max_concurrent_exports: workers never queue for a socket
+
+
+def pooled_session() -> requests.Session:
+    """A session whose connection pools hold one connection per worker (requests keeps 10)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=POOL_CONNECTIONS, pool_maxsize=POOL_CONNECTIONS)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
 
 
 def without_query(url: str) -> str:
@@ -181,7 +194,7 @@ class ApiClient:
     max_backoff_seconds: float = 10.0
     max_rate_limited_seconds: float = 900.0
     calls: int = 0
-    session: requests.Session = field(default_factory=requests.Session)
+    session: requests.Session = field(default_factory=pooled_session)
     #: Set when the run is stopping: no further attempt is made (retries would outlive the run).
     stopping: threading.Event = field(default_factory=threading.Event)
 
