@@ -117,6 +117,7 @@ from tap_commerce_exports.sandbox.core import (
     SpecValidator,
     TokenBucket,
     UrlSigner,
+    chunked,
     json_response,
 )
 
@@ -1235,7 +1236,7 @@ class CsvRenderer:
             yield self._faulty_line(cells, number == 1, file)
 
     def chunks(self, file: ExportFile) -> Iterator[bytes]:
-        return _grouped(self.lines(file))
+        return chunked(self.lines(file))
 
     def cut_inside_quote(self, file: ExportFile) -> Iterator[bytes]:
         """The file as a broken transfer leaves it: it stops inside the first quoted data field.
@@ -1273,18 +1274,6 @@ class CsvRenderer:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\r\n").writerow(cells)
         return buffer.getvalue().encode("utf-8")
-
-
-def _grouped(lines: Iterable[bytes]) -> Iterator[bytes]:
-    """Lines joined into chunks of about CHUNK_BYTES, so a body is a few writes, not one per row."""
-    pending = bytearray()
-    for line in lines:
-        pending += line
-        if len(pending) >= CHUNK_BYTES:
-            yield bytes(pending)
-            pending.clear()
-    if pending:
-        yield bytes(pending)
 
 
 def inside_quotes_cut(line: bytes, opening: int) -> int:
@@ -1822,7 +1811,7 @@ class NextCommerceEmulator:
         file = export.file
         if request.method == "GET" and self.ctx.faults.fire("download_cut_quote"):
             length = sum(len(chunk) for chunk in self._renderer.cut_inside_quote(file))
-            body: Iterator[bytes] = _grouped(self._renderer.cut_inside_quote(file))
+            body: Iterator[bytes] = chunked(self._renderer.cut_inside_quote(file))
         else:
             length = self._file_length(export)
             body = self._renderer.chunks(file)

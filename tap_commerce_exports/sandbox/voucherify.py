@@ -134,6 +134,7 @@ from tap_commerce_exports.sandbox.core import (
     SpecValidator,
     TokenBucket,
     UrlSigner,
+    chunked,
     json_response,
     load_spec,
 )
@@ -1256,17 +1257,6 @@ def _flag_target(items: Iterable[T], target: int) -> Iterator[tuple[T, bool]]:
         current, position = following, position + 1
 
 
-def _chunked(pieces: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
-    buffer = bytearray()
-    for piece in pieces:
-        buffer += piece
-        if len(buffer) >= size:
-            yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
-
-
 def _cut_inside_quote(lines: Iterable[bytes]) -> Iterator[bytes]:
     """The file up to just inside a quoted field of a data row (the third, or a later one with quotes)."""
     last = b""
@@ -1792,7 +1782,7 @@ class VoucherifyEmulator:
         lines = self._file_lines(job)
         if variant == "cut_quote":
             lines = _cut_inside_quote(lines)
-        return _chunked(lines)
+        return chunked(lines)
 
     def _file_lines(self, job: ExportJob) -> Iterator[bytes]:
         """The export file line by line, with the export's content fault applied."""
