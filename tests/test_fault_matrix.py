@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tap_commerce_exports.sandbox.server import Sandbox
+from tap_commerce_exports.sources import intelligems, voucherify
 from tap_commerce_exports.tap import SyncFailures, TapCommerceExports
 from tests.harness import FAST_SETTINGS, SingerOutput, normalized, run_tap, start_tap_process
 
@@ -440,19 +441,11 @@ def full_expected(sandbox) -> dict[str, dict]:
     return expected
 
 
-VOUCHERIFY_KEYS = {
-    "voucherify_orders": ("id",),
-    "voucherify_campaign_transactions": ("id",),
-    "voucherify_vouchers": ("id",),
-    "voucherify_redemptions": ("id",),
-    "voucherify_publications": ("voucher_code", "customer_id", "date"),
-    "voucherify_customers": ("id",),
-    "voucherify_points_expirations": ("id",),
-}
+VOUCHERIFY_KEYS = {stream.name: tuple(stream.primary_keys) for stream in voucherify.STREAM_TYPES}
 INTELLIGEMS_KEYS = {
-    "intelligems_orders": ("experience_id", "order_id"),
-    "intelligems_order_line_items": ("experience_id", "line_item_id"),
-    "intelligems_order_reconciliation": ("experience_id", "order_id"),
+    stream.name: tuple(stream.primary_keys)
+    for stream in intelligems.STREAM_TYPES
+    if getattr(stream, "partition_key", None)
 }
 
 

@@ -9,17 +9,10 @@ import time
 
 import pytest
 
+from tap_commerce_exports.sources import voucherify
 from tests.harness import by_key, run_tap, start_tap_process
 
-STREAMS = {
-    "voucherify_orders": ("id",),
-    "voucherify_campaign_transactions": ("id",),
-    "voucherify_vouchers": ("id",),
-    "voucherify_redemptions": ("id",),
-    "voucherify_publications": ("voucher_code", "customer_id", "date"),
-    "voucherify_customers": ("id",),
-    "voucherify_points_expirations": ("id",),
-}
+STREAMS = {stream.name: tuple(stream.primary_keys) for stream in voucherify.STREAM_TYPES}
 
 
 def transaction_campaigns(emulator) -> list[str]:

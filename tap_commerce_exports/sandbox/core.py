@@ -6,6 +6,7 @@ says what its own API does. Everything here is thread-safe: hosts serve requests
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -17,6 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -191,6 +193,30 @@ class UrlSigner:
 
 
 CHUNK_BYTES = 64 * 1024
+UTC = dt.timezone.utc
+
+
+def as_utc(moment: dt.datetime | str | None) -> dt.datetime | None:
+    """A datetime or ISO string as an aware UTC datetime; naive means UTC."""
+    if moment is None:
+        return None
+    if isinstance(moment, str):
+        moment = dt.datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def record_instant(moment: dt.datetime) -> str:
+    """How the tap's expected records spell an instant: `isoformat()` in UTC (`+00:00`)."""
+    return moment.astimezone(UTC).isoformat()
+
+
+def record_value(value: Any) -> Any:
+    """A typed value as the tap must emit it (expected_records of every emulator)."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dt.datetime):
+        return record_instant(value)
+    return value
 
 
 def chunked(pieces: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:

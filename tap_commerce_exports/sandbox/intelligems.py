@@ -96,8 +96,11 @@ from tap_commerce_exports.sandbox.core import (
     SpecValidator,
     TokenBucket,
     UrlSigner,
+    as_utc,
     json_response,
+    record_value,
 )
+from tap_commerce_exports.sandbox.core import record_instant as iso_record
 
 UTC = dt.timezone.utc
 CENT = Decimal("0.01")
@@ -142,20 +145,6 @@ def iso_z(moment: dt.datetime) -> str:
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
     return moment.replace(microsecond=0, tzinfo=None).isoformat() + "Z"
-
-
-def iso_record(moment: dt.datetime) -> str:
-    """How the tap emits instants: `isoformat()` in UTC (`+00:00`)."""
-    return moment.astimezone(UTC).isoformat()
-
-
-def as_utc(moment: dt.datetime | str | None) -> dt.datetime | None:
-    """A datetime (or ISO string) as an aware UTC datetime; naive means UTC."""
-    if moment is None:
-        return None
-    if isinstance(moment, str):
-        moment = dt.datetime.fromisoformat(moment.replace("Z", "+00:00"))
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def whole_second(moment: dt.datetime) -> dt.datetime:
@@ -844,15 +833,6 @@ def csv_cells(columns: tuple[CsvColumn, ...], row: Any) -> list[str]:
         value = column.value(row)
         cells.append("" if value is None else CELL_WRITERS[column.kind](value))
     return cells
-
-
-def record_value(value: Any) -> Any:
-    """A typed value as the tap must emit it."""
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, dt.datetime):
-        return iso_record(value)
-    return value
 
 
 # ------------------------------------------------------------------------ slots

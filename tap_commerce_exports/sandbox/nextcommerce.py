@@ -117,8 +117,10 @@ from tap_commerce_exports.sandbox.core import (
     SpecValidator,
     TokenBucket,
     UrlSigner,
+    as_utc,
     chunked,
     json_response,
+    record_value,
 )
 
 UTC = dt.timezone.utc
@@ -155,20 +157,6 @@ def whole_second(moment: dt.datetime) -> dt.datetime:
 def api_time(moment: dt.datetime) -> str:
     """How the API writes instants: UTC with `Z` (microseconds only when there are some)."""
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def record_time(moment: dt.datetime) -> str:
-    """How the tap emits instants: `isoformat()` in UTC (`+00:00`)."""
-    return moment.astimezone(UTC).isoformat()
-
-
-def as_utc(moment: dt.datetime | str | None) -> dt.datetime | None:
-    """A datetime or ISO string as an aware UTC datetime; naive means UTC."""
-    if moment is None:
-        return None
-    if isinstance(moment, str):
-        moment = dt.datetime.fromisoformat(moment.replace("Z", "+00:00"))
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def money(value: Decimal | str | int) -> Decimal:
@@ -1167,15 +1155,6 @@ def csv_cell(value: Any, zone: dt.tzinfo) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
-
-
-def record_value(value: Any) -> Any:
-    """A typed value as the tap must emit it."""
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, dt.datetime):
-        return record_time(value)
-    return value
 
 
 # ------------------------------------------------------------------------ files
