@@ -44,7 +44,11 @@ COMMON_SETTINGS = [
         "exports late (Intelligems analytics lag up to ~2 h).",
     ),
     th.Property(
-        "poll_interval_seconds", th.NumberType, default=5, description="First wait between status polls of an export."
+        "poll_interval_seconds",
+        th.NumberType,
+        default=2,
+        description="First wait between status polls of an export (Next Commerce answers the polls of "
+        "all waiting exports with one listing).",
     ),
     th.Property(
         "poll_max_interval_seconds",
@@ -119,7 +123,7 @@ class TapCommerceExports(Tap):
     def _poll_policy(self) -> PollPolicy:
         config = self.config
         return PollPolicy(
-            interval=float(config.get("poll_interval_seconds", 5)),
+            interval=float(config.get("poll_interval_seconds", 2)),
             max_interval=float(config.get("poll_max_interval_seconds", 60)),
             timeout=float(config.get("export_timeout_seconds", 3600)),
         )

@@ -79,6 +79,27 @@ def test_a_window_at_the_row_cap_is_split_until_nothing_is_lost(nextcommerce_san
     assert bookmarks == sorted(bookmarks)
 
 
+def test_exports_waiting_together_are_polled_through_one_listing_not_one_request_each(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    nextcommerce_sandbox.faults.arm("export_latency", -1, value=1.2)
+    config = fast_config(emulator, export_window_days=60, poll_interval_seconds=0.1, poll_max_interval_seconds=0.4)
+    output = run_tap(config)
+
+    assert output.error is None, output.error
+    for stream, key in STREAMS.items():
+        want_rows = emulator.expected_records(stream)
+        assert emitted(output, stream, want_rows) == by_key(want_rows, key), stream
+    log = nextcommerce_sandbox.log
+    single_polls = log.entries(host="nextcommerce-api", method="GET", path_pattern=r"/exports/\d+/$")
+    listings = log.entries(host="nextcommerce-api", method="GET", path_pattern=r"/exports/$")
+    polls_reported = sum(int(n) for n in re.findall(r"Summary nextcommerce_\w+: .*?(\d+) polls", output.log_text))
+    assert single_polls == [], "an export was polled on its own although the listing showed it"
+    # Every poll of 13 exports was answered, by far fewer requests than one each.
+    assert polls_reported >= 13
+    assert len(listings) < polls_reported / 3, (len(listings), polls_reported)
+    assert emulator.rate_limited == 0
+
+
 def test_429_answers_are_honoured(nextcommerce_sandbox):
     emulator = nextcommerce_sandbox.nextcommerce
     nextcommerce_sandbox.faults.arm("rate_limit", 3)

@@ -78,7 +78,7 @@ class PollPolicy:
     A gentle growth: an export is noticed at most a quarter of its age after it became ready.
     """
 
-    interval: float = 5.0
+    interval: float = 2.0
     max_interval: float = 60.0
     timeout: float = 3600.0
     progress_every: float = 30.0
@@ -102,6 +102,8 @@ class ExportApi(ABC):
     can_resume: bool = False
     #: The API's client (engine/http.py); the runner shares its stop signal with it.
     client: Any = None
+    #: Whether `poll_many` can answer for many exports in one request (see StatusBoard).
+    lists_statuses: bool = False
 
     @abstractmethod
     def create(self, request: ExportRequest) -> ExportHandle:
@@ -110,6 +112,10 @@ class ExportApi(ABC):
     def poll(self, request: ExportRequest, handle: ExportHandle) -> ExportHandle:
         """Ask for the export's status again."""
         return handle
+
+    def poll_many(self, handles: list[ExportHandle]) -> dict[str, ExportHandle]:
+        """The status of as many of these exports as one listing shows, by export id."""
+        raise NotImplementedError
 
     def file_url(self, request: ExportRequest, handle: ExportHandle) -> str:
         """Where the finished file is (Next Commerce needs a separate call for it)."""
@@ -132,6 +138,93 @@ class ExportApi(ABC):
     def resume(self, request: ExportRequest, export_id: str) -> ExportHandle | None:
         """The export remembered in state, if the API still has it; None: create a new one."""
         return None
+
+
+#: How often a waiting export looks at the stop signal while it sleeps on the board.
+STOP_CHECK_SECONDS = 0.25
+#: The oldest listing that may answer a poll that falls due.
+STATUS_MAX_AGE = 1.0
+
+
+class StatusBoard:
+    """The latest listing of export statuses of one API, shared by every worker waiting on it.
+
+    A rate limit counts requests, not exports: with 13 exports in flight under Next Commerce's 4
+    requests/second, polling each export on its own spends most of the budget on "still pending" and
+    leaves too little for creates and downloads. Where an API can list its exports with their status
+    (`ExportApi.lists_statuses`), each export keeps its own backoff schedule, but a poll that falls due
+    is answered by the latest listing when that listing is recent enough (`max_age`), and a listing made
+    for one export wakes every other export it shows ready. Exports missing from a listing are polled
+    one by one, so a listing that pages out of reach costs time, never correctness.
+    """
+
+    def __init__(self, api: ExportApi, stopping: threading.Event) -> None:
+        self.api = api
+        self.stopping = stopping
+        self.listings = 0
+        self._listing_lock = threading.Lock()  # one listing at a time; the others reuse it
+        self._changed = threading.Condition()
+        self._waiting: dict[str, ExportHandle] = {}
+        self._latest: dict[str, ExportHandle] = {}
+        self._listed_at = float("-inf")
+        #: When a listing last showed a waiting export finished (see `sleep`).
+        self._finished_seen_at = float("-inf")
+
+    def track(self, handle: ExportHandle) -> None:
+        with self._changed:
+            self._waiting[handle.export_id] = handle
+
+    def untrack(self, export_id: str) -> None:
+        with self._changed:
+            self._waiting.pop(export_id, None)
+
+    def sleep(self, export_id: str, seconds: float) -> ExportHandle | None:
+        """Sleep until `seconds` pass (None) or a listing shows the export no longer pending.
+
+        Exports started together tend to finish together: while the latest listing showed some
+        finished, the board lists again after STATUS_MAX_AGE instead of waiting for the next poll
+        that falls due (without moving any export's own schedule). Returns None early when the
+        run is stopping: the caller checks `stopping`.
+        """
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set():
+            with self._changed:
+                latest = self._latest.get(export_id)
+                if latest is not None and latest.state is not ExportState.PENDING:
+                    return latest
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                relist_at = self._finished_seen_at + STATUS_MAX_AGE
+                if relist_at > now or self._finished_seen_at < self._listed_at:
+                    wake = min(deadline, relist_at) if self._finished_seen_at >= self._listed_at else deadline
+                    self._changed.wait(min(wake - now, STOP_CHECK_SECONDS))
+                    continue
+            self._refresh(STATUS_MAX_AGE)
+        return None
+
+    def status(self, request: ExportRequest, handle: ExportHandle, max_age: float) -> ExportHandle:
+        """The export's status as of at most `max_age` seconds ago: listed again only when older."""
+        self._refresh(max_age)
+        latest = self._latest.get(handle.export_id)
+        return latest if latest is not None else self.api.poll(request, handle)
+
+    def _refresh(self, max_age: float) -> None:
+        """List again unless the latest listing started less than `max_age` seconds ago."""
+        asked = time.monotonic()
+        with self._listing_lock:
+            if self._listed_at >= asked - max_age:
+                return
+            with self._changed:
+                waiting = list(self._waiting.values())
+            started = time.monotonic()
+            answers = self.api.poll_many(waiting) if waiting else {}
+            self.listings += 1
+            with self._changed:
+                self._latest, self._listed_at = answers, started
+                if any(answer.state is not ExportState.PENDING for answer in answers.values()):
+                    self._finished_seen_at = started
+                self._changed.notify_all()
 
 
 @dataclass
@@ -182,6 +275,7 @@ class ExportRunner:
         self.poll_policy = poll_policy
         self.logger = logger
         self.stopping = stopping or threading.Event()
+        self.status_board = StatusBoard(api, self.stopping) if api.lists_statuses else None
         self._started_lock = threading.Lock()
         self._started: dict[tuple, str] = {}
 
@@ -253,6 +347,16 @@ class ExportRunner:
         return _Tracked(handle, time.monotonic())
 
     def _wait_until_ready(self, request: ExportRequest, tracked: _Tracked) -> _Tracked:
+        board = self.status_board
+        if board is not None:
+            board.track(tracked.handle)
+        try:
+            return self._poll_until_ready(request, tracked)
+        finally:
+            if board is not None:
+                board.untrack(tracked.handle.export_id)
+
+    def _poll_until_ready(self, request: ExportRequest, tracked: _Tracked) -> _Tracked:
         policy = self.poll_policy
         last_status = tracked.handle.status
         last_report = tracked.started
@@ -266,11 +370,7 @@ class ExportRunner:
                     f"'{tracked.handle.status}' after {elapsed:.0f}s (export_timeout_seconds={policy.timeout:g}); "
                     "raise export_timeout_seconds or try a smaller export_window_days"
                 )
-            if self.stopping.wait(min(wait, max(0.0, policy.timeout - elapsed))):
-                raise ExportCancelled(
-                    f"{request.describe()}: stopped while waiting for export {tracked.handle.export_id}"
-                )
-            tracked.handle = self.api.poll(request, tracked.handle)
+            tracked.handle = self._next_status(request, tracked.handle, min(wait, max(0.0, policy.timeout - elapsed)))
             tracked.polls += 1
             now = time.monotonic()
             if tracked.handle.status != last_status or now - last_report >= policy.progress_every:
@@ -284,6 +384,25 @@ class ExportRunner:
                 )
                 last_status, last_report = tracked.handle.status, now
         raise AssertionError("unreachable")  # intervals() never ends
+
+    def _next_status(self, request: ExportRequest, handle: ExportHandle, wait: float) -> ExportHandle:
+        """Wait, then ask for the status: through the board when the API can list statuses."""
+        board = self.status_board
+        if board is None:
+            if self.stopping.wait(wait):
+                raise self._cancelled(request, handle)
+            return self.api.poll(request, handle)
+        settled = board.sleep(handle.export_id, wait)
+        if self.stopping.is_set():
+            raise self._cancelled(request, handle)
+        if settled is not None:
+            return settled  # a listing made for another export showed this one finished
+        # A listing up to a quarter of the wait old (at most STATUS_MAX_AGE) is as good as a poll now.
+        return board.status(request, handle, max_age=min(STATUS_MAX_AGE, wait / 4))
+
+    @staticmethod
+    def _cancelled(request: ExportRequest, handle: ExportHandle) -> ExportCancelled:
+        return ExportCancelled(f"{request.describe()}: stopped while waiting for export {handle.export_id}")
 
     def _download(self, request: ExportRequest, tracked: _Tracked) -> DownloadedFile:
         describe = f"{request.describe()} export {tracked.handle.export_id}"
