@@ -142,6 +142,8 @@ class Bench:
         self.plan = plan
         self.workdir = workdir
         self.repeat = max(1, repeat)
+        #: The plain SDK baseline is slow and far from its target ratio: fewer turns.
+        self.baseline_repeat = min(self.repeat, 2)
         #: Whether part 3 also runs the exports one by one (13 x L and more: minutes at the full L).
         self.one_by_one = True
         self.profile_out = profile_out
@@ -252,8 +254,17 @@ class Bench:
         size = os.path.getsize(path)
         result: dict[str, Any] = {"rows": rows, "file_bytes": size}
 
+        # The fast contestants run in turns, best of `repeat` each: this machine's speed drifts by
+        # +-25% from one second to the next, and turns expose them all to the same drift.
+        floors, record_runs, batch_runs, tap_runs = [], [], [], []
+        for attempt in range(self.repeat):
+            floors.append(run_json([PYTHON, os.path.join(HERE, "floor.py"), path]))
+            run, figures = self._tap_record_figures(attempt, rows)
+            tap_runs.append(run)
+            record_runs.append(figures)
+            batch_runs.append(self._tap_batch_figures(attempt, rows))
+
         # (c) the floor
-        floors = [run_json([PYTHON, os.path.join(HERE, "floor.py"), path]) for _ in range(self.repeat)]
         floor = min(floors, key=lambda f: f["seconds"])
         result["dictreader"] = {
             "rows": floor["rows"],
@@ -262,12 +273,12 @@ class Bench:
         }
         say(
             f"  (c) csv.DictReader alone: {floor['rows']:,} rows in {floor['seconds']:.2f}s "
-            f"= {fmt_rate(result['dictreader']['rate'])}"
+            f"= {fmt_rate(result['dictreader']['rate'])} (best of {len(floors)})"
         )
 
         # (a) the baseline
         best: dict | None = None
-        for attempt in range(self.repeat):
+        for attempt in range(self.baseline_repeat):
             url = wait_for_export(session, api, export_id)["result"]["url"]  # a fresh download token
             baseline_config = write_json(
                 os.path.join(self.workdir, "baseline-config.json"),
@@ -306,34 +317,7 @@ class Bench:
         )
 
         # (b) the tap, RECORD messages
-        best = None
-        tap_runs: list[Run] = []
-        for attempt in range(self.repeat):
-            run = self.tap_run(f"tap-records-{attempt}", rows)
-            tap_runs.append(run)
-            log = parse_tap_log(run.log_text)
-            window = run.record_window()
-            exports = list(log.exports.values())
-            waited = sum((e.ready_at or 0) - (e.created_at or 0) for e in exports if e.ready_at and e.created_at)
-            figures = {
-                "records": run.records,
-                "emit_seconds": window,
-                "rate": rate(run.records, window),
-                "log_rows": log.rows,
-                "log_emit_seconds": log.emit_seconds,
-                "log_rate": rate(log.rows, log.emit_seconds),
-                "wall_seconds": run.wall_seconds,
-                "export_wait_seconds": waited,
-                "download_seconds": sum(e.download_seconds for e in exports),
-                "startup_seconds": (log.first_line_at - run.started_at) if log.first_line_at else None,
-                "sync_seconds": log.sync_seconds,
-                "peak_rss_bytes": run.peak_rss_bytes,
-                "output_bytes": run.sink["bytes"],
-            }
-            figures["wall_minus_wait_rate"] = rate(run.records, run.wall_seconds - waited)
-            if best is None or (figures["rate"] or 0) > (best["rate"] or 0):
-                best = figures
-        assert best is not None
+        best = max(record_runs, key=lambda f: f["rate"] or 0)
         result["tap"] = best
         result["tap_peak_rss_bytes"] = max(r.peak_rss_bytes for r in tap_runs)
         self._check_rows("tap (RECORD)", best["records"], rows)
@@ -350,45 +334,7 @@ class Bench:
         )
 
         # (b') the tap, BATCH messages (jsonl + gzip files)
-        best = None
-        for attempt in range(self.repeat):
-            batch_dir = os.path.join(self.workdir, f"batches-{attempt}")
-            os.makedirs(batch_dir)
-            run = self.tap_run(
-                f"tap-batch-{attempt}",
-                rows,
-                {
-                    "batch_config": {
-                        "encoding": {"format": "jsonl", "compression": "gzip"},
-                        "storage": {"root": f"file://{batch_dir}", "prefix": "orders-"},
-                    }
-                },
-            )
-            log = parse_tap_log(run.log_text)
-            downloaded = max((e.downloaded_at for e in log.exports.values() if e.downloaded_at), default=None)
-            last_batch = run.sink["last"].get("BATCH")
-            files = glob.glob(os.path.join(batch_dir, "**", "*.gz"), recursive=True)
-            lines = 0
-            for name in files:
-                with gzip.open(name, "rb") as batch:
-                    lines += sum(chunk.count(b"\n") for chunk in iter(lambda b=batch: b.read(1 << 20), b""))
-            shutil.rmtree(batch_dir, ignore_errors=True)
-            to_last = (last_batch - downloaded) if (last_batch and downloaded) else None
-            figures = {
-                "rows": log.rows,
-                "rows_in_files": lines,
-                "batch_messages": run.sink["counts"]["BATCH"],
-                "files": len(files),
-                "log_emit_seconds": log.emit_seconds,
-                "log_rate": rate(log.rows, log.emit_seconds),
-                "emit_seconds": to_last,
-                "rate": rate(lines, to_last),
-                "wall_seconds": run.wall_seconds,
-                "peak_rss_bytes": run.peak_rss_bytes,
-            }
-            if best is None or (figures["rate"] or 0) > (best["rate"] or 0):
-                best = figures
-        assert best is not None
+        best = max(batch_runs, key=lambda f: f["rate"] or 0)
         result["tap_batch"] = best
         self._check_rows("tap (BATCH)", best["rows_in_files"], rows)
         self.check_cache(rows, "tap (BATCH)")
@@ -406,8 +352,8 @@ class Bench:
         )
         result["tap_vs_baseline"] = tap_rate / base_rate if tap_rate and base_rate else None
         result["tap_vs_dictreader"] = tap_rate / floor_rate if tap_rate and floor_rate else None
-        result["batch_vs_baseline"] = (
-            result["tap_batch"]["rate"] / base_rate if result["tap_batch"]["rate"] and base_rate else None
+        result["batch_vs_record"] = (
+            result["tap_batch"]["rate"] / tap_rate if result["tap_batch"]["rate"] and tap_rate else None
         )
         say(
             f"  tap/baseline = {result['tap_vs_baseline'] or 0:.2f}x (target >= {TARGETS['tap_vs_baseline']:g}x); "
@@ -415,6 +361,67 @@ class Bench:
             f"(target >= {100 * TARGETS['tap_vs_dictreader']:.0f}%)"
         )
         self.results["throughput"] = result
+
+    def _tap_record_figures(self, attempt: int, rows: int) -> tuple[Run, dict]:
+        run = self.tap_run(f"tap-records-{attempt}", rows)
+        log = parse_tap_log(run.log_text)
+        window = run.record_window()
+        exports = list(log.exports.values())
+        waited = sum((e.ready_at or 0) - (e.created_at or 0) for e in exports if e.ready_at and e.created_at)
+        figures = {
+            "records": run.records,
+            "emit_seconds": window,
+            "rate": rate(run.records, window),
+            "log_rows": log.rows,
+            "log_emit_seconds": log.emit_seconds,
+            "log_rate": rate(log.rows, log.emit_seconds),
+            "wall_seconds": run.wall_seconds,
+            "export_wait_seconds": waited,
+            "download_seconds": sum(e.download_seconds for e in exports),
+            "startup_seconds": (log.first_line_at - run.started_at) if log.first_line_at else None,
+            "sync_seconds": log.sync_seconds,
+            "peak_rss_bytes": run.peak_rss_bytes,
+            "output_bytes": run.sink["bytes"],
+        }
+        figures["wall_minus_wait_rate"] = rate(run.records, run.wall_seconds - waited)
+        return run, figures
+
+    def _tap_batch_figures(self, attempt: int, rows: int) -> dict:
+        batch_dir = os.path.join(self.workdir, f"batches-{attempt}")
+        os.makedirs(batch_dir)
+        run = self.tap_run(
+            f"tap-batch-{attempt}",
+            rows,
+            {
+                "batch_config": {
+                    "encoding": {"format": "jsonl", "compression": "gzip"},
+                    "storage": {"root": f"file://{batch_dir}", "prefix": "orders-"},
+                }
+            },
+        )
+        log = parse_tap_log(run.log_text)
+        downloaded = max((e.downloaded_at for e in log.exports.values() if e.downloaded_at), default=None)
+        last_batch = run.sink["last"].get("BATCH")
+        files = glob.glob(os.path.join(batch_dir, "**", "*.gz"), recursive=True)
+        lines = 0
+        for name in files:
+            with gzip.open(name, "rb") as batch:
+                lines += sum(chunk.count(b"\n") for chunk in iter(lambda b=batch: b.read(1 << 20), b""))
+        shutil.rmtree(batch_dir, ignore_errors=True)
+        to_last = (last_batch - downloaded) if (last_batch and downloaded) else None
+        figures = {
+            "rows": log.rows,
+            "rows_in_files": lines,
+            "batch_messages": run.sink["counts"]["BATCH"],
+            "files": len(files),
+            "log_emit_seconds": log.emit_seconds,
+            "log_rate": rate(log.rows, log.emit_seconds),
+            "emit_seconds": to_last,
+            "rate": rate(lines, to_last),
+            "wall_seconds": run.wall_seconds,
+            "peak_rss_bytes": run.peak_rss_bytes,
+        }
+        return figures
 
     def _check_rows(self, label: str, got: int, expected: int) -> None:
         if got != expected:
@@ -657,7 +664,13 @@ class Bench:
                     f">= {100 * TARGETS['tap_vs_dictreader']:.0f}%",
                     verdict(t["tap_vs_dictreader"] >= TARGETS["tap_vs_dictreader"] if t["tap_vs_dictreader"] else None),
                 ],
-                ["1 throughput", "tap BATCH / baseline RECORD", f"{t['batch_vs_baseline'] or 0:.2f}x", "", ""],
+                [
+                    "1 throughput",
+                    "tap BATCH / tap RECORD",
+                    f"{t['batch_vs_record'] or 0:.2f}x",
+                    ">= 1x",
+                    verdict((t["batch_vs_record"] or 0) >= 1.0),
+                ],
             ]
         m = r.get("memory")
         if m:
@@ -745,7 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-one-by-one", action="store_true", help="part 3 without its one-by-one run (13 x L and more)"
     )
-    parser.add_argument("--repeat", type=int, default=1, help="run each throughput contestant N times, keep the best")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="turns of the throughput contestants, best of each kept (default 5; the baseline at most 2; smoke 1)",
+    )
     parser.add_argument(
         "--only",
         default="throughput,memory,profile,waiting",
@@ -765,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, latency=args.latency)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     workdir = tempfile.mkdtemp(prefix="tap-bench-")
-    bench = Bench(plan, workdir, args.repeat, os.path.abspath(args.profile_out) if args.profile_out else None)
+    repeat = args.repeat or (1 if args.smoke else 5)
+    bench = Bench(plan, workdir, repeat, os.path.abspath(args.profile_out) if args.profile_out else None)
     bench.one_by_one = not args.skip_one_by_one
     started = time.monotonic()
     load_at_start = load_average()

@@ -107,3 +107,67 @@ def test_bytes_that_are_not_utf8_are_refused_naming_the_row():
     reader = CsvRecordReader(COLUMNS, describe="s export e")
     with pytest.raises(CsvFormatError, match=r"s export e: row \d+ holds bytes that are not UTF-8"):
         list(reader.read(io.TextIOWrapper(raw, encoding="utf-8", newline="")))
+
+
+# ------------------------------------------------------- blocks of rows, cast column-wise
+
+MANY = 1300  # rows: the reader casts BLOCK_ROWS (512) at a time, so this spans three blocks
+
+
+def many_rows(cell=lambda n: str(n)) -> str:
+    lines = ["id,amount,created_at,details"]
+    lines += [f'r{n},{cell(n)},2024-01-0{1 + n % 9}T00:00:00Z,"{{""n"": {n}}}"' for n in range(1, MANY + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_rows_in_later_blocks_are_cast_and_named_by_their_own_row_number():
+    records = read(many_rows(lambda n: "2000.00" if n == 700 else ("" if n % 97 == 0 else str(n))))
+    assert len(records) == MANY
+    assert records[699]["amount"] == 2000  # the lenient cast, in the second block
+    assert records[96]["amount"] is None and records[98]["amount"] == 99
+    assert records[-1] == {
+        "id": f"r{MANY}",
+        "amount": MANY,
+        "created_at": "2024-01-05T00:00:00+00:00",
+        "details": {"n": MANY},
+    }
+
+    with pytest.raises(CsvFormatError, match=r"row 1030, column 'amount': 'ten' is not a valid integer"):
+        read(many_rows(lambda n: "ten" if n == 1030 else str(n)))
+
+
+def test_broken_csv_in_a_later_block_names_its_row_after_the_rows_before_it():
+    text = many_rows() + 'r9999,1,2024-01-01T00:00:00Z,"{}\n'  # an unterminated quote in row MANY + 1
+    reader = CsvRecordReader(COLUMNS, describe="s export e")
+    emitted = []
+    with pytest.raises(CsvFormatError, match=rf"row {MANY + 1} is not valid CSV"):
+        for record in reader.read(io.StringIO(text, newline="")):
+            emitted.append(record)
+    assert len(emitted) == MANY
+
+
+def test_blank_lines_in_a_block_are_skipped_and_still_counted_as_rows():
+    lines = many_rows().splitlines()
+    lines.insert(600, "")
+    reader = CsvRecordReader(COLUMNS, describe="s export e")
+    records = list(reader.read(io.StringIO("\n".join(lines) + "\n", newline="")))
+    assert len(records) == MANY and reader.rows_read == MANY + 1
+    with pytest.raises(CsvFormatError, match=r"row 700 has 2 fields but the header has 4"):
+        bad = many_rows().splitlines()
+        bad[700] = "r700,1"
+        read("\n".join(bad) + "\n")
+
+
+@pytest.mark.parametrize("constants", [{}, {"campaign_id": "camp_1"}, {"id": "replaced"}])
+def test_struct_records_encode_exactly_as_dict_records(constants):
+    import msgspec
+
+    from tap_commerce_exports.engine.csv_records import struct_builder
+
+    text = many_rows(lambda n: "" if n % 5 == 0 else str(n))
+    as_dicts = CsvRecordReader(COLUMNS, describe="s", constants=constants).read(io.StringIO(text, newline=""))
+    as_structs = CsvRecordReader(COLUMNS, describe="s", constants=constants, builder=struct_builder).read(
+        io.StringIO(text, newline="")
+    )
+    encoder = msgspec.json.Encoder(decimal_format="number")
+    assert encoder.encode_lines(list(as_structs)) == encoder.encode_lines(list(as_dicts))

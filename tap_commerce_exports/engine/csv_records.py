@@ -14,10 +14,9 @@ import decimal
 import io
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import compress
-from operator import not_
+from itertools import islice, repeat
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
@@ -192,6 +191,49 @@ def zone(name: str) -> dt.tzinfo:
 
 # --------------------------------------------------------------------- the reader
 
+#: Rows cast together. Large enough that per-block costs vanish, small enough to stay in cache.
+BLOCK_ROWS = 512
+
+
+def _next_rows(rows: Iterator[list[str]], count: int) -> tuple[list[list[str]], Exception | None]:
+    """Up to `count` rows, and the error that stopped the reading early, if any: rows before a
+    broken row are still records (and counted), so the error names the broken row."""
+    block: list[list[str]] = []
+    try:
+        block.extend(islice(rows, count))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        return block, exc
+    return block, None
+
+
+RecordBuilder = Callable[[list[Sequence[Any]]], list[Any]]
+
+
+def dict_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
+    """Cast columns -> one dict per row, plus `constants` (a partition's keys) in every record."""
+
+    def build(columns: list[Sequence[Any]]) -> list[Any]:
+        records = list(map(dict, map(zip, repeat(keys), zip(*columns))))
+        if constants:
+            for record in records:
+                record.update(constants)
+        return records
+
+    return build
+
+
+def struct_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
+    """Cast columns -> one msgspec Struct per row: built in C from the columns and encoded to the
+    same JSON object as the dict (keys in the same order), at a fraction of a dict's cost. For
+    records only ever encoded (BATCH files), never handed to the SDK."""
+    if set(constants) & set(keys):
+        return dict_builder(keys, constants)  # a partition key that is also a column replaces it
+    fields: list[Any] = [(f"f{i}", Any) for i in range(len(keys))]
+    fields += [(f"c{i}", Any, value) for i, value in enumerate(constants.values())]
+    names = {f"f{i}": key for i, key in enumerate(keys)} | {f"c{i}": key for i, key in enumerate(constants)}
+    record_type = msgspec.defstruct("ExportRecord", fields, rename=names)
+    return lambda columns: list(map(record_type, *columns))
+
 
 @dataclass
 class CsvLayout:
@@ -203,6 +245,7 @@ class CsvLayout:
     keys: list[str]
     casters: list[Caster | None]
     unknown_keys: list[str]
+    build: RecordBuilder
 
 
 class CsvRecordReader:
@@ -219,11 +262,17 @@ class CsvRecordReader:
         describe: str,
         naive_zone: dt.tzinfo = UTC,
         requested_fields: list[str] | None = None,
+        constants: dict[str, Any] | None = None,
+        builder: Callable[[list[str], dict[str, Any]], RecordBuilder] = dict_builder,
     ) -> None:
         self.columns = columns
         self.describe = describe
         self.naive_zone = naive_zone
         self.requested_fields = requested_fields
+        #: Values every record carries besides its columns (a partition's keys).
+        self.constants = constants or {}
+        #: How cast columns become records: dicts, or Structs for records that are only encoded.
+        self.builder = builder
         self.rows_read = 0
 
     def layout(self, header: list[str]) -> CsvLayout:
@@ -231,10 +280,15 @@ class CsvRecordReader:
         unknown = [key for key in keys if key not in self.columns]
         kinds = [self.columns[key].kind if key in self.columns else "string" for key in keys]
         casters = [None if kind == "string" else caster_for(kind, self.naive_zone) for kind in kinds]
-        return CsvLayout(keys, casters, unknown)
+        return CsvLayout(keys, casters, unknown, self.builder(keys, self.constants))
 
     def read(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[dict]:
         """Yield one record per data row. `on_layout` hears the columns before the first record."""
+        for block in self.read_blocks(text, on_layout):
+            yield from block
+
+    def read_blocks(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[list[Any]]:
+        """The records of the file in file order, a block of up to BLOCK_ROWS rows at a time."""
         rows = csv.reader(text, strict=True)
         try:
             header = next(rows, None)
@@ -243,7 +297,14 @@ class CsvRecordReader:
             layout = self.layout(header)
             if on_layout:
                 on_layout(layout)
-            yield from self._records(rows, layout)
+            while True:
+                block, error = _next_rows(rows, BLOCK_ROWS)
+                if block:
+                    yield self._block_records(block, layout)
+                if error is not None:
+                    raise error
+                if len(block) < BLOCK_ROWS:
+                    return
         except csv.Error as exc:
             raise CsvFormatError(f"{self.describe}: row {self.rows_read + 1} is not valid CSV: {exc}") from None
         except UnicodeDecodeError as exc:
@@ -264,35 +325,58 @@ class CsvRecordReader:
                 return number  # the header is row 0
         return None
 
-    def _records(self, rows: Iterator[list[str]], layout: CsvLayout) -> Iterator[dict]:
-        # The hot loop of the tap: the dict is built in C, then only typed or empty cells are
-        # touched (most cells of an export are text).
-        keys = layout.keys
-        width = len(keys)
-        typed = [(key, cast) for key, cast in zip(keys, layout.casters) if cast is not None]
-        for row in rows:
+    def _block_records(self, block: list[list[str]], layout: CsvLayout) -> list[Any]:
+        width = len(layout.keys)
+        if all(map(width.__eq__, map(len, block))):
+            records = self._cast_rows(block, layout, first_row=self.rows_read + 1)
+            self.rows_read += len(block)
+            return records
+        return self._ragged_block_records(block, layout)
+
+    def _cast_rows(self, block: list[list[str]], layout: CsvLayout, first_row: int) -> list[Any]:
+        """The hot loop of the tap, done a column at a time: a cast mapped over a column runs in C,
+        where a loop over cells would run in Python."""
+        columns = [
+            self._cast_column(key, cast, cells, first_row)
+            for key, cast, cells in zip(layout.keys, layout.casters, zip(*block))
+        ]
+        return layout.build(columns)
+
+    def _cast_column(self, key: str, cast: Caster | None, cells: tuple[str, ...], first_row: int) -> Sequence[Any]:
+        has_empty = "" in cells
+        if cast is None:
+            return [cell or None for cell in cells] if has_empty else cells
+        try:
+            return [cast(cell) if cell else None for cell in cells] if has_empty else list(map(cast, cells))
+        except (ValueError, decimal.InvalidOperation, OverflowError):
+            # Some cell needs the lenient cast, or is wrong: cell by cell, naming its row.
+            return [self._cast_cell(key, cast, cell, row) for row, cell in enumerate(cells, start=first_row)]
+
+    def _cast_cell(self, key: str, cast: Caster, cell: str, row: int) -> Any:
+        if not cell:
+            return None
+        try:
+            return cast(cell)
+        except (ValueError, decimal.InvalidOperation, OverflowError):
+            return self._lenient_cast(key, cast, cell, row)
+
+    def _ragged_block_records(self, block: list[list[str]], layout: CsvLayout) -> list[Any]:
+        """Row by row: blank lines are skipped (some exporters end files with two); any other row of
+        the wrong width is an error, since guessing which value belongs to which column corrupts data."""
+        width = len(layout.keys)
+        records: list[Any] = []
+        for row in block:
             self.rows_read += 1
-            if len(row) != width:
-                if not any(row):
-                    continue  # a blank line (some exporters end files with two newlines)
+            if len(row) == width:
+                records += self._cast_rows([row], layout, first_row=self.rows_read)
+            elif any(row):
                 raise CsvFormatError(
                     f"{self.describe}: row {self.rows_read} has {len(row)} fields but the header has {width}; "
                     "refusing to guess which values belong to which column"
                 )
-            record: dict[str, Any] = dict(zip(keys, row))
-            if "" in row:
-                for key in compress(keys, map(not_, row)):  # the keys of empty cells, found in C
-                    record[key] = None
-            for key, cast in typed:
-                cell = record[key]
-                if cell is not None:
-                    try:
-                        record[key] = cast(cell)
-                    except (ValueError, decimal.InvalidOperation, OverflowError):
-                        record[key] = self._lenient_cast(key, cast, cell)
-            yield record
+        return records
 
-    def _lenient_cast(self, key: str, cast: Caster, cell: str) -> Any:
+    def _lenient_cast(self, key: str, cast: Caster, cell: str, row: int) -> Any:
         """The slow path for a cell the fast cast refused: retry leniently, or say where it failed."""
         try:
             if cast is int:
@@ -300,6 +384,4 @@ class CsvRecordReader:
         except (ValueError, decimal.InvalidOperation):
             pass
         kind = self.columns[key].kind if key in self.columns else "string"
-        raise CsvFormatError(
-            f"{self.describe}: row {self.rows_read}, column {key!r}: {cell[:80]!r} is not a valid {kind}"
-        )
+        raise CsvFormatError(f"{self.describe}: row {row}, column {key!r}: {cell[:80]!r} is not a valid {kind}")

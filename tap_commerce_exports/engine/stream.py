@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from singer_sdk.streams import Stream
 
-from tap_commerce_exports.engine.csv_records import Column, CsvLayout, CsvRecordReader
+from tap_commerce_exports.engine.csv_records import Column, CsvLayout, CsvRecordReader, dict_builder, struct_builder
 from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
-from tap_commerce_exports.engine.fast_output import FastJsonlBatcher, FastRecordWriter, fast_path_allowed
+from tap_commerce_exports.engine.fast_output import (
+    FastJsonlBatcher,
+    FastRecordWriter,
+    fast_path_allowed,
+    widen_stdout_pipe,
+)
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
 
@@ -213,7 +218,31 @@ class ExportStream(Stream):
         return self._queues[key]
 
     def get_records(self, context: Mapping[str, Any] | None) -> Iterable[dict]:
-        """Rows window by window. A failure ends this partition only: the tap reports it at the end."""
+        """Records for the SDK's loop, or none when the fast path writes them itself (fast_output.py)."""
+        coordinator: Any = self._tap
+        writer = self._fast_writer = self._new_fast_writer()
+        blocks = self._record_blocks(context, dict_builder if writer is None else writer.record_builder)
+        try:
+            if writer is None:
+                for block in blocks:
+                    coordinator.check_stop()
+                    yield from block
+                return
+            writer.after_block = coordinator.check_stop
+            for block in blocks:
+                writer.write_block(block)
+        finally:
+            blocks.close()  # a stop raised here still ends the window's export (files, queue)
+            if writer is not None:
+                self._fast_record_counter.increment(writer.written)
+            self._fast_writer = None
+
+    def _record_blocks(
+        self, context: Mapping[str, Any] | None, builder: Any = dict_builder
+    ) -> Generator[list[Any], None, None]:
+        """Rows window by window, a block at a time; the bookmark passes a window once the consumer
+        asks for the block after its last. A failure ends this partition only: the tap reports it
+        at the end. `builder` makes the records (csv_records.py): dicts unless only encoded."""
         context = dict(context) if context else None
         coordinator: Any = self._tap  # TapCommerceExports: failures and in-flight exports are tap-wide
         queue: ExportQueue | None = None
@@ -225,7 +254,7 @@ class ExportStream(Stream):
                 if ready.at_row_cap:
                     queue.push_front(self._split(ready))
                     continue
-                yield from self._records_of(ready, context)
+                yield from self._blocks_of(ready, context, builder)
                 self.runtime.runner.forget(ready.request)
                 self._advance_bookmark(context, ready.request.window)
         except Exception as exc:
@@ -258,35 +287,21 @@ class ExportStream(Stream):
             for half in halves
         ]
 
-    def _records_of(self, ready: ReadyExport, context: dict | None) -> Iterator[dict]:
+    def _blocks_of(self, ready: ReadyExport, context: dict | None, builder: Any) -> Iterator[list[Any]]:
         describe = f"{ready.request.describe()} export {ready.handle.export_id}"
         reader = CsvRecordReader(
             self._columns_by_key(),
             describe=describe,
             naive_zone=self.runtime.naive_zone,
             requested_fields=list(ready.request.fields) or None,
+            constants=dict(context or {}),
+            builder=builder,
         )
-        partition_values = dict(context or {})
         started = time.monotonic()
-        coordinator: Any = self._tap
-        writer = self._fast_writer = self._new_fast_writer()
-        if writer is not None:
-            writer.after_chunk = coordinator.check_stop
         try:
             with open(ready.file.path, encoding="utf-8-sig", newline="") as text:
-                for record in reader.read(text, on_layout=self._accept_layout):
-                    record.update(partition_values)
-                    if writer is None:
-                        coordinator.check_stop()
-                        yield record
-                    else:
-                        # Written here, not handed to the SDK's per-record loop (fast_output.py).
-                        writer.write(record)
-                if writer is not None:
-                    writer.flush()
-                    self._fast_record_counter.increment(writer.written)
+                yield from reader.read_blocks(text, on_layout=self._accept_layout)
         finally:
-            self._fast_writer = None
             ready.file.remove()
         self._count(ready, reader.rows_read, time.monotonic() - started)
         self.logger.info(
@@ -304,6 +319,7 @@ class ExportStream(Stream):
             self._fast_path = self.fast_path_enabled and fast_path_allowed(self)
             self.logger.debug("%s: RECORD fast path %s", self.name, "on" if self._fast_path else "off")
             if self._fast_path:
+                widen_stdout_pipe()
                 # The SDK's record_count metric, fed per file since records bypass its loop.
                 self._fast_record_counter = self.get_record_counter()
                 self._fast_record_counter.__enter__()
@@ -327,8 +343,40 @@ class ExportStream(Stream):
             yield from super().get_batches(batch_config, context)
             return
         batcher = FastJsonlBatcher(self.tap_name, self.name, batch_config)
-        for manifest in batcher.get_batches(self._sync_records(context, write_messages=False)):
+        if self.ABORT_AT_RECORD_COUNT is not None:  # --test and dry runs count records one by one
+            blocks: Iterable[list[dict]] = ([record] for record in self._sync_records(context, write_messages=False))
+        else:
+            blocks = self._batch_blocks(context)
+        for manifest in batcher.get_batches(blocks):
             yield batch_config.encoding, manifest
+
+    def _batch_blocks(self, context: Mapping[str, Any] | None) -> Iterator[list[Any]]:
+        """What the SDK's `_sync_records(write_messages=False)` does for BATCH, a block at a time.
+
+        Its per-record steps are no-ops for export streams (no post_process, no child streams,
+        bookmarks per window), so only the per-partition ones are kept: starting value, metrics and
+        the final state of each partition, as the SDK does them.
+        """
+        coordinator: Any = self._tap
+        record_counter, timer = self.get_record_counter(), self.get_sync_timer()
+        with record_counter, timer:
+            for partition in ([context] if context is not None else self.partitions) or [{}]:
+                record_counter.with_context(partition)
+                timer.with_context(partition)
+                current = dict(partition) if partition else None
+                self._write_starting_replication_value(current)
+                blocks = self._record_blocks(current, struct_builder)  # BATCH records are only encoded
+                try:
+                    for block in blocks:
+                        coordinator.check_stop()
+                        record_counter.increment(len(block))
+                        yield block
+                finally:
+                    blocks.close()
+                if current == self._get_state_partition_context(current):
+                    self._finalize_state(self.get_context_state(current))
+        if not context:
+            self._finalize_state(self.stream_state)
 
     def _count(self, ready: ReadyExport, rows: int, seconds: float) -> None:
         totals = self.totals
