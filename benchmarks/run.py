@@ -256,13 +256,18 @@ class Bench:
 
         # The fast contestants run in turns, best of `repeat` each: this machine's speed drifts by
         # +-25% from one second to the next, and turns expose them all to the same drift.
-        floors, record_runs, batch_runs, tap_runs = [], [], [], []
+        floors, record_runs, batch_runs, plain_batch_runs, tap_runs = [], [], [], [], []
         for attempt in range(self.repeat):
             floors.append(run_json([PYTHON, os.path.join(HERE, "floor.py"), path]))
+            # RECORD and BATCH swap places every turn: neither always runs on a machine warmed by the other.
+            if attempt % 2:
+                batch_runs.append(self._tap_batch_figures(attempt, rows))
             run, figures = self._tap_record_figures(attempt, rows)
             tap_runs.append(run)
             record_runs.append(figures)
-            batch_runs.append(self._tap_batch_figures(attempt, rows))
+            if not attempt % 2:
+                batch_runs.append(self._tap_batch_figures(attempt, rows))
+            plain_batch_runs.append(self._tap_batch_figures(attempt, rows, compression="none"))
 
         # (c) the floor
         floor = min(floors, key=lambda f: f["seconds"])
@@ -344,6 +349,13 @@ class Bench:
             f"{best['emit_seconds'] or 0:.2f}s = {fmt_rate(best['rate'])} (its log: {best['log_emit_seconds']:.1f}s "
             f"= {fmt_rate(best['log_rate'])})"
         )
+        best = max(plain_batch_runs, key=lambda f: f["rate"] or 0)
+        result["tap_batch_uncompressed"] = best
+        self._check_rows("tap (BATCH, no compression)", best["rows_in_files"], rows)
+        say(
+            f"  (b'') tap, BATCH jsonl without compression: {best['rows_in_files']:,} rows in {best['files']} files; "
+            f"file downloaded -> last BATCH message {best['emit_seconds'] or 0:.2f}s = {fmt_rate(best['rate'])}"
+        )
 
         tap_rate, base_rate, floor_rate = (
             result["tap"]["rate"],
@@ -355,6 +367,8 @@ class Bench:
         result["batch_vs_record"] = (
             result["tap_batch"]["rate"] / tap_rate if result["tap_batch"]["rate"] and tap_rate else None
         )
+        plain = result["tap_batch_uncompressed"]["rate"]
+        result["uncompressed_batch_vs_record"] = plain / tap_rate if plain and tap_rate else None
         say(
             f"  tap/baseline = {result['tap_vs_baseline'] or 0:.2f}x (target >= {TARGETS['tap_vs_baseline']:g}x); "
             f"tap/DictReader = {100 * (result['tap_vs_dictreader'] or 0):.0f}% "
@@ -386,15 +400,15 @@ class Bench:
         figures["wall_minus_wait_rate"] = rate(run.records, run.wall_seconds - waited)
         return run, figures
 
-    def _tap_batch_figures(self, attempt: int, rows: int) -> dict:
-        batch_dir = os.path.join(self.workdir, f"batches-{attempt}")
+    def _tap_batch_figures(self, attempt: int, rows: int, compression: str = "gzip") -> dict:
+        batch_dir = os.path.join(self.workdir, f"batches-{compression}-{attempt}")
         os.makedirs(batch_dir)
         run = self.tap_run(
-            f"tap-batch-{attempt}",
+            f"tap-batch-{compression}-{attempt}",
             rows,
             {
                 "batch_config": {
-                    "encoding": {"format": "jsonl", "compression": "gzip"},
+                    "encoding": {"format": "jsonl", "compression": compression},
                     "storage": {"root": f"file://{batch_dir}", "prefix": "orders-"},
                 }
             },
@@ -402,10 +416,10 @@ class Bench:
         log = parse_tap_log(run.log_text)
         downloaded = max((e.downloaded_at for e in log.exports.values() if e.downloaded_at), default=None)
         last_batch = run.sink["last"].get("BATCH")
-        files = glob.glob(os.path.join(batch_dir, "**", "*.gz"), recursive=True)
+        files = glob.glob(os.path.join(batch_dir, "**", "*.json*"), recursive=True)
         lines = 0
         for name in files:
-            with gzip.open(name, "rb") as batch:
+            with gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb") as batch:
                 lines += sum(chunk.count(b"\n") for chunk in iter(lambda b=batch: b.read(1 << 20), b""))
         shutil.rmtree(batch_dir, ignore_errors=True)
         to_last = (last_batch - downloaded) if (last_batch and downloaded) else None
@@ -652,6 +666,13 @@ class Bench:
                 ["1 throughput", "(b) tap, BATCH jsonl+gzip", fmt_rate(t["tap_batch"]["rate"]), "", ""],
                 [
                     "1 throughput",
+                    "(b) tap, BATCH jsonl, no compression",
+                    fmt_rate(t["tap_batch_uncompressed"]["rate"]),
+                    "",
+                    "",
+                ],
+                [
+                    "1 throughput",
                     "tap / baseline (RECORD)",
                     f"{t['tap_vs_baseline'] or 0:.2f}x",
                     f">= {TARGETS['tap_vs_baseline']:g}x",
@@ -670,6 +691,13 @@ class Bench:
                     f"{t['batch_vs_record'] or 0:.2f}x",
                     ">= 1x",
                     verdict((t["batch_vs_record"] or 0) >= 1.0),
+                ],
+                [
+                    "1 throughput",
+                    "tap BATCH without compression / tap RECORD",
+                    f"{t['uncompressed_batch_vs_record'] or 0:.2f}x",
+                    "",
+                    "",
                 ],
             ]
         m = r.get("memory")
@@ -732,7 +760,8 @@ class Bench:
                         f"default concurrency, L = {latency:g}s (rate-limit floor {extra['floor_seconds']:.1f}s)",
                         f"{extra['sync_seconds']:.1f}s = {extra['ratio_to_latency']:.2f} x L",
                         f"< {bound:.1f}s",
-                        verdict(extra["sync_seconds"] < bound),
+                        verdict(extra["sync_seconds"] < bound)
+                        + (" (floor > target)" if extra["floor_seconds"] >= bound else ""),
                     ]
                 )
         runs = [("default", d)] + ([("one-by-one", o)] if o else [])
