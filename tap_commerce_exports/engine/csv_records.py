@@ -231,7 +231,9 @@ def struct_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
     fields: list[Any] = [(f"f{i}", Any) for i in range(len(keys))]
     fields += [(f"c{i}", Any, value) for i, value in enumerate(constants.values())]
     names = {f"f{i}": key for i, key in enumerate(keys)} | {f"c{i}": key for i, key in enumerate(constants)}
-    record_type = msgspec.defstruct("ExportRecord", fields, rename=names)
+    # gc=False: values come from CSV cells and decoded JSON, which cannot refer back to the record,
+    # so the collector need not track millions of short-lived records.
+    record_type = msgspec.defstruct("ExportRecord", fields, rename=names, gc=False)
     return lambda columns: list(map(record_type, *columns))
 
 
