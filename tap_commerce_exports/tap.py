@@ -14,6 +14,7 @@ from singer_sdk.configuration._dict_config import parse_environment_config
 
 from tap_commerce_exports.engine.download import FileDownloader
 from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
+from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
 from tap_commerce_exports.engine.http import install_log_redaction
 from tap_commerce_exports.engine.scheduler import ExportScheduler
 from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime
@@ -159,6 +160,7 @@ class TapCommerceExports(Tap):
         written, and the run ends with a summary of what failed (and a non-zero exit).
         """
         started = time.monotonic()
+        widen_stdout_pipe()  # the whole run's messages go through it, whichever path writes them
         self.failures: list[str] = []
         self._reset_state_progress_markers()
         self._set_compatible_replication_methods()

@@ -117,3 +117,24 @@ def test_batch_files_hold_exactly_the_records_and_bookmarks_of_record_mode(vouch
         assert rows == as_records.records(stream), stream
         assert all(size == 7 for size in sizes[:-1]) and 0 < sizes[-1] <= 7, (stream, sizes)
     assert comparable(as_batches)[-1] == comparable(as_records)[-1]  # the same final bookmarks
+
+
+def test_the_tap_widens_its_stdout_pipe_so_blocks_of_records_do_not_wait_on_the_reader(voucherify_sandbox):
+    import fcntl
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from tap_commerce_exports.engine.fast_output import STDOUT_PIPE_BYTES
+    from tests.harness import start_tap_process
+
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("pipe sizes are a Linux feature")
+    process = start_tap_process(voucherify_sandbox.voucherify.tap_config())
+    first = json.loads(process.stdout.readline())
+    size = fcntl.fcntl(process.stdout.fileno(), fcntl.F_GETPIPE_SZ)  # one pipe: the same size at both ends
+    rest = process.stdout.read()
+    assert process.wait(timeout=60) == 0, Path(process.stderr_path).read_text()[-2000:]
+    assert first["type"] in ("SCHEMA", "STATE") and '"type":"RECORD"' in rest.replace(" ", "")
+    assert size >= STDOUT_PIPE_BYTES or sys.platform != "linux"

@@ -165,3 +165,45 @@ def test_date_ranges_sent_are_inclusive_whole_seconds_that_meet_exactly(nextcomm
         )
         assert gap == dt.timedelta(seconds=1)
     assert all(e.headers.get("x-29next-api-version") == "2024-04-01" for e in creates)
+
+
+def test_a_listing_that_shows_one_export_finished_lists_again_soon_for_the_others(nextcommerce_sandbox):
+    """Exports started together tend to finish together: the board does not leave the others to
+    their own (here 30 s) poll schedule once a listing shows one of them finished."""
+    import logging
+    import threading
+    import time
+
+    from tap_commerce_exports.engine.export_job import ExportRequest, ExportState, StatusBoard
+    from tap_commerce_exports.engine.windows import Window
+    from tap_commerce_exports.sources.nextcommerce import build_api
+
+    emulator, faults = nextcommerce_sandbox.nextcommerce, nextcommerce_sandbox.faults
+    api = build_api(fast_config(emulator), logging.getLogger("test"))
+    window = Window(dt.datetime(2024, 1, 1, tzinfo=UTC), dt.datetime(2024, 1, 15, tzinfo=UTC))
+    requests = [ExportRequest(f"nextcommerce_{code}", code, window) for code in ("order_list", "customer_list")]
+    faults.arm("export_latency", 1, value=0.3)
+    quick = api.create(requests[0])
+    faults.arm("export_latency", 1, value=1.2)
+    slow = api.create(requests[1])
+    board = StatusBoard(api, threading.Event())
+    board.track(quick)
+    board.track(slow)
+    nextcommerce_sandbox.log.clear()
+
+    woke: dict = {}
+
+    def wait_for_slow() -> None:
+        started = time.monotonic()
+        woke["handle"], woke["after"] = board.sleep(slow.export_id, 30), time.monotonic() - started
+
+    sleeper = threading.Thread(target=wait_for_slow)
+    sleeper.start()
+    time.sleep(0.5)
+    assert board.status(requests[0], quick, max_age=0).state is ExportState.READY  # the quick one's due poll
+    sleeper.join(timeout=10)
+
+    assert woke["handle"].export_id == slow.export_id and woke["handle"].state is ExportState.READY
+    assert woke["after"] < 5, woke  # not its own 30 s
+    listings = nextcommerce_sandbox.log.entries(host="nextcommerce-api", method="GET", path_pattern=r"/exports/$")
+    assert 2 <= len(listings) <= 4, [e.at for e in listings]

@@ -207,6 +207,8 @@ def _next_rows(rows: Iterator[list[str]], count: int) -> tuple[list[list[str]], 
 
 
 RecordBuilder = Callable[[list[Sequence[Any]]], list[Any]]
+#: Makes a file's RecordBuilder from its keys and the values every record carries.
+BuilderFactory = Callable[[list[str], dict[str, Any]], RecordBuilder]
 
 
 def dict_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
@@ -225,7 +227,7 @@ def dict_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
 def struct_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
     """Cast columns -> one msgspec Struct per row: built in C from the columns and encoded to the
     same JSON object as the dict (keys in the same order), at a fraction of a dict's cost. For
-    records only ever encoded (BATCH files), never handed to the SDK."""
+    records only ever encoded (the RECORD fast path, BATCH files), never handed to the SDK."""
     if set(constants) & set(keys):
         return dict_builder(keys, constants)  # a partition key that is also a column replaces it
     fields: list[Any] = [(f"f{i}", Any) for i in range(len(keys))]
@@ -265,7 +267,7 @@ class CsvRecordReader:
         naive_zone: dt.tzinfo = UTC,
         requested_fields: list[str] | None = None,
         constants: dict[str, Any] | None = None,
-        builder: Callable[[list[str], dict[str, Any]], RecordBuilder] = dict_builder,
+        builder: BuilderFactory = dict_builder,
     ) -> None:
         self.columns = columns
         self.describe = describe

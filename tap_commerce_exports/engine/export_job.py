@@ -161,14 +161,13 @@ class StatusBoard:
     def __init__(self, api: ExportApi, stopping: threading.Event) -> None:
         self.api = api
         self.stopping = stopping
-        self.listings = 0
         self._listing_lock = threading.Lock()  # one listing at a time; the others reuse it
         self._changed = threading.Condition()
         self._waiting: dict[str, ExportHandle] = {}
         self._latest: dict[str, ExportHandle] = {}
         self._listed_at = float("-inf")
-        #: When a listing last showed a waiting export finished (see `sleep`).
-        self._finished_seen_at = float("-inf")
+        #: Whether the latest listing showed some waiting export finished (see `sleep`).
+        self._latest_showed_finished = False
 
     def track(self, handle: ExportHandle) -> None:
         with self._changed:
@@ -195,10 +194,9 @@ class StatusBoard:
                 now = time.monotonic()
                 if now >= deadline:
                     return None
-                relist_at = self._finished_seen_at + STATUS_MAX_AGE
-                if relist_at > now or self._finished_seen_at < self._listed_at:
-                    wake = min(deadline, relist_at) if self._finished_seen_at >= self._listed_at else deadline
-                    self._changed.wait(min(wake - now, STOP_CHECK_SECONDS))
+                relist_at = self._listed_at + STATUS_MAX_AGE if self._latest_showed_finished else deadline
+                if now < relist_at:
+                    self._changed.wait(min(relist_at - now, STOP_CHECK_SECONDS))
                     continue
             self._refresh(STATUS_MAX_AGE)
         return None
@@ -219,11 +217,9 @@ class StatusBoard:
                 waiting = list(self._waiting.values())
             started = time.monotonic()
             answers = self.api.poll_many(waiting) if waiting else {}
-            self.listings += 1
             with self._changed:
                 self._latest, self._listed_at = answers, started
-                if any(answer.state is not ExportState.PENDING for answer in answers.values()):
-                    self._finished_seen_at = started
+                self._latest_showed_finished = any(a.state is not ExportState.PENDING for a in answers.values())
                 self._changed.notify_all()
 
 

@@ -32,7 +32,6 @@ except ImportError:  # Windows
 
 _ENCODER = msgspec.json.Encoder(decimal_format="number", enc_hook=str)
 GZIP_LEVEL = 1  # ISA-L's level 1: zlib level 3's size at ~5x its speed
-GZIP_BLOCK_BYTES = 1 << 20  # what the compression thread takes at a time
 
 
 def fast_path_allowed(stream: Any) -> bool:
@@ -48,7 +47,7 @@ def fast_path_allowed(stream: Any) -> bool:
 
 
 class FastRecordWriter:
-    """Encodes one file's RECORD messages a block at a time and writes them to stdout as bytes.
+    """Encodes a partition's RECORD messages a block at a time and writes them to stdout as bytes.
 
     What surrounds the record is encoded once; a block of records is encoded in one msgspec call
     and wrapped with C-level joins. Records of one file all have the same keys (the file's columns),
@@ -133,7 +132,7 @@ class FastJsonlBatcher:
     def __init__(self, tap_name: str, stream_name: str, batch_config: Any) -> None:
         self.sync_id = f"{tap_name}--{stream_name}-{uuid.uuid4()}"
         self.batch_config = batch_config
-        self._files = 0
+        self._file_count = 0
 
     def get_batches(self, blocks: Iterable[list[Any]]) -> Iterator[list[str]]:
         """One manifest (a list of one file URL) per `batch_size` records, as each file is complete."""
@@ -155,10 +154,10 @@ class FastJsonlBatcher:
                 file.abandon()
 
     def _open_next(self) -> _BatchFile:
-        self._files += 1
+        self._file_count += 1
         storage = self.batch_config.storage
         compress = self.batch_config.encoding.compression == "gzip"
-        filename = f"{storage.prefix or ''}{self.sync_id}-{self._files}{'.json.gz' if compress else '.json'}"
+        filename = f"{storage.prefix or ''}{self.sync_id}-{self._file_count}{'.json.gz' if compress else '.json'}"
         return _BatchFile(storage, filename, compress)
 
 
@@ -167,10 +166,10 @@ class _BatchFile:
 
     def __init__(self, storage: Any, filename: str, compress: bool) -> None:
         self.storage, self.filename = storage, filename
-        self._files = contextlib.ExitStack()
-        out = self._files.enter_context(storage.open(filename, "wb"))
+        self._closing = contextlib.ExitStack()
+        out = self._closing.enter_context(storage.open(filename, "wb"))
         if compress:
-            out = self._files.enter_context(igzip.GzipFile(fileobj=out, mode="wb", compresslevel=GZIP_LEVEL))
+            out = self._closing.enter_context(igzip.GzipFile(fileobj=out, mode="wb", compresslevel=GZIP_LEVEL))
         self._out = out
         self.records = 0
 
@@ -180,11 +179,11 @@ class _BatchFile:
 
     def close(self) -> str:
         """Flush and close the file; its URL for the BATCH manifest."""
-        self._files.close()
+        self._closing.close()
         return str(self.storage.get_url(self.filename))
 
     def abandon(self) -> None:
-        self._files.close()
+        self._closing.close()
 
 
 def _cut_at_file_boundaries(blocks: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:

@@ -17,13 +17,19 @@ from typing import Any, ClassVar
 
 from singer_sdk.streams import Stream
 
-from tap_commerce_exports.engine.csv_records import Column, CsvLayout, CsvRecordReader, dict_builder, struct_builder
+from tap_commerce_exports.engine.csv_records import (
+    BuilderFactory,
+    Column,
+    CsvLayout,
+    CsvRecordReader,
+    dict_builder,
+    struct_builder,
+)
 from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
 from tap_commerce_exports.engine.fast_output import (
     FastJsonlBatcher,
     FastRecordWriter,
     fast_path_allowed,
-    widen_stdout_pipe,
 )
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
@@ -238,7 +244,7 @@ class ExportStream(Stream):
             self._fast_writer = None
 
     def _record_blocks(
-        self, context: Mapping[str, Any] | None, builder: Any = dict_builder
+        self, context: Mapping[str, Any] | None, builder: BuilderFactory = dict_builder
     ) -> Generator[list[Any], None, None]:
         """Rows window by window, a block at a time; the bookmark passes a window once the consumer
         asks for the block after its last. A failure ends this partition only: the tap reports it
@@ -287,7 +293,7 @@ class ExportStream(Stream):
             for half in halves
         ]
 
-    def _blocks_of(self, ready: ReadyExport, context: dict | None, builder: Any) -> Iterator[list[Any]]:
+    def _blocks_of(self, ready: ReadyExport, context: dict | None, builder: BuilderFactory) -> Iterator[list[Any]]:
         describe = f"{ready.request.describe()} export {ready.handle.export_id}"
         reader = CsvRecordReader(
             self._columns_by_key(),
@@ -319,7 +325,6 @@ class ExportStream(Stream):
             self._fast_path = self.fast_path_enabled and fast_path_allowed(self)
             self.logger.debug("%s: RECORD fast path %s", self.name, "on" if self._fast_path else "off")
             if self._fast_path:
-                widen_stdout_pipe()
                 # The SDK's record_count metric, fed per file since records bypass its loop.
                 self._fast_record_counter = self.get_record_counter()
                 self._fast_record_counter.__enter__()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -80,18 +82,21 @@ class NextCommerceApi(ExportApi):
         wanted = {handle.export_id for handle in handles}
         oldest = min(int(export_id) for export_id in wanted)
         found: dict[str, ExportHandle] = {}
-        page: Any = self.client.get("exports/")
-        for _ in range(STATUS_LIST_PAGES):
-            results = page.get("results") or []
+        for results in islice(self._export_pages(), STATUS_LIST_PAGES):
             for export in results:
                 if str(export.get("id")) in wanted:
                     found[str(export["id"])] = self._handle(export)
             # Newest first: once a page reaches the oldest export we wait for, later pages hold none.
-            reached_oldest = any(int(export.get("id", 0)) <= oldest for export in results)
-            if len(found) == len(wanted) or reached_oldest or not page.get("next"):
+            if len(found) == len(wanted) or any(int(export.get("id", 0)) <= oldest for export in results):
                 break
-            page = self.client.get(page["next"])
         return found
+
+    def _export_pages(self, params: dict[str, str] | None = None) -> Iterator[list[dict]]:
+        """The export list, a page of results at a time, following the API's cursor."""
+        page: Any = self.client.get("exports/", params=params)
+        while page:
+            yield page.get("results") or []
+            page = self.client.get(page["next"]) if page.get("next") else None
 
     def file_url(self, request: ExportRequest, handle: ExportHandle) -> str:
         return str(self.client.get(f"exports/{int(handle.export_id)}/download/")["url"])
@@ -113,12 +118,8 @@ class NextCommerceApi(ExportApi):
         with self._recent_lock:
             if self._recent_exports is None:
                 created_from = (dt.datetime.now(UTC) - REUSE_WITHIN).date().isoformat()
-                found: list[dict] = []
-                page: Any = self.client.get("exports/", params={"date_created_from": created_from})
-                while page:
-                    found += page.get("results") or []
-                    page = self.client.get(page["next"]) if page.get("next") else None
-                self._recent_exports = found
+                pages = self._export_pages({"date_created_from": created_from})
+                self._recent_exports = [export for results in pages for export in results]
             return self._recent_exports
 
     def resume(self, request: ExportRequest, export_id: str) -> ExportHandle | None:
