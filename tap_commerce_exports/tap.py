@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -12,6 +13,7 @@ from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
 from singer_sdk.configuration._dict_config import parse_environment_config
 
+from tap_commerce_exports.engine.collector import collector_tuned_for_rows
 from tap_commerce_exports.engine.download import FileDownloader
 from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
 from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
@@ -169,12 +171,18 @@ class TapCommerceExports(Tap):
         export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
         self._fail_fast_on_bad_credentials()
         try:
-            self.check_stop()
-            self._start_exports(export_streams)
-            for stream in self.streams.values():
-                if stream.selected:
-                    self.check_stop()
-                    self._sync_one(stream)
+            with collector_tuned_for_rows() as frozen:
+                self.logger.debug(
+                    "garbage collector: %d long-lived objects frozen, young generation collected every %d allocations",
+                    frozen,
+                    gc.get_threshold()[0],
+                )
+                self.check_stop()
+                self._start_exports(export_streams)
+                for stream in self.streams.values():
+                    if stream.selected:
+                        self.check_stop()
+                        self._sync_one(stream)
         except StopRequested as stop:
             self._stop_workers()
             self._write_final_state_and_exit(stop.signum)
