@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import sys
@@ -12,6 +13,8 @@ from singer_sdk import Tap
 from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
 from singer_sdk.configuration._dict_config import parse_environment_config
+from singer_sdk.helpers._state import StateWriter
+from singer_sdk.helpers.types import TapState
 
 from tap_commerce_exports.engine.collector import collector_tuned_for_rows
 from tap_commerce_exports.engine.download import FileDownloader
@@ -19,7 +22,7 @@ from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
 from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
 from tap_commerce_exports.engine.http import install_log_redaction
 from tap_commerce_exports.engine.scheduler import ExportScheduler
-from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime
+from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime, StopRequested
 from tap_commerce_exports.engine.windows import parse_instant
 from tap_commerce_exports.sources import SOURCES
 from tap_commerce_exports.sources.base import ConfigError
@@ -162,6 +165,7 @@ class TapCommerceExports(Tap):
         written, and the run ends with a summary of what failed (and a non-zero exit).
         """
         started = time.monotonic()
+        self._state_writer = self._state_writer_keeping_last = _StateWriterKeepingLast(self.message_writer, self.state)
         widen_stdout_pipe()  # the whole run's messages go through it, whichever path writes them
         self.failures: list[str] = []
         self._reset_state_progress_markers()
@@ -253,8 +257,13 @@ class TapCommerceExports(Tap):
 
     def _write_final_state_and_exit(self, signum: int) -> None:
         """The bookmarks name finished windows only, so the next run re-sends the rest. Exit code
-        128 + signal tells an orchestrator the run was interrupted."""
-        self.write_message(singer.StateMessage(value=self.state))
+        128 + signal tells an orchestrator the run was interrupted.
+
+        In BATCH mode a finished window's last rows can still be in a file not yet announced (an
+        immediate stop leaves it so): only the STATE written after the last BATCH message is safe.
+        """
+        safe = self._state_writer_keeping_last.last_written if self.config.get("batch_config") else self.state
+        self.write_message(singer.StateMessage(value=safe))
         sys.stdout.flush()
         self.logger.warning("Stopped by signal %d; the last STATE resumes the next run", signum)
         sys.exit(128 + signum)
@@ -283,12 +292,16 @@ class TapCommerceExports(Tap):
         self.logger.info("Sync finished in %.1fs with %d failure(s)", elapsed, len(getattr(self, "failures", [])))
 
 
-class StopRequested(BaseException):
-    """A signal asked the run to stop; raised at a safe point, caught by sync_all."""
+class _StateWriterKeepingLast(StateWriter):
+    """The SDK's STATE writer, remembering the last state it wrote."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum}")
-        self.signum = signum
+    def __init__(self, message_writer: Any, initial_state: TapState) -> None:
+        super().__init__(message_writer)
+        self.last_written = copy.deepcopy(initial_state)
+
+    def write_state(self, state: TapState) -> None:
+        super().write_state(state)
+        self.last_written = copy.deepcopy(state)
 
 
 class SyncFailures(RuntimeError):

@@ -533,6 +533,62 @@ def test_sigterm_mid_window_exits_cleanly_with_a_state_as_its_last_message():
         assert last["type"] == "STATE", f"last message is a {last['type']}: {(last_line or json.dumps(last))[:120]}"
 
 
+def batch_rows(messages: list[dict]) -> set[str]:
+    """Order ids in the files that BATCH messages announced."""
+    ids = set()
+    for message in messages:
+        if message["type"] == "BATCH":
+            for url in message["manifest"]:
+                with open(url.removeprefix("file://")) as batch:
+                    ids.update(json.loads(line)["id"] for line in batch)
+    return ids
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_batch_run_stopped_while_a_file_is_open_loses_no_row_once_resumed(signals, tmp_path):
+    """Rows of finished windows can sit in a batch file not yet announced (files span windows):
+    the STATE a stopped run ends with must not pass them."""
+    with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=400) as sandbox:
+        batch_config = {
+            "encoding": {"format": "jsonl", "compression": "none"},
+            "storage": {"root": f"file://{tmp_path}"},
+            "batch_size": 100_000,  # one file for the whole run unless a stop cuts it
+        }
+        config = {
+            **sandbox.voucherify.tap_config(),
+            "export_window_days": 15,
+            "max_concurrent_exports": 1,
+            "batch_config": batch_config,
+        }
+        process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
+        stderr = Path(process.stderr_path)
+        deadline = time.monotonic() + 30
+        while not sandbox.log.entries(method="POST", path_pattern=r"/v1/orders/export$"):
+            assert time.monotonic() < deadline, "the tap created no export"
+            time.sleep(0.01)
+        sandbox.voucherify.faults.arm("export_latency", 0, value=3.0)  # later windows wait: stop the tap then
+        while ": emitted " not in stderr.read_text():
+            assert time.monotonic() < deadline, "the first window was never emitted"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        if signals == 2:  # the second, once the first is heard, stops at once (mid-wait, file open)
+            while "Signal 15 received" not in stderr.read_text():
+                assert time.monotonic() < deadline, "the tap did not hear the first signal"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+        stopped, _ = drain(process)
+        assert process.returncode == 128 + signal.SIGTERM, stderr.read_text()[-2000:]
+        states = [m["value"] for m in stopped if m["type"] == "STATE"]
+
+        sandbox.voucherify.faults.disarm("export_latency")
+        resumed = run_tap(config, state=states[-1], streams={"voucherify_orders"})
+        assert resumed.error is None, resumed.error
+        expected = {row["id"] for row in sandbox.voucherify.expected_records("voucherify_orders")}
+        assert batch_rows(stopped) | batch_rows(resumed.messages) == expected
+        if signals == 1:  # a stop at a safe point announces the open file rather than dropping it
+            assert batch_rows(stopped), "the rows already written were not announced"
+
+
 # -------------------------------------------------------- exports not paid twice
 
 RESUMABLE = ("nextcommerce", "voucherify")

@@ -38,6 +38,15 @@ UNKNOWN_COLUMN_SCHEMA = {"type": ["string", "null"], "description": "Column not 
 EXPORTS_IN_FLIGHT = "exports_in_flight"
 
 
+class StopRequested(BaseException):
+    """A signal asked the run to stop; raised at a safe point (between blocks of rows or while
+    waiting), caught by the tap's sync_all."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def _window_key(window: Window | None) -> tuple[str | None, str | None]:
     return (window.start.isoformat(), window.end.isoformat()) if window else (None, None)
 
@@ -347,7 +356,7 @@ class ExportStream(Stream):
         if batch_config.encoding.format != "jsonl":
             yield from super().get_batches(batch_config, context)
             return
-        batcher = FastJsonlBatcher(self.tap_name, self.name, batch_config)
+        batcher = FastJsonlBatcher(self.tap_name, self.name, batch_config, announce_open_file_on=StopRequested)
         if self.ABORT_AT_RECORD_COUNT is not None:  # --test and dry runs count records one by one
             blocks: Iterable[list[dict]] = ([record] for record in self._sync_records(context, write_messages=False))
         else:
