@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import sys
@@ -13,8 +12,6 @@ from singer_sdk import Tap
 from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
 from singer_sdk.configuration._dict_config import parse_environment_config
-from singer_sdk.helpers._state import StateWriter
-from singer_sdk.helpers.types import TapState
 
 from tap_commerce_exports.engine.collector import collector_tuned_for_rows
 from tap_commerce_exports.engine.download import FileDownloader
@@ -165,7 +162,6 @@ class TapCommerceExports(Tap):
         written, and the run ends with a summary of what failed (and a non-zero exit).
         """
         started = time.monotonic()
-        self._state_writer = self._state_writer_keeping_last = _StateWriterKeepingLast(self.message_writer, self.state)
         widen_stdout_pipe()  # the whole run's messages go through it, whichever path writes them
         self.failures: list[str] = []
         self._reset_state_progress_markers()
@@ -244,10 +240,15 @@ class TapCommerceExports(Tap):
 
         Stopping inside the handler could interleave the final STATE with a half-written chunk of
         records; so the handler only asks, and `check_stop` ends the run where output is whole.
-        A second signal stops at once.
+        A second signal stops at once, like a kill but with the signal's exit code: every STATE
+        already written is safe to resume from, and writing one more from here could land inside
+        a message being written.
         """
         if self.stop_signal:
-            self._write_final_state_and_exit(signum)
+            self.logger.warning(
+                "Signal %d again: stopping at once; the last STATE written resumes the next run", signum
+            )
+            raise SystemExit(128 + signum)
         self.stop_signal = signum
         self.logger.warning("Signal %d received: stopping after the rows being written", signum)
 
@@ -257,13 +258,8 @@ class TapCommerceExports(Tap):
 
     def _write_final_state_and_exit(self, signum: int) -> None:
         """The bookmarks name finished windows only, so the next run re-sends the rest. Exit code
-        128 + signal tells an orchestrator the run was interrupted.
-
-        In BATCH mode a finished window's last rows can still be in a file not yet announced (an
-        immediate stop leaves it so): only the STATE written after the last BATCH message is safe.
-        """
-        safe = self._state_writer_keeping_last.last_written if self.config.get("batch_config") else self.state
-        self.write_message(singer.StateMessage(value=safe))
+        128 + signal tells an orchestrator the run was interrupted."""
+        self.write_message(singer.StateMessage(value=self.state))
         sys.stdout.flush()
         self.logger.warning("Stopped by signal %d; the last STATE resumes the next run", signum)
         sys.exit(128 + signum)
@@ -290,18 +286,6 @@ class TapCommerceExports(Tap):
                 t.seconds,
             )
         self.logger.info("Sync finished in %.1fs with %d failure(s)", elapsed, len(getattr(self, "failures", [])))
-
-
-class _StateWriterKeepingLast(StateWriter):
-    """The SDK's STATE writer, remembering the last state it wrote."""
-
-    def __init__(self, message_writer: Any, initial_state: TapState) -> None:
-        super().__init__(message_writer)
-        self.last_written = copy.deepcopy(initial_state)
-
-    def write_state(self, state: TapState) -> None:
-        super().write_state(state)
-        self.last_written = copy.deepcopy(state)
 
 
 class SyncFailures(RuntimeError):

@@ -546,8 +546,8 @@ def batch_rows(messages: list[dict]) -> set[str]:
 
 @pytest.mark.parametrize("signals", [1, 2])
 def test_a_batch_run_stopped_while_a_file_is_open_loses_no_row_once_resumed(signals, tmp_path):
-    """Rows of finished windows can sit in a batch file not yet announced (files span windows):
-    the STATE a stopped run ends with must not pass them."""
+    """Rows of finished windows can sit in a batch file not yet announced (files span windows): no
+    STATE of a stopped run may pass them, whether it stops at a safe point or at once."""
     with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=400) as sandbox:
         batch_config = {
             "encoding": {"format": "jsonl", "compression": "none"},
@@ -578,15 +578,61 @@ def test_a_batch_run_stopped_while_a_file_is_open_loses_no_row_once_resumed(sign
             process.send_signal(signal.SIGTERM)
         stopped, _ = drain(process)
         assert process.returncode == 128 + signal.SIGTERM, stderr.read_text()[-2000:]
+        assert ("stopping at once" in stderr.read_text()) == (signals == 2)
         states = [m["value"] for m in stopped if m["type"] == "STATE"]
+        if signals == 1:  # a stop at a safe point ends with STATE
+            assert stopped[-1]["type"] == "STATE"
 
         sandbox.voucherify.faults.disarm("export_latency")
-        resumed = run_tap(config, state=states[-1], streams={"voucherify_orders"})
+        # From the last STATE written; none (a stop before the first file) means from the start.
+        resumed = run_tap(config, state=states[-1] if states else None, streams={"voucherify_orders"})
         assert resumed.error is None, resumed.error
         expected = {row["id"] for row in sandbox.voucherify.expected_records("voucherify_orders")}
         assert batch_rows(stopped) | batch_rows(resumed.messages) == expected
         if signals == 1:  # a stop at a safe point announces the open file rather than dropping it
             assert batch_rows(stopped), "the rows already written were not announced"
+
+
+def test_a_batch_file_that_fails_to_land_takes_no_bookmark_with_it(tmp_path):
+    """A window's last rows sit in the open file when its storage breaks: the run fails, and no STATE
+    passes those rows, so the next run exports them again."""
+    storage = tmp_path / "batches"
+    with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=400) as sandbox:
+        config = {
+            **sandbox.voucherify.tap_config(),
+            "export_window_days": 15,  # 100 orders a window
+            "max_concurrent_exports": 1,
+            "batch_config": {
+                "encoding": {"format": "jsonl", "compression": "none"},
+                "storage": {"root": f"file://{storage}"},
+                "batch_size": 150,  # the first file holds all of window 1 and half of window 2
+            },
+        }
+        process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
+        stderr = Path(process.stderr_path)
+        deadline = time.monotonic() + 30
+        while not sandbox.log.entries(method="POST", path_pattern=r"/v1/orders/export$"):
+            assert time.monotonic() < deadline, "the tap created no export"
+            time.sleep(0.01)
+        sandbox.voucherify.faults.arm("export_latency", 0, value=2.0)
+        while ": emitted " not in stderr.read_text():
+            assert time.monotonic() < deadline, "the first window was never emitted"
+            time.sleep(0.01)
+        storage.rmdir()
+        storage.write_text("not a directory: the first file cannot land")  # the storage breaks
+        failed, _ = drain(process)
+        assert process.returncode == 1, stderr.read_text()[-2000:]
+        assert "voucherify_orders" in stderr.read_text() and not batch_rows(failed)
+        states = [m["value"] for m in failed if m["type"] == "STATE"]
+        bookmark = states[-1]["bookmarks"]["voucherify_orders"].get("replication_key_value") if states else None
+        assert bookmark in (None, "2024-01-01T00:00:00+00:00"), f"STATE passed rows never announced: {bookmark}"
+
+        storage.unlink()
+        sandbox.voucherify.faults.disarm("export_latency")
+        resumed = run_tap(config, state=states[-1] if states else None, streams={"voucherify_orders"})
+        assert resumed.error is None, resumed.error
+        expected = {row["id"] for row in sandbox.voucherify.expected_records("voucherify_orders")}
+        assert batch_rows(resumed.messages) == expected
 
 
 # -------------------------------------------------------- exports not paid twice

@@ -24,13 +24,16 @@ YOUNG_GENERATION_THRESHOLD = 20_000
 def collector_tuned_for_rows() -> Iterator[int]:
     """Freeze what exists now (it lives until exit anyway) and collect the young generation less
     often; both are restored afterwards, since tests run many syncs in one process. Yields the
-    number of objects frozen."""
+    number of objects frozen. A host program that froze objects itself keeps them as it set them."""
     thresholds = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(max(YOUNG_GENERATION_THRESHOLD, thresholds[0]), *thresholds[1:])
+    freezing = gc.get_freeze_count() == 0
     try:
+        if freezing:
+            gc.collect()
+            gc.freeze()
+        gc.set_threshold(max(YOUNG_GENERATION_THRESHOLD, thresholds[0]), *thresholds[1:])
         yield gc.get_freeze_count()
     finally:
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if freezing:
+            gc.unfreeze()

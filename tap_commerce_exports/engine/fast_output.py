@@ -129,10 +129,19 @@ class FastJsonlBatcher:
     """
 
     def __init__(
-        self, tap_name: str, stream_name: str, batch_config: Any, announce_open_file_on: type[BaseException]
+        self,
+        tap_name: str,
+        stream_name: str,
+        batch_config: Any,
+        *,
+        before_announcing: Callable[[], None],
+        announce_open_file_on: type[BaseException],
     ) -> None:
         self.sync_id = f"{tap_name}--{stream_name}-{uuid.uuid4()}"
         self.batch_config = batch_config
+        #: Called when a file is complete, just before its manifest is handed on: every record given
+        #: to the batcher so far is then in an announced file (the stream moves its bookmarks).
+        self.before_announcing = before_announcing
         #: The stop raised between blocks: the file being written is then announced, not dropped.
         self.announce_open_file_on = announce_open_file_on
         self._file_count = 0
@@ -148,21 +157,24 @@ class FastJsonlBatcher:
                 file.write(block)
                 if file.records == size:
                     url, file = file.close(), None
-                    yield [url]
+                    yield self._manifest(url)
             if file is not None:
                 url, file = file.close(), None
-                yield [url]
+                yield self._manifest(url)
         except self.announce_open_file_on:
-            # Files span windows, so bookmarks may already have passed windows whose last rows are in
-            # the open file; it holds whole records (the stop comes between blocks): announce it, so
-            # the STATE written after it covers them.
+            # A stop comes between blocks, so the open file holds whole records: announce it rather
+            # than export its rows again next run.
             if file is not None and file.records:
                 url, file = file.close(), None
-                yield [url]
+                yield self._manifest(url)
             raise
         finally:
             if file is not None:  # the run failed mid-file: never announced, closed here
                 file.abandon()
+
+    def _manifest(self, url: str) -> list[str]:
+        self.before_announcing()
+        return [url]
 
     def _open_next(self) -> _BatchFile:
         self._file_count += 1

@@ -92,6 +92,9 @@ class ExportStream(Stream):
         self._queues: dict[tuple, ExportQueue] = {}
         self._fast_writer: FastRecordWriter | None = None
         self._fast_path: bool | None = None
+        #: BATCH mode: windows whose rows were all handed to the batcher, waiting for their file to be
+        #: announced before their bookmark may pass them (None: bookmarks move at once).
+        self._bookmarks_awaiting_file: list[tuple[dict | None, Window | None]] | None = None
         self.totals = StreamTotals()
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
@@ -167,7 +170,21 @@ class ExportStream(Stream):
         )
 
     def _advance_bookmark(self, context: dict | None, window: Window | None) -> None:
-        """Called once every row of `window` was written: the bookmark may now pass it."""
+        """Called once every row of `window` was handed on. Written as RECORD messages, they are out:
+        the bookmark passes the window now. In BATCH mode the last of them may be in a file not yet
+        announced (files span windows), so the move waits for that file (see get_batches)."""
+        if self._bookmarks_awaiting_file is not None:
+            self._bookmarks_awaiting_file.append((context, window))
+            return
+        self._move_bookmark(context, window)
+
+    def _move_bookmarks_awaiting_file(self) -> None:
+        """The file holding the rows of every waiting window is about to be announced."""
+        waiting, self._bookmarks_awaiting_file = self._bookmarks_awaiting_file or [], []
+        for context, window in waiting:
+            self._move_bookmark(context, window)
+
+    def _move_bookmark(self, context: dict | None, window: Window | None) -> None:
         if window is not None and self.replication_key:
             state = self.get_context_state(context)
             state["replication_key"] = self.replication_key
@@ -356,13 +373,25 @@ class ExportStream(Stream):
         if batch_config.encoding.format != "jsonl":
             yield from super().get_batches(batch_config, context)
             return
-        batcher = FastJsonlBatcher(self.tap_name, self.name, batch_config, announce_open_file_on=StopRequested)
+        batcher = FastJsonlBatcher(
+            self.tap_name,
+            self.name,
+            batch_config,
+            before_announcing=self._move_bookmarks_awaiting_file,
+            announce_open_file_on=StopRequested,
+        )
         if self.ABORT_AT_RECORD_COUNT is not None:  # --test and dry runs count records one by one
             blocks: Iterable[list[dict]] = ([record] for record in self._sync_records(context, write_messages=False))
         else:
             blocks = self._batch_blocks(context)
-        for manifest in batcher.get_batches(blocks):
-            yield batch_config.encoding, manifest
+        self._bookmarks_awaiting_file = []
+        try:
+            for manifest in batcher.get_batches(blocks):
+                yield batch_config.encoding, manifest
+            self._move_bookmarks_awaiting_file()  # windows without rows after the last file
+        finally:
+            # A failure drops the windows still waiting: their rows were in a file never announced.
+            self._bookmarks_awaiting_file = None
 
     def _batch_blocks(self, context: Mapping[str, Any] | None) -> Iterator[list[Any]]:
         """What the SDK's `_sync_records(write_messages=False)` does for BATCH, a block at a time.
