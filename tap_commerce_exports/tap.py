@@ -120,7 +120,8 @@ class TapCommerceExports(Tap):
         api = source.build_api(dict(self.config), logger)
         if api.client is not None:
             api.client.stopping = self.scheduler.stopping
-        runner = ExportRunner(api, FileDownloader(logger), self._poll_policy(), logger, self.scheduler.stopping)
+        downloader = FileDownloader(logger, stopping=self.scheduler.stopping)
+        runner = ExportRunner(api, downloader, self._poll_policy(), logger, self.scheduler.stopping)
         return SourceRuntime(api, runner, self.scheduler, source.naive_zone(self.config))
 
     def _poll_policy(self) -> PollPolicy:

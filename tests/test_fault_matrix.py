@@ -533,6 +533,25 @@ def test_sigterm_mid_window_exits_cleanly_with_a_state_as_its_last_message():
         assert last["type"] == "STATE", f"last message is a {last['type']}: {(last_line or json.dumps(last))[:120]}"
 
 
+def test_sigterm_during_a_long_download_does_not_wait_for_it():
+    with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=10_000) as sandbox:
+        config = {**sandbox.voucherify.tap_config(), "export_window_days": ONE_WINDOW}
+        sandbox.voucherify.faults.arm("download_slow", 1, value=0.3)  # ~2.3 MB in 64 KiB chunks: ~11 s
+        process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
+        deadline = time.monotonic() + 30
+        while not sandbox.voucherify.faults.fired.get("download_slow"):
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.01)
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stopped, _ = drain(process)
+        seconds = time.monotonic() - stopped_at
+        stderr = Path(process.stderr_path).read_text()
+        assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+        assert "downloaded" not in stderr and stopped[-1]["type"] == "STATE"
+        assert seconds < 6, f"the tap took {seconds:.1f}s to stop: it waited for the download"
+
+
 def batch_rows(messages: list[dict]) -> set[str]:
     """Order ids in the files that BATCH messages announced."""
     ids = set()
@@ -544,95 +563,77 @@ def batch_rows(messages: list[dict]) -> set[str]:
     return ids
 
 
+def start_batch_run(sandbox, storage: Path) -> tuple[Any, dict, Path]:
+    """Voucherify orders in BATCH mode: 4 windows of 100 orders, exported one after another, each
+    taking 2 s, in files of 150 records (so files span windows). Returns process, config, stderr."""
+    config = {
+        **sandbox.voucherify.tap_config(),
+        "export_window_days": 15,
+        "max_concurrent_exports": 1,
+        "batch_config": {
+            "encoding": {"format": "jsonl", "compression": "none"},
+            "storage": {"root": f"file://{storage}"},
+            "batch_size": 150,
+        },
+    }
+    sandbox.voucherify.faults.arm("export_latency", 0, value=2.0)
+    process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
+    return process, config, Path(process.stderr_path)
+
+
+def wait_for_log(stderr: Path, text: str, count: int = 1, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while stderr.read_text().count(text) < count:
+        assert time.monotonic() < deadline, f"the tap never logged {text!r} {count} time(s)"
+        time.sleep(0.01)
+
+
+def resume_and_check_every_order_arrives(sandbox, config: dict, first_run: list[dict]) -> None:
+    """A second run from the first run's last STATE (none: from the start) completes the data."""
+    states = [m["value"] for m in first_run if m["type"] == "STATE"]
+    sandbox.voucherify.faults.disarm("export_latency")
+    resumed = run_tap(config, state=states[-1] if states else None, streams={"voucherify_orders"})
+    assert resumed.error is None, resumed.error
+    expected = {row["id"] for row in sandbox.voucherify.expected_records("voucherify_orders")}
+    assert batch_rows(first_run) | batch_rows(resumed.messages) == expected
+
+
 @pytest.mark.parametrize("signals", [1, 2])
 def test_a_batch_run_stopped_while_a_file_is_open_loses_no_row_once_resumed(signals, tmp_path):
-    """Rows of finished windows can sit in a batch file not yet announced (files span windows): no
-    STATE of a stopped run may pass them, whether it stops at a safe point or at once."""
+    """Stopped while window 2's last rows sit in the open file (file 1 holds window 1 and half of
+    window 2): no STATE may pass them, whether the run stops at a safe point or at once."""
     with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=400) as sandbox:
-        batch_config = {
-            "encoding": {"format": "jsonl", "compression": "none"},
-            "storage": {"root": f"file://{tmp_path}"},
-            "batch_size": 100_000,  # one file for the whole run unless a stop cuts it
-        }
-        config = {
-            **sandbox.voucherify.tap_config(),
-            "export_window_days": 15,
-            "max_concurrent_exports": 1,
-            "batch_config": batch_config,
-        }
-        process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
-        stderr = Path(process.stderr_path)
-        deadline = time.monotonic() + 30
-        while not sandbox.log.entries(method="POST", path_pattern=r"/v1/orders/export$"):
-            assert time.monotonic() < deadline, "the tap created no export"
-            time.sleep(0.01)
-        sandbox.voucherify.faults.arm("export_latency", 0, value=3.0)  # later windows wait: stop the tap then
-        while ": emitted " not in stderr.read_text():
-            assert time.monotonic() < deadline, "the first window was never emitted"
-            time.sleep(0.01)
+        process, config, stderr = start_batch_run(sandbox, tmp_path)
+        wait_for_log(stderr, ": emitted ", count=2)  # window 3's export takes 2 s more
         process.send_signal(signal.SIGTERM)
-        if signals == 2:  # the second, once the first is heard, stops at once (mid-wait, file open)
-            while "Signal 15 received" not in stderr.read_text():
-                assert time.monotonic() < deadline, "the tap did not hear the first signal"
-                time.sleep(0.01)
+        if signals == 2:  # the second, once the first is heard, stops at once (unless the first got there)
+            wait_for_log(stderr, "Signal 15 received")
             process.send_signal(signal.SIGTERM)
         stopped, _ = drain(process)
         assert process.returncode == 128 + signal.SIGTERM, stderr.read_text()[-2000:]
-        assert ("stopping at once" in stderr.read_text()) == (signals == 2)
-        states = [m["value"] for m in stopped if m["type"] == "STATE"]
-        if signals == 1:  # a stop at a safe point ends with STATE
-            assert stopped[-1]["type"] == "STATE"
-
-        sandbox.voucherify.faults.disarm("export_latency")
-        # From the last STATE written; none (a stop before the first file) means from the start.
-        resumed = run_tap(config, state=states[-1] if states else None, streams={"voucherify_orders"})
-        assert resumed.error is None, resumed.error
-        expected = {row["id"] for row in sandbox.voucherify.expected_records("voucherify_orders")}
-        assert batch_rows(stopped) | batch_rows(resumed.messages) == expected
-        if signals == 1:  # a stop at a safe point announces the open file rather than dropping it
-            assert batch_rows(stopped), "the rows already written were not announced"
+        if signals == 1:  # a stop at a safe point announces the open file and ends with STATE
+            assert "stopping at once" not in stderr.read_text() and stopped[-1]["type"] == "STATE"
+            assert len(batch_rows(stopped)) == 200
+        resume_and_check_every_order_arrives(sandbox, config, stopped)
 
 
 def test_a_batch_file_that_fails_to_land_takes_no_bookmark_with_it(tmp_path):
-    """A window's last rows sit in the open file when its storage breaks: the run fails, and no STATE
+    """Window 1's last rows sit in the open file when its storage breaks: the run fails, and no STATE
     passes those rows, so the next run exports them again."""
     storage = tmp_path / "batches"
     with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=400) as sandbox:
-        config = {
-            **sandbox.voucherify.tap_config(),
-            "export_window_days": 15,  # 100 orders a window
-            "max_concurrent_exports": 1,
-            "batch_config": {
-                "encoding": {"format": "jsonl", "compression": "none"},
-                "storage": {"root": f"file://{storage}"},
-                "batch_size": 150,  # the first file holds all of window 1 and half of window 2
-            },
-        }
-        process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
-        stderr = Path(process.stderr_path)
-        deadline = time.monotonic() + 30
-        while not sandbox.log.entries(method="POST", path_pattern=r"/v1/orders/export$"):
-            assert time.monotonic() < deadline, "the tap created no export"
-            time.sleep(0.01)
-        sandbox.voucherify.faults.arm("export_latency", 0, value=2.0)
-        while ": emitted " not in stderr.read_text():
-            assert time.monotonic() < deadline, "the first window was never emitted"
-            time.sleep(0.01)
+        process, config, stderr = start_batch_run(sandbox, storage)
+        wait_for_log(stderr, ": emitted ")  # window 2's export takes 2 s more
         storage.rmdir()
-        storage.write_text("not a directory: the first file cannot land")  # the storage breaks
+        storage.write_text("not a directory: the first file cannot land")
         failed, _ = drain(process)
         assert process.returncode == 1, stderr.read_text()[-2000:]
-        assert "voucherify_orders" in stderr.read_text() and not batch_rows(failed)
+        assert not batch_rows(failed)
         states = [m["value"] for m in failed if m["type"] == "STATE"]
         bookmark = states[-1]["bookmarks"]["voucherify_orders"].get("replication_key_value") if states else None
         assert bookmark in (None, "2024-01-01T00:00:00+00:00"), f"STATE passed rows never announced: {bookmark}"
-
         storage.unlink()
-        sandbox.voucherify.faults.disarm("export_latency")
-        resumed = run_tap(config, state=states[-1] if states else None, streams={"voucherify_orders"})
-        assert resumed.error is None, resumed.error
-        expected = {row["id"] for row in sandbox.voucherify.expected_records("voucherify_orders")}
-        assert batch_rows(resumed.messages) == expected
+        resume_and_check_every_order_arrives(sandbox, config, failed)
 
 
 # -------------------------------------------------------- exports not paid twice

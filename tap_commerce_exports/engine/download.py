@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +24,17 @@ import urllib3
 
 from tap_commerce_exports.engine.http import TIMEOUT, pooled_session, without_query
 
-CHUNK_BYTES = 1 << 20
+#: Read size: also how often a download in progress notices that the run is stopping.
+CHUNK_BYTES = 256 * 1024
 QUOTE = ord('"')
 
 
 class DownloadError(RuntimeError):
     """A file could not be fetched whole within the allowed attempts."""
+
+
+class DownloadStopped(RuntimeError):
+    """The run is stopping: a download in progress is given up (its partial file removed)."""
 
 
 class UrlExpired(Exception):
@@ -62,8 +68,11 @@ class FileDownloader:
         max_attempts: int = 5,
         max_file_bytes: int = 50 * 1024**3,
         temp_dir: str | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.logger = logger
+        #: Set when the run is stopping; a large file should not hold the exit up.
+        self.stopping = stopping or threading.Event()
         self.max_attempts = max_attempts
         self.max_file_bytes = max_file_bytes
         self.temp_dir = temp_dir
@@ -81,8 +90,9 @@ class FileDownloader:
         """Download `url` whole; `refresh_url()` gets a new URL when the host says it expired."""
         started = time.monotonic()
         for attempt in range(1, self.max_attempts + 1):
+            self._raise_if_stopping(describe)
             try:
-                path, size = self._download_once(url, headers or {})
+                path, size = self._download_once(url, headers or {}, describe)
                 return DownloadedFile(path, size, attempt, time.monotonic() - started)
             except UrlExpired:
                 self.logger.info("%s: file URL expired or was refused (403); asking for a fresh one", describe)
@@ -95,10 +105,10 @@ class FileDownloader:
                     self.max_attempts,
                     exc.reason,
                 )
-                time.sleep(min(2.0 ** (attempt - 1) * 0.2, 10.0))
+                self.stopping.wait(min(2.0 ** (attempt - 1) * 0.2, 10.0))
         raise DownloadError(f"{describe}: the file could not be downloaded whole in {self.max_attempts} attempts")
 
-    def _download_once(self, url: str, headers: dict[str, str]) -> tuple[str, int]:
+    def _download_once(self, url: str, headers: dict[str, str], describe: str) -> tuple[str, int]:
         try:
             response = self.session.get(url, headers=headers, stream=True, timeout=TIMEOUT)
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -112,15 +122,20 @@ class FileDownloader:
                 raise DownloadError(
                     f"file host {without_query(url)} answered HTTP {response.status_code}: {response.text[:200]}"
                 )
-            return self._save(response)
+            return self._save(response, describe)
 
-    def _save(self, response: requests.Response) -> tuple[str, int]:
+    def _raise_if_stopping(self, describe: str) -> None:
+        if self.stopping.is_set():
+            raise DownloadStopped(f"{describe}: download given up: the run is stopping")
+
+    def _save(self, response: requests.Response, describe: str) -> tuple[str, int]:
         expected = response.headers.get("Content-Length")
         handle, path = tempfile.mkstemp(prefix="export-", suffix=".csv", dir=self.temp_dir)
         size = quotes = 0
         try:
             with os.fdopen(handle, "wb") as out:
                 for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
+                    self._raise_if_stopping(describe)
                     size += len(chunk)
                     if size > self.max_file_bytes:
                         raise DownloadError(f"file is larger than the {self.max_file_bytes} byte limit")

@@ -167,6 +167,8 @@ class FastJsonlBatcher:
             if file is not None and file.records:
                 url, file = file.close(), None
                 yield self._manifest(url)
+            elif file is None:
+                self.before_announcing()  # every record handed on is in an announced file already
             raise
         finally:
             if file is not None:  # the run failed mid-file: never announced, closed here

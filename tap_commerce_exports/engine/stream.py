@@ -370,9 +370,22 @@ class ExportStream(Stream):
             self._fast_record_counter.__exit__(None, None, None)
 
     def get_batches(self, batch_config: Any, context: Mapping[str, Any] | None = None) -> Iterable[tuple]:
-        if batch_config.encoding.format != "jsonl":
-            yield from super().get_batches(batch_config, context)
-            return
+        """Batch files, with every bookmark move held until the file holding the window's last rows
+        is announced (see _advance_bookmark)."""
+        self._bookmarks_awaiting_file = []
+        try:
+            if batch_config.encoding.format == "jsonl":
+                yield from self._jsonl_batches(batch_config, context)
+            else:  # the SDK's batcher: a file holds every record read before its manifest
+                for encoding, manifest in super().get_batches(batch_config, context):
+                    self._move_bookmarks_awaiting_file()
+                    yield encoding, manifest
+            self._move_bookmarks_awaiting_file()  # windows without rows after the last file
+        finally:
+            # A failure drops the windows still waiting: their rows were in a file never announced.
+            self._bookmarks_awaiting_file = None
+
+    def _jsonl_batches(self, batch_config: Any, context: Mapping[str, Any] | None) -> Iterator[tuple]:
         batcher = FastJsonlBatcher(
             self.tap_name,
             self.name,
@@ -384,14 +397,8 @@ class ExportStream(Stream):
             blocks: Iterable[list[dict]] = ([record] for record in self._sync_records(context, write_messages=False))
         else:
             blocks = self._batch_blocks(context)
-        self._bookmarks_awaiting_file = []
-        try:
-            for manifest in batcher.get_batches(blocks):
-                yield batch_config.encoding, manifest
-            self._move_bookmarks_awaiting_file()  # windows without rows after the last file
-        finally:
-            # A failure drops the windows still waiting: their rows were in a file never announced.
-            self._bookmarks_awaiting_file = None
+        for manifest in batcher.get_batches(blocks):
+            yield batch_config.encoding, manifest
 
     def _batch_blocks(self, context: Mapping[str, Any] | None) -> Iterator[list[Any]]:
         """What the SDK's `_sync_records(write_messages=False)` does for BATCH, a block at a time.

@@ -91,7 +91,8 @@ Faults (armed on `ctx.faults`):
 - Issuing a token: `url_expired` (already expired).
 - The next download: `download_reset` (half the declared bytes, then the connection drops),
   `download_short` (Content-Length larger than the body, then the connection closes),
-  `download_cut_quote` (an honest Content-Length for a file that ends inside a quoted field).
+  `download_cut_quote` (an honest Content-Length for a file that ends inside a quoted field),
+  `download_slow` (value: seconds of pause before each 64 KiB chunk; default 0.2).
 
 Data: rows are a deterministic function of (seed, source, index); each source (an export type, or
 one campaign's transactions, so `rows_per_type` is per campaign there) holds `rows_per_type` rows
@@ -1271,6 +1272,13 @@ def _cut_inside_quote(lines: Iterable[bytes]) -> Iterator[bytes]:
     yield b'"' + last[:8].replace(b'"', b"")
 
 
+def _slowly(chunks: Iterable[bytes], seconds: float) -> Iterator[bytes]:
+    """Each chunk after a pause: a slow file host, or a very large file."""
+    for chunk in chunks:
+        time.sleep(seconds)
+        yield chunk
+
+
 def _reset_after(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
     """Send `limit` bytes, then drop the connection (werkzeug treats ConnectionError as a dropped client)."""
     sent = 0
@@ -1765,6 +1773,8 @@ class VoucherifyEmulator:
         else:
             size = self._file_size(job, "whole")
             body = self._file_chunks(job, "whole")
+        if self.faults.fire("download_slow"):
+            body = _slowly(body, float(self.faults.value("download_slow", 0.2)))
         headers["Content-Length"] = str(size)
         return Response(body, status=200, headers=headers, mimetype="text/plain", direct_passthrough=True)
 
