@@ -33,8 +33,8 @@ class DownloadError(RuntimeError):
     """A file could not be fetched whole within the allowed attempts."""
 
 
-class DownloadStopped(RuntimeError):
-    """The run is stopping: a download in progress is given up (its partial file removed)."""
+class ExportCancelled(RuntimeError):
+    """The run is stopping; workers give up their waits and downloads (partial files removed)."""
 
 
 class UrlExpired(Exception):
@@ -126,7 +126,7 @@ class FileDownloader:
 
     def _raise_if_stopping(self, describe: str) -> None:
         if self.stopping.is_set():
-            raise DownloadStopped(f"{describe}: download given up: the run is stopping")
+            raise ExportCancelled(f"{describe}: download given up: the run is stopping")
 
     def _save(self, response: requests.Response, describe: str) -> tuple[str, int]:
         expected = response.headers.get("Content-Length")

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from tap_commerce_exports.engine.download import DownloadedFile, DownloadError, FileDownloader
+from tap_commerce_exports.engine.download import DownloadedFile, DownloadError, ExportCancelled, FileDownloader
 from tap_commerce_exports.engine.windows import Window
 
 
@@ -33,10 +33,6 @@ class ExportFailed(RuntimeError):
 
 class ExportTimedOut(ExportFailed):
     pass
-
-
-class ExportCancelled(RuntimeError):
-    """The run is stopping; workers give up their waits."""
 
 
 @dataclass(frozen=True)

@@ -156,25 +156,27 @@ class FastJsonlBatcher:
                     file = self._open_next()
                 file.write(block)
                 if file.records == size:
-                    url, file = file.close(), None
-                    yield self._manifest(url)
+                    manifest, file = self._announce(file), None
+                    yield manifest
             if file is not None:
-                url, file = file.close(), None
-                yield self._manifest(url)
+                manifest, file = self._announce(file), None
+                yield manifest
         except self.announce_open_file_on:
             # A stop comes between blocks, so the open file holds whole records: announce it rather
             # than export its rows again next run.
-            if file is not None and file.records:
-                url, file = file.close(), None
-                yield self._manifest(url)
-            elif file is None:
+            if file is not None:
+                manifest, file = self._announce(file), None
+                yield manifest
+            else:
                 self.before_announcing()  # every record handed on is in an announced file already
             raise
         finally:
             if file is not None:  # the run failed mid-file: never announced, closed here
                 file.abandon()
 
-    def _manifest(self, url: str) -> list[str]:
+    def _announce(self, file: _BatchFile) -> list[str]:
+        """Close the file and return its manifest, once the stream has moved its held bookmarks."""
+        url = file.close()
         self.before_announcing()
         return [url]
 

@@ -26,11 +26,7 @@ from tap_commerce_exports.engine.csv_records import (
     struct_builder,
 )
 from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
-from tap_commerce_exports.engine.fast_output import (
-    FastJsonlBatcher,
-    FastRecordWriter,
-    fast_path_allowed,
-)
+from tap_commerce_exports.engine.fast_output import FastJsonlBatcher, FastRecordWriter, fast_path_allowed
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
 
