@@ -533,15 +533,23 @@ def test_sigterm_mid_window_exits_cleanly_with_a_state_as_its_last_message():
         assert last["type"] == "STATE", f"last message is a {last['type']}: {(last_line or json.dumps(last))[:120]}"
 
 
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f}s for {what}"
+        time.sleep(0.01)
+
+
+def wait_for_log(stderr: Path, text: str, count: int = 1) -> None:
+    wait_until(lambda: stderr.read_text().count(text) >= count, f"the tap to log {text!r} {count} time(s)")
+
+
 def test_sigterm_during_a_long_download_does_not_wait_for_it():
     with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=10_000) as sandbox:
         config = {**sandbox.voucherify.tap_config(), "export_window_days": ONE_WINDOW}
         sandbox.voucherify.faults.arm("download_slow", 1, value=0.3)  # ~2.3 MB in 64 KiB chunks: ~11 s
         process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
-        deadline = time.monotonic() + 30
-        while not sandbox.voucherify.faults.fired.get("download_slow"):
-            assert time.monotonic() < deadline, "the download never started"
-            time.sleep(0.01)
+        wait_until(lambda: sandbox.voucherify.faults.fired.get("download_slow"), "the download to start")
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
         stopped, _ = drain(process)
@@ -579,13 +587,6 @@ def start_batch_run(sandbox, storage: Path) -> tuple[Any, dict, Path]:
     sandbox.voucherify.faults.arm("export_latency", 0, value=2.0)
     process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
     return process, config, Path(process.stderr_path)
-
-
-def wait_for_log(stderr: Path, text: str, count: int = 1, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while stderr.read_text().count(text) < count:
-        assert time.monotonic() < deadline, f"the tap never logged {text!r} {count} time(s)"
-        time.sleep(0.01)
 
 
 def resume_and_check_every_order_arrives(sandbox, config: dict, first_run: list[dict]) -> None:
