@@ -15,7 +15,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tap_commerce_exports.tap import TapCommerceExports
@@ -140,3 +143,38 @@ def normalized(value: Any) -> Any:
 
 def by_key(records: list[dict], key: tuple[str, ...]) -> dict[tuple, dict]:
     return {tuple(normalized(record.get(k)) for k in key): normalized(record) for record in records}
+
+
+def drain(process) -> tuple[list[dict], str]:
+    """Whatever the process still wrote, as messages (a line cut by a kill is left out), and its last line."""
+    rest = process.stdout.read()
+    process.wait(timeout=30)
+    messages, last = [], ""
+    for line in rest.splitlines():
+        try:
+            messages.append(json.loads(line))
+            last = line
+        except ValueError:
+            pass
+    return messages, last
+
+
+def catalog_selecting(config: dict, streams: set[str]) -> dict:
+    tap = TapCommerceExports(config={**FAST_SETTINGS, **config}, parse_env_config=False)
+    catalog = tap.catalog_dict
+    for entry in catalog["streams"]:
+        for item in entry["metadata"]:
+            if item["breadcrumb"] == []:
+                item["metadata"]["selected"] = entry["tap_stream_id"] in streams
+    return catalog
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f}s for {what}"
+        time.sleep(0.01)
+
+
+def wait_for_log(stderr: Path, text: str, count: int = 1) -> None:
+    wait_until(lambda: stderr.read_text().count(text) >= count, f"the tap to log {text!r} {count} time(s)")

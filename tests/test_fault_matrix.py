@@ -23,8 +23,17 @@ import pytest
 
 from tap_commerce_exports.sandbox.server import Sandbox
 from tap_commerce_exports.sources import intelligems, voucherify
-from tap_commerce_exports.tap import SyncFailures, TapCommerceExports
-from tests.harness import FAST_SETTINGS, SingerOutput, normalized, run_tap, start_tap_process
+from tap_commerce_exports.tap import SyncFailures
+from tests.harness import (
+    SingerOutput,
+    catalog_selecting,
+    drain,
+    normalized,
+    run_tap,
+    start_tap_process,
+    wait_for_log,
+    wait_until,
+)
 
 START = "2024-01-01T00:00:00+00:00"
 END = "2024-03-01T00:00:00+00:00"
@@ -388,30 +397,6 @@ def read_messages(process, *, stop: Callable[[dict, list[dict]], bool], timeout:
     return messages
 
 
-def drain(process) -> tuple[list[dict], str]:
-    """Whatever the process still wrote, as messages (a line cut by a kill is left out), and its last line."""
-    rest = process.stdout.read()
-    process.wait(timeout=30)
-    messages, last = [], ""
-    for line in rest.splitlines():
-        try:
-            messages.append(json.loads(line))
-            last = line
-        except ValueError:
-            pass
-    return messages, last
-
-
-def catalog_selecting(config: dict, streams: set[str]) -> dict:
-    tap = TapCommerceExports(config={**FAST_SETTINGS, **config}, parse_env_config=False)
-    catalog = tap.catalog_dict
-    for entry in catalog["streams"]:
-        for item in entry["metadata"]:
-            if item["breadcrumb"] == []:
-                item["metadata"]["selected"] = entry["tap_stream_id"] in streams
-    return catalog
-
-
 def full_expected(sandbox) -> dict[str, dict]:
     """Every stream of every API in the sandbox, keyed: the data set a complete sync must deliver."""
     from tap_commerce_exports.sources import nextcommerce
@@ -531,17 +516,6 @@ def test_sigterm_mid_window_exits_cleanly_with_a_state_as_its_last_message():
         assert "Traceback" not in stderr
         last = (rest or seen)[-1]
         assert last["type"] == "STATE", f"last message is a {last['type']}: {(last_line or json.dumps(last))[:120]}"
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout:.0f}s for {what}"
-        time.sleep(0.01)
-
-
-def wait_for_log(stderr: Path, text: str, count: int = 1) -> None:
-    wait_until(lambda: stderr.read_text().count(text) >= count, f"the tap to log {text!r} {count} time(s)")
 
 
 def test_sigterm_during_a_long_download_does_not_wait_for_it():

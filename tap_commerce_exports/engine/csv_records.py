@@ -8,6 +8,7 @@ updated SCHEMA first.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import decimal
@@ -31,7 +32,21 @@ Caster = Callable[[str], Any]
 
 
 class CsvFormatError(ValueError):
-    """A file that cannot be read as the export it claims to be; says where and why."""
+    """A file that cannot be read as the export it claims to be; says where and why.
+
+    `row` counts data rows from 1. A worker reading a slice of a file counts from its slice's first
+    row; `rows_later` puts the error where it is in the whole file.
+    """
+
+    def __init__(self, describe: str, row: int, problem: str) -> None:
+        super().__init__(f"{describe}: row {row}{problem}")
+        self.describe, self.row, self.problem = describe, row, problem
+
+    def rows_later(self, rows_before: int) -> CsvFormatError:
+        return CsvFormatError(self.describe, self.row + rows_before, self.problem)
+
+    def __reduce__(self) -> tuple:  # crosses from worker processes (parallel_batches.py)
+        return (CsvFormatError, (self.describe, self.row, self.problem))
 
 
 # ------------------------------------------------------------------- header keys
@@ -103,6 +118,10 @@ def _to_number(cell: str) -> decimal.Decimal:
 
 
 _decode_json = msgspec.json.decode
+
+#: How every typed record is spelled in JSON, in RECORD messages and BATCH files alike: Decimal as a
+#: JSON number (exact), anything else msgspec lacks as its text.
+RECORD_JSON = msgspec.json.Encoder(decimal_format="number", enc_hook=str)
 
 
 def _to_json(cell: str) -> Any:
@@ -294,39 +313,56 @@ class CsvRecordReader:
     def read_blocks(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[list[Any]]:
         """The records of the file in file order, a block of up to BLOCK_ROWS rows at a time."""
         rows = csv.reader(text, strict=True)
-        try:
+        with self._naming_the_broken_row(text, first_row=0):
             header = next(rows, None)
             if header is None:
                 return
             layout = self.layout(header)
             if on_layout:
                 on_layout(layout)
-            while True:
-                block, error = _next_rows(rows, BLOCK_ROWS)
-                if block:
-                    yield self._block_records(block, layout)
-                if error is not None:
-                    raise error
-                if len(block) < BLOCK_ROWS:
-                    return
+            yield from self._blocks(rows, layout)
+
+    def read_slice_blocks(self, text: TextIO, header: list[str]) -> Iterator[list[Any]]:
+        """Like read_blocks, for whole rows cut from a file after its `header` (parallel_batches.py);
+        rows are counted from the slice's first."""
+        rows = csv.reader(text, strict=True)
+        with self._naming_the_broken_row(text, first_row=1):
+            yield from self._blocks(rows, self.layout(header))
+
+    def _blocks(self, rows: Iterator[list[str]], layout: CsvLayout) -> Iterator[list[Any]]:
+        while True:
+            block, error = _next_rows(rows, BLOCK_ROWS)
+            if block:
+                yield self._block_records(block, layout)
+            if error is not None:
+                raise error
+            if len(block) < BLOCK_ROWS:
+                return
+
+    @contextlib.contextmanager
+    def _naming_the_broken_row(self, text: TextIO, first_row: int) -> Iterator[None]:
+        """The csv module's and the decoder's errors, as errors naming the row; `first_row` is the
+        number of the text's first row (0 when it is the header)."""
+        try:
+            yield
         except csv.Error as exc:
-            raise CsvFormatError(f"{self.describe}: row {self.rows_read + 1} is not valid CSV: {exc}") from None
+            raise CsvFormatError(self.describe, self.rows_read + 1, f" is not valid CSV: {exc}") from None
         except UnicodeDecodeError as exc:
-            row = self._row_with_bad_bytes(text) or self.rows_read + 1
-            raise CsvFormatError(f"{self.describe}: row {row} holds bytes that are not UTF-8 ({exc.reason})") from None
+            row = self._row_with_bad_bytes(text, first_row) or self.rows_read + 1
+            raise CsvFormatError(self.describe, row, f" holds bytes that are not UTF-8 ({exc.reason})") from None
 
     @staticmethod
-    def _row_with_bad_bytes(text: TextIO) -> int | None:
+    def _row_with_bad_bytes(text: TextIO, first_row: int) -> int | None:
         """The data row holding the bad bytes. Decoding fails a whole chunk ahead of the parser, so
-        the count of rows read says little; on this error path the file is read again to find it."""
+        the count of rows read says little; on this error path the text is read again to find it."""
         raw = getattr(text, "buffer", None)
         if raw is None or not raw.seekable():
             return None
         raw.seek(0)
-        lenient = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        for number, row in enumerate(csv.reader(lenient)):
+        lenient = io.TextIOWrapper(raw, encoding=text.encoding, errors="surrogateescape", newline="")
+        for number, row in enumerate(csv.reader(lenient), start=first_row):
             if any(_SURROGATE.search(cell) for cell in row):
-                return number  # the header is row 0
+                return number
         return None
 
     def _block_records(self, block: list[list[str]], layout: CsvLayout) -> list[Any]:
@@ -375,8 +411,10 @@ class CsvRecordReader:
                 records += self._cast_rows([row], layout, first_row=self.rows_read)
             elif any(row):
                 raise CsvFormatError(
-                    f"{self.describe}: row {self.rows_read} has {len(row)} fields but the header has {width}; "
-                    "refusing to guess which values belong to which column"
+                    self.describe,
+                    self.rows_read,
+                    f" has {len(row)} fields but the header has {width}; "
+                    "refusing to guess which values belong to which column",
                 )
         return records
 
@@ -388,4 +426,4 @@ class CsvRecordReader:
         except (ValueError, decimal.InvalidOperation):
             pass
         kind = self.columns[key].kind if key in self.columns else "string"
-        raise CsvFormatError(f"{self.describe}: row {row}, column {key!r}: {cell[:80]!r} is not a valid {kind}")
+        raise CsvFormatError(self.describe, row, f", column {key!r}: {cell[:80]!r} is not a valid {kind}")
