@@ -18,6 +18,7 @@ from tap_commerce_exports.engine.download import FileDownloader
 from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
 from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
 from tap_commerce_exports.engine.http import install_log_redaction
+from tap_commerce_exports.engine.parallel_batches import BatchWorkerPool, usable_cpus
 from tap_commerce_exports.engine.scheduler import ExportScheduler
 from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime, StopRequested
 from tap_commerce_exports.engine.windows import parse_instant
@@ -70,6 +71,13 @@ COMMON_SETTINGS = [
         th.IntegerType,
         default=16,
         description="Exports created, polled and downloaded at the same time across all streams.",
+    ),
+    th.Property(
+        "batch_worker_processes",
+        th.IntegerType,
+        description="BATCH messages only: processes that write the batch files of a large export in "
+        "parallel, a slice of its rows each. Default: the CPUs the tap may use. 1 writes every file "
+        "in the tap's own process.",
     ),
 ]
 
@@ -149,6 +157,7 @@ class TapCommerceExports(Tap):
             "poll_max_interval_seconds",
             "export_timeout_seconds",
             "max_concurrent_exports",
+            "batch_worker_processes",
         ):
             if setting in config and float(config[setting]) <= 0:
                 raise ConfigError(f"setting {setting!r} must be greater than 0, got {config[setting]!r}")
@@ -227,6 +236,18 @@ class TapCommerceExports(Tap):
     def _stop_workers(self) -> None:
         if hasattr(self, "scheduler"):
             self.scheduler.shutdown()
+        if getattr(self, "_batch_worker_pool", None) is not None:
+            self._batch_worker_pool.shutdown()
+
+    def batch_workers(self) -> BatchWorkerPool | None:
+        """The processes that write large exports' batch files, shared by every stream; None when
+        files are written in this process (one CPU, or `batch_worker_processes` is 1)."""
+        processes = int(self.config.get("batch_worker_processes") or usable_cpus())
+        if processes < 2:
+            return None
+        if getattr(self, "_batch_worker_pool", None) is None:
+            self._batch_worker_pool = BatchWorkerPool(processes)
+        return self._batch_worker_pool
 
     def record_failure(self, stream_name: str, context: dict | None, error: BaseException) -> None:
         where = "".join(f" {key}={value}" for key, value in (context or {}).items())

@@ -9,29 +9,22 @@ else takes the SDK's path; tests/test_fast_output.py proves both paths write the
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import io
 import os
 import stat
 import sys
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import msgspec
-from isal import igzip
 from singer_sdk.mapper import SameRecordTransform
 
-from tap_commerce_exports.engine.csv_records import RecordBuilder, dict_builder, struct_builder
+from tap_commerce_exports.engine.csv_records import RECORD_JSON, RecordBuilder, dict_builder, struct_builder
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
-
-_ENCODER = msgspec.json.Encoder(decimal_format="number", enc_hook=str)
-GZIP_LEVEL = 1  # ISA-L's level 1: zlib level 3's size at ~5x its speed
 
 
 def fast_path_allowed(stream: Any) -> bool:
@@ -62,8 +55,8 @@ class FastRecordWriter:
         tail: dict[str, Any] = {"time_extracted": dt.datetime.now(dt.timezone.utc).isoformat()}
         if version is not None:
             tail = {"version": version, **tail}
-        self._prefix = _ENCODER.encode(head)[:-1] + b',"record":'
-        self._suffix = b"," + _ENCODER.encode(tail)[1:] + b"\n"
+        self._prefix = RECORD_JSON.encode(head)[:-1] + b',"record":'
+        self._suffix = b"," + RECORD_JSON.encode(tail)[1:] + b"\n"
         self.written = 0
         #: Called after each block reaches stdout: a safe point to stop (the tap's check_stop).
         self.after_block: Callable[[], None] = lambda: None
@@ -83,7 +76,7 @@ class FastRecordWriter:
         if allowed is not None and isinstance(records[0], dict) and not allowed.issuperset(records[0]):
             records = [{key: value for key, value in record.items() if key in allowed} for record in records]
         # JSON strings escape newlines, so the encoded block splits into exactly one line per record.
-        lines = _ENCODER.encode_lines(records)[:-1].split(b"\n")
+        lines = RECORD_JSON.encode_lines(records)[:-1].split(b"\n")
         _write_stdout(self._prefix + (self._suffix + self._prefix).join(lines) + self._suffix)
         self.written += len(records)
         self.after_block()
@@ -117,109 +110,3 @@ def _write_stdout(payload: bytes) -> None:
     stdout.flush()
     buffer.write(payload)
     buffer.flush()
-
-
-class FastJsonlBatcher:
-    """BATCH files of JSON lines: msgspec encodes a block of records per call, ISA-L gzips them.
-
-    The SDK's JSONL batcher serializes with simplejson and compresses record by record with zlib
-    at its slowest level. Here a block is encoded in one call and gzipped by python-isal on this
-    thread (a compression thread lost more to the GIL hand-offs than it saved). The files are the
-    same: one JSON record per line, `batch_size` records per file, gzip-readable by any target.
-    """
-
-    def __init__(
-        self,
-        tap_name: str,
-        stream_name: str,
-        batch_config: Any,
-        *,
-        before_announcing: Callable[[], None],
-        announce_open_file_on: type[BaseException],
-    ) -> None:
-        self.sync_id = f"{tap_name}--{stream_name}-{uuid.uuid4()}"
-        self.batch_config = batch_config
-        #: Called when a file is complete, just before its manifest is handed on: every record given
-        #: to the batcher so far is then in an announced file (the stream moves its bookmarks).
-        self.before_announcing = before_announcing
-        #: The stop raised between blocks: the file being written is then announced, not dropped.
-        self.announce_open_file_on = announce_open_file_on
-        self._file_count = 0
-
-    def get_batches(self, blocks: Iterable[list[Any]]) -> Iterator[list[str]]:
-        """One manifest (a list of one file URL) per `batch_size` records, as each file is complete."""
-        size = self.batch_config.batch_size
-        file: _BatchFile | None = None
-        try:
-            for block in _cut_at_file_boundaries(blocks, size):
-                if file is None:
-                    file = self._open_next()
-                file.write(block)
-                if file.records == size:
-                    manifest, file = self._announce(file), None
-                    yield manifest
-            if file is not None:
-                manifest, file = self._announce(file), None
-                yield manifest
-        except self.announce_open_file_on:
-            # A stop comes between blocks, so the open file holds whole records: announce it rather
-            # than export its rows again next run.
-            if file is not None:
-                manifest, file = self._announce(file), None
-                yield manifest
-            else:
-                self.before_announcing()  # every record handed on is in an announced file already
-            raise
-        finally:
-            if file is not None:  # the run failed mid-file: never announced, closed here
-                file.abandon()
-
-    def _announce(self, file: _BatchFile) -> list[str]:
-        """Close the file and return its manifest, once the stream has moved its held bookmarks."""
-        url = file.close()
-        self.before_announcing()
-        return [url]
-
-    def _open_next(self) -> _BatchFile:
-        self._file_count += 1
-        storage = self.batch_config.storage
-        compress = self.batch_config.encoding.compression == "gzip"
-        filename = f"{storage.prefix or ''}{self.sync_id}-{self._file_count}{'.json.gz' if compress else '.json'}"
-        return _BatchFile(storage, filename, compress)
-
-
-class _BatchFile:
-    """One batch file being written."""
-
-    def __init__(self, storage: Any, filename: str, compress: bool) -> None:
-        self.storage, self.filename = storage, filename
-        self._closing = contextlib.ExitStack()
-        out = self._closing.enter_context(storage.open(filename, "wb"))
-        if compress:
-            out = self._closing.enter_context(igzip.GzipFile(fileobj=out, mode="wb", compresslevel=GZIP_LEVEL))
-        self._out = out
-        self.records = 0
-
-    def write(self, block: list[Any]) -> None:
-        self._out.write(_ENCODER.encode_lines(block))
-        self.records += len(block)
-
-    def close(self) -> str:
-        """Flush and close the file; its URL for the BATCH manifest."""
-        self._closing.close()
-        return str(self.storage.get_url(self.filename))
-
-    def abandon(self) -> None:
-        self._closing.close()
-
-
-def _cut_at_file_boundaries(blocks: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
-    """The same records, with a block boundary at every `size` records (where a file ends)."""
-    room = size
-    for block in blocks:
-        while block:
-            head, block = (block, []) if len(block) <= room else (block[:room], block[room:])
-            yield head
-            room -= len(head)
-            if room == 0:
-                room = size

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from singer_sdk.streams import Stream
 
+from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout
 from tap_commerce_exports.engine.csv_records import (
     BuilderFactory,
     Column,
@@ -26,7 +28,8 @@ from tap_commerce_exports.engine.csv_records import (
     struct_builder,
 )
 from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
-from tap_commerce_exports.engine.fast_output import FastJsonlBatcher, FastRecordWriter, fast_path_allowed
+from tap_commerce_exports.engine.fast_output import FastRecordWriter, fast_path_allowed
+from tap_commerce_exports.engine.parallel_batches import SlicedBatchWriter
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
 
@@ -91,6 +94,8 @@ class ExportStream(Stream):
         #: BATCH mode: windows whose rows were all handed to the batcher, waiting for their file to be
         #: announced before their bookmark may pass them (None: bookmarks move at once).
         self._bookmarks_awaiting_file: list[tuple[dict | None, Window | None]] | None = None
+        #: BATCH mode with worker processes: writes large export files a slice per worker.
+        self._sliced_writer: SlicedBatchWriter | None = None
         self.totals = StreamTotals()
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
@@ -267,7 +272,7 @@ class ExportStream(Stream):
 
     def _record_blocks(
         self, context: Mapping[str, Any] | None, builder: BuilderFactory = dict_builder
-    ) -> Generator[list[Any], None, None]:
+    ) -> Generator[Any, None, None]:
         """Rows window by window, a block at a time; the bookmark passes a window once the consumer
         asks for the block after its last. A failure ends this partition only: the tap reports it
         at the end. `builder` makes the records (csv_records.py): dicts unless only encoded."""
@@ -315,7 +320,9 @@ class ExportStream(Stream):
             for half in halves
         ]
 
-    def _blocks_of(self, ready: ReadyExport, context: dict | None, builder: BuilderFactory) -> Iterator[list[Any]]:
+    def _blocks_of(self, ready: ReadyExport, context: dict | None, builder: BuilderFactory) -> Iterator[Any]:
+        """The file's blocks of records; in BATCH mode with worker processes, a large file's
+        batch files instead (WrittenFiles: parallel_batches.py)."""
         describe = f"{ready.request.describe()} export {ready.handle.export_id}"
         reader = CsvRecordReader(
             self._columns_by_key(),
@@ -327,8 +334,11 @@ class ExportStream(Stream):
         )
         started = time.monotonic()
         try:
-            with open(ready.file.path, encoding="utf-8-sig", newline="") as text:
-                yield from reader.read_blocks(text, on_layout=self._accept_layout)
+            if self._sliced_writer is not None:
+                yield from self._sliced_writer.pieces(ready.file.path, reader, self._accept_layout)
+            else:
+                with open(ready.file.path, encoding="utf-8-sig", newline="") as text:
+                    yield from reader.read_blocks(text, on_layout=self._accept_layout)
         finally:
             ready.file.remove()
         self._count(ready, reader.rows_read, time.monotonic() - started)
@@ -382,22 +392,32 @@ class ExportStream(Stream):
             self._bookmarks_awaiting_file = None
 
     def _jsonl_batches(self, batch_config: Any, context: Mapping[str, Any] | None) -> Iterator[tuple]:
+        storage = batch_config.storage
+        layout = FilesLayout(
+            storage,
+            f"{storage.prefix or ''}{self.tap_name}--{self.name}-{uuid.uuid4()}",
+            compress=batch_config.encoding.compression == "gzip",
+            batch_size=batch_config.batch_size,
+        )
         batcher = FastJsonlBatcher(
-            self.tap_name,
-            self.name,
-            batch_config,
-            before_announcing=self._move_bookmarks_awaiting_file,
-            announce_open_file_on=StopRequested,
+            layout, before_announcing=self._move_bookmarks_awaiting_file, announce_open_file_on=StopRequested
         )
         if self.ABORT_AT_RECORD_COUNT is not None:  # --test and dry runs count records one by one
-            blocks: Iterable[list[dict]] = ([record] for record in self._sync_records(context, write_messages=False))
+            blocks: Iterable[Any] = ([record] for record in self._sync_records(context, write_messages=False))
         else:
+            coordinator: Any = self._tap
+            workers = coordinator.batch_workers()
+            self._sliced_writer = SlicedBatchWriter(workers, batcher, storage, self.logger) if workers else None
             blocks = self._batch_blocks(context)
-        for manifest in batcher.get_batches(blocks):
-            yield batch_config.encoding, manifest
+        try:
+            for manifest in batcher.get_batches(blocks):
+                yield batch_config.encoding, manifest
+        finally:
+            self._sliced_writer = None
 
-    def _batch_blocks(self, context: Mapping[str, Any] | None) -> Iterator[list[Any]]:
-        """What the SDK's `_sync_records(write_messages=False)` does for BATCH, a block at a time.
+    def _batch_blocks(self, context: Mapping[str, Any] | None) -> Iterator[Any]:
+        """What the SDK's `_sync_records(write_messages=False)` does for BATCH, a block at a time
+        (or, for a large export with worker processes, its files: WrittenFiles).
 
         Its per-record steps are no-ops for export streams (no post_process, no child streams,
         bookmarks per window), so only the per-partition ones are kept: starting value, metrics and
@@ -415,7 +435,7 @@ class ExportStream(Stream):
                 try:
                     for block in blocks:
                         coordinator.check_stop()
-                        record_counter.increment(len(block))
+                        record_counter.increment(len(block))  # records, whichever the piece
                         yield block
                 finally:
                     blocks.close()

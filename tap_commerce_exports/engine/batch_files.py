@@ -1,0 +1,175 @@
+"""BATCH files of JSON lines: how records become files, and the order in which files are announced.
+
+The SDK's JSONL batcher serializes with simplejson and compresses record by record with zlib at its
+slowest level. Here a block of records is encoded in one msgspec call and gzipped by python-isal.
+The files are the same: one JSON record per line, at most `batch_size` records per file,
+gzip-readable by any target. Large exports are written by worker processes (parallel_batches.py),
+which use this module too; so it imports nothing of the SDK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from isal import igzip
+
+from tap_commerce_exports.engine.csv_records import RECORD_JSON
+
+GZIP_LEVEL = 1  # ISA-L's level 1: zlib level 3's size at ~5x its speed
+
+
+class FileStorage(Protocol):
+    """Where batch files go: the SDK's StorageTarget, or WorkerStorage in a worker process."""
+
+    def open(self, filename: str, mode: str = "rb") -> contextlib.AbstractContextManager[Any]: ...
+
+    def get_url(self, filename: str) -> str: ...
+
+
+class WorkerStorage:
+    """The SDK's StorageTarget.open and get_url, without importing the SDK (which would cost each
+    worker process ~0.3 s and ~20 MB). tests/test_parallel_batches.py checks that both agree."""
+
+    def __init__(self, root: str, params: dict[str, Any]) -> None:
+        from upath import UPath  # what the SDK's StorageTarget uses
+
+        self._root_path = UPath(root, **params).resolve()
+
+    @contextlib.contextmanager
+    def open(self, filename: str, mode: str = "rb") -> Iterator[Any]:
+        fs = self._root_path.fs
+        fs.start_transaction()
+        self._root_path.mkdir(parents=True, exist_ok=True)
+        with fs.open(self._root_path / filename, mode) as file:
+            yield file
+        fs.end_transaction()
+
+    def get_url(self, filename: str) -> str:
+        return str(self._root_path.joinpath(filename).as_uri())
+
+
+@dataclass(frozen=True)
+class FilesLayout:
+    """What every batch file of a stream shares: where it goes, how it is named and compressed,
+    and how many records it may hold."""
+
+    storage: FileStorage
+    name_stem: str  # prefix + sync id; files are named stem-N.json[.gz]
+    compress: bool
+    batch_size: int
+
+    @property
+    def extension(self) -> str:
+        return ".json.gz" if self.compress else ".json"
+
+
+@dataclass(frozen=True)
+class WrittenFiles:
+    """Batch files another process wrote, complete, in order: the batcher only announces them."""
+
+    urls: list[str]
+    records: int
+
+    def __len__(self) -> int:  # counted like a block of records
+        return self.records
+
+
+class FastJsonlBatcher:
+    """Fills batch files from blocks of records and hands on one manifest per file, in order.
+
+    Besides blocks of records it takes WrittenFiles: the file being filled is then announced first,
+    so files are announced in the order of their rows.
+    """
+
+    def __init__(
+        self,
+        layout: FilesLayout,
+        *,
+        before_announcing: Callable[[], None] = lambda: None,
+        announce_open_file_on: type[BaseException] | tuple[()] = (),
+    ) -> None:
+        self.layout = layout
+        #: Called when a file is complete, just before its manifest is handed on: every record given
+        #: to the batcher so far is then in an announced file (the stream moves its bookmarks).
+        self.before_announcing = before_announcing
+        #: The stop raised between blocks: the file being written is then announced, not dropped.
+        self.announce_open_file_on = announce_open_file_on
+        self._names_given = 0
+
+    def next_name_stem(self) -> str:
+        """A name no other file of this batcher has: stem-N (a worker adds -1, -2 ...)."""
+        self._names_given += 1
+        return f"{self.layout.name_stem}-{self._names_given}"
+
+    def get_batches(self, pieces: Iterable[list[Any] | WrittenFiles]) -> Iterator[list[str]]:
+        """One manifest (a list of one file URL) per file, as each file is complete."""
+        size = self.layout.batch_size
+        file: BatchFile | None = None
+        try:
+            for piece in pieces:
+                if isinstance(piece, WrittenFiles):
+                    if file is not None:
+                        manifest, file = self._announce(file), None
+                        yield manifest
+                    for url in piece.urls:
+                        self.before_announcing()
+                        yield [url]
+                    continue
+                while piece:
+                    if file is None:
+                        file = BatchFile(self.layout, self.next_name_stem() + self.layout.extension)
+                    room = size - file.records
+                    head, piece = (piece, []) if len(piece) <= room else (piece[:room], piece[room:])
+                    file.write(head)
+                    if file.records == size:
+                        manifest, file = self._announce(file), None
+                        yield manifest
+            if file is not None:
+                manifest, file = self._announce(file), None
+                yield manifest
+        except self.announce_open_file_on:
+            # A stop comes between blocks, so the open file holds whole records: announce it rather
+            # than export its rows again next run.
+            if file is not None:
+                manifest, file = self._announce(file), None
+                yield manifest
+            else:
+                self.before_announcing()  # every record handed on is in an announced file already
+            raise
+        finally:
+            if file is not None:  # the run failed mid-file: never announced, closed here
+                file.abandon()
+
+    def _announce(self, file: BatchFile) -> list[str]:
+        """Close the file and return its manifest, once the stream has moved its held bookmarks."""
+        url = file.close()
+        self.before_announcing()
+        return [url]
+
+
+class BatchFile:
+    """One batch file being written."""
+
+    def __init__(self, layout: FilesLayout, filename: str) -> None:
+        self.storage, self.filename = layout.storage, filename
+        self._closing = contextlib.ExitStack()
+        out = self._closing.enter_context(layout.storage.open(filename, "wb"))
+        if layout.compress:
+            out = self._closing.enter_context(igzip.GzipFile(fileobj=out, mode="wb", compresslevel=GZIP_LEVEL))
+        self._out = out
+        self.records = 0
+
+    def write(self, block: list[Any]) -> None:
+        self._out.write(RECORD_JSON.encode_lines(block))
+        self.records += len(block)
+
+    def close(self) -> str:
+        """Flush and close the file; its URL for the BATCH manifest."""
+        self._closing.close()
+        return str(self.storage.get_url(self.filename))
+
+    def abandon(self) -> None:
+        self._closing.close()

@@ -1,0 +1,321 @@
+"""Large exports in BATCH mode: cut into slices of whole rows, written by worker processes, with the
+same records, files of at most batch_size records, errors naming the row, and nothing left running."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from singer_sdk.helpers._batch import StorageTarget
+
+from tap_commerce_exports.engine import parallel_batches
+from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WorkerStorage
+from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, struct_builder
+from tap_commerce_exports.engine.parallel_batches import (
+    BatchWorkerPool,
+    SlicedBatchWriter,
+    read_header,
+    row_aligned_slices,
+)
+from tap_commerce_exports.engine.stream import StopRequested
+from tap_commerce_exports.sandbox.server import Sandbox
+from tests.harness import catalog_selecting, drain, run_tap, start_tap_process, wait_for_log, wait_until
+
+# ------------------------------------------------------------------ slicing bytes
+
+
+def tricky_csv(rows: int) -> bytes:
+    """Quoted fields holding newlines, CRLFs, commas and escaped quotes, in every position."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["id", "note", "amount"])
+    for i in range(rows):
+        note = ["plain", "two\nlines", 'quote " inside\r\nand "more"', '"\n"', "a,b\n\n", ""][i % 6]
+        writer.writerow([f"r{i}", note, str(i)])
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize("slice_bytes", [7, 64, 1000, 10**6])
+def test_slices_cover_the_file_and_end_only_where_rows_end(tmp_path, slice_bytes):
+    data = b"\xef\xbb\xbf" + tricky_csv(300)
+    path = tmp_path / "f.csv"
+    path.write_bytes(data)
+    header, start = read_header(str(path))
+    assert header == ["id", "note", "amount"]
+
+    slices = list(row_aligned_slices(str(path), start, slice_bytes))
+    assert slices[0][0] == start and slices[-1][1] == len(data)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(slices))
+    whole = list(csv.reader(io.StringIO(data[start:].decode(), newline="")))
+    pieces = [row for a, b in slices for row in csv.reader(io.StringIO(data[a:b].decode(), newline=""))]
+    assert pieces == whole and len(whole) == 300
+    if slice_bytes == 1000:  # about len/slice_bytes slices, not one per row
+        assert abs(len(slices) - len(data) / slice_bytes) <= 1
+
+
+def test_a_file_without_a_final_newline_keeps_its_last_row(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_bytes(b'id,note\n1,"a\nb"\n2,last')
+    _, start = read_header(str(path))
+    slices = list(row_aligned_slices(str(path), start, 4))
+    assert [path.read_bytes()[a:b] for a, b in slices] == [b'1,"a\nb"\n', b"2,last"]
+
+
+def test_a_header_that_is_not_found_or_not_utf8_leaves_the_file_to_the_tap_process(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"id,note")  # no row end
+    assert read_header(str(path)) is None
+    path.write_bytes(b"id,n\xffote\n1,2\n")
+    assert read_header(str(path)) is None
+    path.write_bytes(b'"i\nd",note\n1,2\n')
+    assert read_header(str(path)) == (["i\nd", "note"], 11)
+
+
+def test_worker_storage_names_and_places_files_as_the_sdk_storage_does(tmp_path):
+    sdk = StorageTarget(root=f"file://{tmp_path}/out", prefix="p-")
+    ours = WorkerStorage(f"file://{tmp_path}/out", {})
+    assert ours.get_url("p-x-1.json.gz") == sdk.get_url("p-x-1.json.gz")
+    with ours.open("p-x-1.json.gz", "wb") as out:
+        out.write(b"{}\n")
+    assert Path(sdk.get_url("p-x-1.json.gz").removeprefix("file://")).read_bytes() == b"{}\n"
+
+
+# --------------------------------------------------------- the writer, with workers
+
+
+COLUMNS = {"id": Column("id"), "note": Column("note"), "amount": Column("amount", "integer")}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    workers = BatchWorkerPool(2)
+    yield workers
+    workers.shutdown()
+
+
+@dataclass
+class Written:
+    rows: list[dict] = field(default_factory=list)  # in the files announced, in order
+    files: list[str] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)  # what the batcher was given: list or WrittenFiles
+    error: BaseException | None = None
+
+
+def write_batches(path: Path, storage_dir: Path, batch_size: int, pool: BatchWorkerPool | None, stop_after=None):
+    """One export file through a batcher, in the tap's process (pool None) or with the workers."""
+    storage = StorageTarget(root=f"file://{storage_dir}", prefix="t-")
+    batcher = FastJsonlBatcher(
+        FilesLayout(storage, "t-sync", compress=True, batch_size=batch_size), announce_open_file_on=StopRequested
+    )
+    reader = CsvRecordReader(COLUMNS, describe="s export e", builder=struct_builder)
+    if pool is None:
+        pieces = reader.read_blocks(open(path, encoding="utf-8-sig", newline=""))  # noqa: SIM115
+    else:
+        writer = SlicedBatchWriter(pool, batcher, storage, logging.getLogger("test"))
+        pieces = writer.pieces(str(path), reader, lambda layout: None)
+    written = Written()
+
+    def noting(items):
+        for item in items:
+            written.pieces.append(type(item).__name__)
+            yield item
+            if stop_after is not None and len(written.pieces) >= stop_after:
+                raise StopRequested(signal.SIGTERM)  # as the tap's check_stop does between pieces
+
+    try:
+        for manifest in batcher.get_batches(noting(pieces)):
+            for url in manifest:
+                written.files.append(url)
+                with gzip.open(url.removeprefix("file://")) as handle:
+                    written.rows += [json.loads(line) for line in handle]
+    except (CsvFormatError, StopRequested) as error:
+        written.error = error
+    finally:
+        pieces.close()
+    return written
+
+
+def files_in(storage: Path) -> set[str]:
+    return {f"file://{storage / name}" for name in os.listdir(storage)} if storage.exists() else set()
+
+
+def test_workers_write_the_records_the_tap_process_writes(tmp_path, pool, monkeypatch):
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    path = tmp_path / "f.csv"
+    path.write_bytes(tricky_csv(2000))
+    alone = write_batches(path, tmp_path / "alone", 50, None)
+    sliced = write_batches(path, tmp_path / "sliced", 50, pool)
+
+    assert sliced.rows == alone.rows and len(alone.rows) == 2000
+    assert set(sliced.pieces) == {"WrittenFiles"} and len(sliced.pieces) > 10
+    assert all(re.search(r"t-sync-\d+-\d+\.json\.gz$", url) for url in sliced.files)
+    sizes = []
+    for url in sliced.files:
+        with gzip.open(url.removeprefix("file://")) as handle:
+            sizes.append(sum(1 for _ in handle))
+    assert max(sizes) <= 50 and sum(sizes) == 2000
+    assert sum(sizes) / len(sizes) > 30  # slices aim at 90% of batch_size rows: files are not tiny
+
+
+def test_a_small_file_is_read_in_the_tap_process_and_shares_files(tmp_path, pool):
+    path = tmp_path / "f.csv"
+    path.write_bytes(tricky_csv(40))
+    written = write_batches(path, tmp_path / "out", 1000, pool)
+    assert len(written.rows) == 40 and set(written.pieces) == {"list"}
+
+
+@pytest.mark.parametrize(
+    "good, bad, message",
+    [
+        (b",1777\r\n", b",17x7\r\n", r"row 1778, column 'amount': '17x7' is not a valid integer"),
+        (b"r1777,", b"r1777,\xff", r"row 1778 holds bytes that are not UTF-8"),
+        (b",1777\r\n", b",1777,extra\r\n", r"row 1778 has 4 fields but the header has 3"),
+    ],
+)
+def test_a_broken_row_in_a_slice_is_named_by_its_row_in_the_whole_file(tmp_path, pool, monkeypatch, good, bad, message):
+    """Row 1778 (id r1777) sits deep in a later slice: the worker counts from its slice's first row."""
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    path = tmp_path / "f.csv"
+    data = tricky_csv(2000)
+    assert data.count(good) == 1
+    path.write_bytes(data.replace(good, bad))
+    written = write_batches(path, tmp_path / "out", 50, pool)
+    assert re.search(message, str(written.error)), written.error
+
+
+def test_a_broken_row_ends_the_file_after_a_prefix_of_its_rows_and_leaves_no_stray_file(tmp_path, pool, monkeypatch):
+    """Announced: rows before the broken one, in order (in the tap's process, up to the block before
+    it; a slice is smaller than a block, so here at least as many). Slices the workers were still
+    writing are removed once written, never announced."""
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    path = tmp_path / "f.csv"
+    path.write_bytes(tricky_csv(2000).replace(b",1777\r\n", b",17x7\r\n"))
+    alone = write_batches(path, tmp_path / "alone", 50, None)
+    sliced = write_batches(path, tmp_path / "sliced", 50, pool)
+    assert str(sliced.error) == str(alone.error) and "row 1778" in str(alone.error)
+    ids = [r["id"] for r in sliced.rows]
+    assert ids == [f"r{i}" for i in range(len(ids))] and len(alone.rows) <= len(ids) < 1778
+    wait_until(lambda: files_in(tmp_path / "sliced") == set(sliced.files), "stray slice files to be removed")
+
+
+def test_a_stop_between_pieces_announces_a_prefix_of_the_rows_and_leaves_no_stray_file(tmp_path, pool, monkeypatch):
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    path = tmp_path / "f.csv"
+    path.write_bytes(tricky_csv(3000))
+    stopped = write_batches(path, tmp_path / "out", 50, pool, stop_after=3)
+    assert isinstance(stopped.error, StopRequested) and stopped.pieces == ["WrittenFiles"] * 3
+    assert [r["id"] for r in stopped.rows] == [f"r{i}" for i in range(len(stopped.rows))] and stopped.rows
+    wait_until(lambda: files_in(tmp_path / "out") == set(stopped.files), "stray slice files to be removed")
+    again = write_batches(path, tmp_path / "again", 50, pool)  # the pool still works
+    assert [r["id"] for r in again.rows] == [f"r{i}" for i in range(3000)]
+
+
+# ------------------------------------------------------------------- through the tap
+
+
+def big_batch_config(storage: Path, **extra) -> dict:
+    return {
+        "batch_config": {
+            "encoding": {"format": "jsonl", "compression": "gzip"},
+            "storage": {"root": f"file://{storage}", "prefix": "b-"},
+            "batch_size": 1000,
+        },
+        **extra,
+    }
+
+
+def batch_file_rows(messages: list[dict], stream: str) -> list[dict]:
+    rows = []
+    for message in messages:
+        if message["type"] == "BATCH" and message["stream"] == stream:
+            for url in message["manifest"]:
+                with gzip.open(url.removeprefix("file://")) as handle:
+                    rows += [json.loads(line) for line in handle]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def orders_sandbox():
+    """10,000 orders in one window: a 2.3 MB file, cut into ~9 slices at batch_size 1000."""
+    with Sandbox(("voucherify",), export_latency_seconds=0.2, rows_per_type=10_000) as sandbox:
+        yield sandbox
+
+
+def test_the_tap_writes_a_large_export_in_slices_with_the_same_rows_and_state(orders_sandbox, tmp_path):
+    config = {**orders_sandbox.voucherify.tap_config(), "export_window_days": 400}
+    alone = run_tap(
+        {**config, **big_batch_config(tmp_path / "a", batch_worker_processes=1)}, streams={"voucherify_orders"}
+    )
+    sliced = run_tap(
+        {**config, **big_batch_config(tmp_path / "s", batch_worker_processes=2)}, streams={"voucherify_orders"}
+    )
+    assert alone.error is None and sliced.error is None
+
+    rows = batch_file_rows(sliced.messages, "voucherify_orders")
+    assert rows == batch_file_rows(alone.messages, "voucherify_orders") and len(rows) == 10_000
+    assert "in 2 worker processes" in sliced.log_text and "worker processes" not in alone.log_text
+    assert sliced.final_state["bookmarks"] == alone.final_state["bookmarks"]
+    assert sliced.final_state["bookmarks"]["voucherify_orders"]["replication_key_value"]
+
+
+def worker_pids_of(pid: int) -> list[int]:
+    """Spawned multiprocessing children name their parent on their command line."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"parent_pid={pid}".encode() in cmdline:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="looks for worker processes in /proc")
+@pytest.mark.parametrize("moment", ["workers started", "first file announced"])
+def test_sigterm_while_workers_write_ends_with_state_short_of_the_window_and_no_worker_left(
+    orders_sandbox, tmp_path, moment
+):
+    config = {
+        **orders_sandbox.voucherify.tap_config(),
+        "export_window_days": 400,
+        **big_batch_config(tmp_path, batch_worker_processes=2),
+    }
+    process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
+    stderr = Path(process.stderr_path)
+    before: list[dict] = []
+    if moment == "workers started":
+        wait_for_log(stderr, "worker processes")  # slices are being handed to the workers
+    else:
+        while not before or before[-1]["type"] != "BATCH":
+            line = process.stdout.readline()
+            assert line, stderr.read_text()[-2000:]
+            before.append(json.loads(line))
+    process.send_signal(signal.SIGTERM)
+    rest, _ = drain(process)
+    stopped = before + rest
+    assert process.returncode in (0, 128 + signal.SIGTERM), stderr.read_text()[-2000:]
+    assert not worker_pids_of(process.pid)
+    assert stopped[-1]["type"] == "STATE"
+    announced = batch_file_rows(stopped, "voucherify_orders")
+    bookmark = stopped[-1]["value"].get("bookmarks", {}).get("voucherify_orders", {})
+    if process.returncode == 0:  # the run finished before the signal was heard
+        assert len(announced) == 10_000
+    else:  # the one window was not finished: its bookmark must not have moved
+        assert "replication_key_value" not in bookmark
+        assert len({r["id"] for r in announced}) == len(announced) < 10_000
+        resumed = run_tap(config, state=stopped[-1]["value"], streams={"voucherify_orders"})
+        assert resumed.error is None
+        ids = {r["id"] for r in announced} | {r["id"] for r in batch_file_rows(resumed.messages, "voucherify_orders")}
+        assert ids == {r["id"] for r in orders_sandbox.voucherify.expected_records("voucherify_orders")}
