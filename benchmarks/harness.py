@@ -112,6 +112,8 @@ class Run:
     sink: dict
     log_path: str
     log_text: str = ""
+    peak_rss_with_children_bytes: int = 0  # its own peak plus each child's (BATCH worker processes)
+    children: int = 0
 
     @property
     def records(self) -> int:
@@ -123,11 +125,13 @@ class Run:
 
 
 class RssSampler(threading.Thread):
-    """Reads VmHWM (peak resident set) of a process from /proc every `interval` seconds.
+    """Reads VmHWM (peak resident set) of a process and of its children from /proc every
+    `interval` seconds.
 
     VmHWM belongs to the process's own address space (the one exec created), so unlike a child's
     ru_maxrss it never includes the parent it was forked from. The last reading before exit is the
-    peak unless memory grew in the final interval.
+    peak unless memory grew in the final interval. Children (the BATCH worker processes) are found
+    through /proc/PID/task/PID/children; their peaks are kept per process, since they exit first.
     """
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
@@ -135,20 +139,39 @@ class RssSampler(threading.Thread):
         self.pid = pid
         self.interval = interval
         self.peak_kb = 0
+        self.children_peak_kb: dict[int, int] = {}
         self.stopped = threading.Event()
 
+    @property
+    def peak_with_children_kb(self) -> int:
+        """The sum of each process's own peak: an upper bound of the peak of their sum."""
+        return self.peak_kb + sum(self.children_peak_kb.values())
+
     def run(self) -> None:
-        path = f"/proc/{self.pid}/status"
         while not self.stopped.is_set():
-            try:
-                with open(path) as status:
-                    for line in status:
-                        if line.startswith("VmHWM:"):
-                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
-                            break
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                pass
+            self.peak_kb = max(self.peak_kb, _peak_kb(self.pid))
+            for child in _children(self.pid):
+                self.children_peak_kb[child] = max(self.children_peak_kb.get(child, 0), _peak_kb(child))
             self.stopped.wait(self.interval)
+
+
+def _peak_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return []
 
 
 def run_to_sink(label: str, command: list[str], workdir: str, *, env: dict | None = None) -> Run:
@@ -172,7 +195,16 @@ def run_to_sink(label: str, command: list[str], workdir: str, *, env: dict | Non
         sink.wait()
     with open(summary_path) as summary, open(log_path, encoding="utf-8", errors="replace") as log_file:
         return Run(
-            label, returncode, wall, started_at, sampler.peak_kb * 1024, json.load(summary), log_path, log_file.read()
+            label,
+            returncode,
+            wall,
+            started_at,
+            sampler.peak_kb * 1024,
+            json.load(summary),
+            log_path,
+            log_file.read(),
+            peak_rss_with_children_bytes=sampler.peak_with_children_kb * 1024,
+            children=len(sampler.children_peak_kb),
         )
 
 

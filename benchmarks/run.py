@@ -349,6 +349,12 @@ class Bench:
             f"{best['emit_seconds'] or 0:.2f}s = {fmt_rate(best['rate'])} (its log: {best['log_emit_seconds']:.1f}s "
             f"= {fmt_rate(best['log_rate'])})"
         )
+        result["tap_batch_peak_rss_with_workers_bytes"] = max(r["peak_rss_with_workers_bytes"] for r in batch_runs)
+        say(
+            f"      {best['worker_processes']} worker processes; peak RSS of the tap {fmt_mb(best['peak_rss_bytes'])}, "
+            f"with its workers {fmt_mb(result['tap_batch_peak_rss_with_workers_bytes'])} "
+            "(each process's own peak, summed)"
+        )
         best = max(plain_batch_runs, key=lambda f: f["rate"] or 0)
         result["tap_batch_uncompressed"] = best
         self._check_rows("tap (BATCH, no compression)", best["rows_in_files"], rows)
@@ -434,6 +440,8 @@ class Bench:
             "rate": rate(lines, to_last),
             "wall_seconds": run.wall_seconds,
             "peak_rss_bytes": run.peak_rss_bytes,
+            "peak_rss_with_workers_bytes": run.peak_rss_with_children_bytes,
+            "worker_processes": run.children,
         }
         return figures
 
@@ -712,6 +720,19 @@ class Bench:
                     f"< {TARGETS['peak_rss_mb']} MB",
                     verdict(p_large < TARGETS["peak_rss_mb"] * MB),
                 ],
+                *(
+                    [
+                        [
+                            "2 memory",
+                            f"BATCH, {t['rows']:,} rows: tap + workers",
+                            fmt_mb(t["tap_batch_peak_rss_with_workers_bytes"]),
+                            f"< {TARGETS['peak_rss_mb']} MB",
+                            verdict(t["tap_batch_peak_rss_with_workers_bytes"] < TARGETS["peak_rss_mb"] * MB),
+                        ]
+                    ]
+                    if t and "tap_batch_peak_rss_with_workers_bytes" in t
+                    else []
+                ),
                 [
                     "2 memory",
                     "growth",
