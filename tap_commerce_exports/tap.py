@@ -18,7 +18,7 @@ from tap_commerce_exports.engine.download import FileDownloader
 from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
 from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
 from tap_commerce_exports.engine.http import install_log_redaction
-from tap_commerce_exports.engine.parallel_batches import BatchWorkerPool, usable_cpus
+from tap_commerce_exports.engine.parallel_batches import DEFAULT_MAX_WORKERS, BatchWorkerPool, usable_cpus
 from tap_commerce_exports.engine.scheduler import ExportScheduler
 from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime, StopRequested
 from tap_commerce_exports.engine.windows import parse_instant
@@ -76,8 +76,8 @@ COMMON_SETTINGS = [
         "batch_worker_processes",
         th.IntegerType,
         description="BATCH messages only: processes that write the batch files of a large export in "
-        "parallel, a slice of its rows each. Default: the CPUs the tap may use. 1 writes every file "
-        "in the tap's own process.",
+        "parallel, a slice of its rows each (~35 MB each). Default: the CPUs the tap may use (its CPU "
+        "affinity and cgroup quota), at most 4. 1 writes every file in the tap's own process.",
     ),
 ]
 
@@ -242,7 +242,7 @@ class TapCommerceExports(Tap):
     def batch_workers(self) -> BatchWorkerPool | None:
         """The processes that write large exports' batch files, shared by every stream; None when
         files are written in this process (one CPU, or `batch_worker_processes` is 1)."""
-        processes = int(self.config.get("batch_worker_processes") or usable_cpus())
+        processes = int(self.config.get("batch_worker_processes") or min(usable_cpus(), DEFAULT_MAX_WORKERS))
         if processes < 2:
             return None
         if getattr(self, "_batch_worker_pool", None) is None:

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,15 @@ def test_a_header_that_is_not_found_or_not_utf8_leaves_the_file_to_the_tap_proce
     assert read_header(str(path)) is None
     path.write_bytes(b'"i\nd",note\n1,2\n')
     assert read_header(str(path)) == (["i\nd", "note"], 11)
+    path.write_bytes(b"id,note\r1,a\r2,b\n3,c\n")  # more than one row before the first newline
+    assert read_header(str(path)) is None
+
+
+def test_the_default_worker_count_honours_a_cgroup_cpu_quota(monkeypatch):
+    monkeypatch.setattr(parallel_batches, "_cgroup_cpu_quota", lambda: 0.5)
+    assert parallel_batches.usable_cpus() == 1
+    monkeypatch.setattr(parallel_batches, "_cgroup_cpu_quota", lambda: None)
+    assert parallel_batches.usable_cpus() >= 1
 
 
 def test_worker_storage_names_and_places_files_as_the_sdk_storage_does(tmp_path):
@@ -121,7 +132,7 @@ def write_batches(path: Path, storage_dir: Path, batch_size: int, pool: BatchWor
     if pool is None:
         pieces = reader.read_blocks(open(path, encoding="utf-8-sig", newline=""))  # noqa: SIM115
     else:
-        writer = SlicedBatchWriter(pool, batcher, storage, logging.getLogger("test"))
+        writer = SlicedBatchWriter(pool, batcher, logging.getLogger("test"))
         pieces = writer.pieces(str(path), reader, lambda layout: None)
     written = Written()
 
@@ -220,6 +231,71 @@ def test_a_stop_between_pieces_announces_a_prefix_of_the_rows_and_leaves_no_stra
     assert [r["id"] for r in again.rows] == [f"r{i}" for i in range(3000)]
 
 
+@pytest.mark.parametrize("multiline_later", [True, False])
+def test_a_stray_quote_in_an_unquoted_field_sends_the_rest_to_the_tap_process(
+    tmp_path, pool, monkeypatch, multiline_later
+):
+    """27" Monitor: the csv module reads the quote as text, the slicer's parity flips. Either a slice
+    then ends inside a quoted field (a later multi-line field), or no row end is found for long:
+    both times the rest of the file is read in the tap's process, with the same rows as without."""
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    monkeypatch.setattr(parallel_batches, "MAX_SLICE_BYTES", 1024)
+    lines = [b"id,note,amount\r\n"]
+    for i in range(2000):
+        note = b'27" Monitor' if i == 300 else (b'"two\nlines"' if multiline_later and i % 50 == 0 else b"plain")
+        lines.append(b"r%d,%s,%d\r\n" % (i, note, i))
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"".join(lines))
+    alone = write_batches(path, tmp_path / "alone", 50, None)
+    sliced = write_batches(path, tmp_path / "sliced", 50, pool)
+    assert alone.error is None and sliced.error is None
+    assert sliced.rows == alone.rows and len(alone.rows) == 2000
+    assert {"WrittenFiles", "list"} <= set(sliced.pieces)  # slices first, then the tap's process
+
+
+def test_a_pool_whose_worker_died_is_started_anew_for_the_next_export(tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    path = tmp_path / "f.csv"
+    path.write_bytes(tricky_csv(2000))
+    workers = BatchWorkerPool(2)
+    try:
+        assert len(write_batches(path, tmp_path / "first", 50, workers).rows) == 2000
+        for process in list(workers._executor._processes.values()):  # type: ignore[union-attr]
+            os.kill(process.pid, signal.SIGKILL)
+        wait_until(lambda: workers._executor._broken, "the pool to notice its workers died")  # type: ignore[union-attr]
+        again = write_batches(path, tmp_path / "again", 50, workers)
+        assert [r["id"] for r in again.rows] == [f"r{i}" for i in range(2000)]
+    finally:
+        workers.shutdown()
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="looks for worker processes in /proc")
+def test_workers_leave_when_the_tap_is_killed_outright(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from tap_commerce_exports.engine.parallel_batches import BatchWorkerPool\n"
+        "from tap_commerce_exports.engine.csv_records import header_key\n"
+        "pool = BatchWorkerPool(2)\n"
+        "[f.result() for f in [pool._running().submit(header_key, 'A b') for _ in range(2)]]\n"
+        "print(' '.join(str(pid) for pid in pool._executor._processes), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(workers) == 2 and all(Path(f"/proc/{pid}").exists() for pid in workers)
+    parent.kill()
+    parent.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in workers), "the workers to leave with the tap", timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------- through the tap
 
 
@@ -309,6 +385,8 @@ def test_sigterm_while_workers_write_ends_with_state_short_of_the_window_and_no_
     assert not worker_pids_of(process.pid)
     assert stopped[-1]["type"] == "STATE"
     announced = batch_file_rows(stopped, "voucherify_orders")
+    announced_files = {url for m in stopped if m["type"] == "BATCH" for url in m["manifest"]}
+    assert files_in(tmp_path) == announced_files  # no file of a slice the run gave up on
     bookmark = stopped[-1]["value"].get("bookmarks", {}).get("voucherify_orders", {})
     if process.returncode == 0:  # the run finished before the signal was heard
         assert len(announced) == 10_000

@@ -6,5 +6,8 @@
 - download.py: where files are fetched whole, without API credentials;
 - csv_records.py: where a CSV cell becomes a typed value;
 - scheduler.py: where exports run in parallel;
-- stream.py: where windows move the bookmark.
+- stream.py: where windows move the bookmark;
+- fast_output.py: RECORD messages written straight to stdout;
+- batch_files.py and parallel_batches.py: BATCH files, a large export's written by worker processes;
+- collector.py: the garbage collector's settings while rows stream through.
 """

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from isal import igzip
+from upath import UPath  # what the SDK's StorageTarget uses
 
 from tap_commerce_exports.engine.csv_records import RECORD_JSON
 
@@ -23,6 +24,9 @@ GZIP_LEVEL = 1  # ISA-L's level 1: zlib level 3's size at ~5x its speed
 
 class FileStorage(Protocol):
     """Where batch files go: the SDK's StorageTarget, or WorkerStorage in a worker process."""
+
+    root: str
+    params: dict[str, Any]
 
     def open(self, filename: str, mode: str = "rb") -> contextlib.AbstractContextManager[Any]: ...
 
@@ -34,8 +38,7 @@ class WorkerStorage:
     worker process ~0.3 s and ~20 MB). tests/test_parallel_batches.py checks that both agree."""
 
     def __init__(self, root: str, params: dict[str, Any]) -> None:
-        from upath import UPath  # what the SDK's StorageTarget uses
-
+        self.root, self.params = root, params
         self._root_path = UPath(root, **params).resolve()
 
     @contextlib.contextmanager
@@ -49,6 +52,13 @@ class WorkerStorage:
 
     def get_url(self, filename: str) -> str:
         return str(self._root_path.joinpath(filename).as_uri())
+
+
+def remove_files(urls: Iterable[str], params: dict[str, Any]) -> None:
+    """Batch files that will never be announced (a slice the run gave up on, or failed to finish)."""
+    for url in urls:
+        with contextlib.suppress(OSError):
+            UPath(url, **params).unlink()
 
 
 @dataclass(frozen=True)
@@ -73,9 +83,6 @@ class WrittenFiles:
     urls: list[str]
     records: int
 
-    def __len__(self) -> int:  # counted like a block of records
-        return self.records
-
 
 class FastJsonlBatcher:
     """Fills batch files from blocks of records and hands on one manifest per file, in order.
@@ -98,6 +105,8 @@ class FastJsonlBatcher:
         #: The stop raised between blocks: the file being written is then announced, not dropped.
         self.announce_open_file_on = announce_open_file_on
         self._names_given = 0
+        #: Records in the files this batcher announced (not in WrittenFiles handed to it).
+        self.records_announced = 0
 
     def next_name_stem(self) -> str:
         """A name no other file of this batcher has: stem-N (a worker adds -1, -2 ...)."""
@@ -146,6 +155,7 @@ class FastJsonlBatcher:
     def _announce(self, file: BatchFile) -> list[str]:
         """Close the file and return its manifest, once the stream has moved its held bookmarks."""
         url = file.close()
+        self.records_announced += file.records
         self.before_announcing()
         return [url]
 
@@ -172,4 +182,8 @@ class BatchFile:
         return str(self.storage.get_url(self.filename))
 
     def abandon(self) -> None:
-        self._closing.close()
+        """Close and remove a file that will never be announced (the run failed while writing it)."""
+        try:
+            self._closing.close()
+        finally:
+            remove_files([self.storage.get_url(self.filename)], self.storage.params or {})

@@ -310,6 +310,11 @@ class CsvRecordReader:
         for block in self.read_blocks(text, on_layout):
             yield from block
 
+    def read_file(self, path: str, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[list[Any]]:
+        """read_blocks of the export file at `path`."""
+        with open(path, encoding="utf-8-sig", newline="") as text:
+            yield from self.read_blocks(text, on_layout)
+
     def read_blocks(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[list[Any]]:
         """The records of the file in file order, a block of up to BLOCK_ROWS rows at a time."""
         rows = csv.reader(text, strict=True)
@@ -323,10 +328,10 @@ class CsvRecordReader:
             yield from self._blocks(rows, layout)
 
     def read_slice_blocks(self, text: TextIO, header: list[str]) -> Iterator[list[Any]]:
-        """Like read_blocks, for whole rows cut from a file after its `header` (parallel_batches.py);
-        rows are counted from the slice's first."""
+        """Like read_blocks, for whole rows cut from a file after its `header` (parallel_batches.py).
+        Rows are numbered on from `rows_read`."""
         rows = csv.reader(text, strict=True)
-        with self._naming_the_broken_row(text, first_row=1):
+        with self._naming_the_broken_row(text, first_row=self.rows_read + 1):
             yield from self._blocks(rows, self.layout(header))
 
     def _blocks(self, rows: Iterator[list[str]], layout: CsvLayout) -> Iterator[list[Any]]:
@@ -343,22 +348,24 @@ class CsvRecordReader:
     def _naming_the_broken_row(self, text: TextIO, first_row: int) -> Iterator[None]:
         """The csv module's and the decoder's errors, as errors naming the row; `first_row` is the
         number of the text's first row (0 when it is the header)."""
+        raw = getattr(text, "buffer", None)
+        text_start = raw.tell() if raw is not None and raw.seekable() else 0
         try:
             yield
         except csv.Error as exc:
             raise CsvFormatError(self.describe, self.rows_read + 1, f" is not valid CSV: {exc}") from None
         except UnicodeDecodeError as exc:
-            row = self._row_with_bad_bytes(text, first_row) or self.rows_read + 1
+            row = self._row_with_bad_bytes(text, text_start, first_row) or self.rows_read + 1
             raise CsvFormatError(self.describe, row, f" holds bytes that are not UTF-8 ({exc.reason})") from None
 
     @staticmethod
-    def _row_with_bad_bytes(text: TextIO, first_row: int) -> int | None:
+    def _row_with_bad_bytes(text: TextIO, text_start: int, first_row: int) -> int | None:
         """The data row holding the bad bytes. Decoding fails a whole chunk ahead of the parser, so
         the count of rows read says little; on this error path the text is read again to find it."""
         raw = getattr(text, "buffer", None)
         if raw is None or not raw.seekable():
             return None
-        raw.seek(0)
+        raw.seek(text_start)
         lenient = io.TextIOWrapper(raw, encoding=text.encoding, errors="surrogateescape", newline="")
         for number, row in enumerate(csv.reader(lenient), start=first_row):
             if any(_SURROGATE.search(cell) for cell in row):

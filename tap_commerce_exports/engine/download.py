@@ -54,7 +54,9 @@ class DownloadedFile:
     seconds: float
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        # OSError, not only FileNotFoundError: on Windows a worker process still reading the file
+        # (a slice of a stopped run) makes unlink fail, and that must not hide the run's own error.
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
 
 

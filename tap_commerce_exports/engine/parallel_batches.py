@@ -4,31 +4,42 @@ RECORD messages leave the tap as one ordered stream, so one thread parses their 
 is files: a row need only land in the right file, and the files be announced in row order. So a
 large export file is cut into slices at row boundaries, each slice is parsed, typed, encoded and
 gzipped into batch files by a worker process, and the tap announces the finished files in order.
-On 2 vCPUs this writes 1,000,000 rows in about 3.0-3.6 s instead of 4.3-4.5 s on one.
+On 2 vCPUs this writes 1,000,000 rows in 2.3-3.4 s instead of 4.3-4.5 s in one process.
 
 A worker runs the same CsvRecordReader and FastJsonlBatcher as the tap's own process would, so the
-files hold the same records; errors name the row in the whole file.
+files hold the same records; errors name the row in the whole file. Cuts assume RFC 4180 quoting;
+a slice that shows a cut fell inside a quoted field sends the rest of the file back to the tap's
+own process, so a file quoted otherwise is read as it would be without workers.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import csv
 import gc
 import io
 import logging
+import math
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from typing import Any
 
-from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WorkerStorage, WrittenFiles
+from tap_commerce_exports.engine.batch_files import (
+    FastJsonlBatcher,
+    FilesLayout,
+    WorkerStorage,
+    WrittenFiles,
+    remove_files,
+)
 from tap_commerce_exports.engine.collector import YOUNG_GENERATION_THRESHOLD
 from tap_commerce_exports.engine.csv_records import CsvFormatError, CsvLayout, CsvRecordReader
 
@@ -41,13 +52,38 @@ MAX_SLICE_BYTES = 8 * 1024 * 1024
 SLICE_FILL = 0.9
 #: How far into a file its header may end (beyond that, the file is read in the tap's process).
 HEADER_SEARCH_BYTES = 1024 * 1024
+#: Default ceiling of worker processes: each holds ~35 MB, and past a few the tap's own process,
+#: announcing files in order, is the limit.
+DEFAULT_MAX_WORKERS = 4
+#: How often a wait for a slice checks whether the run is stopping.
+WAIT_STEP_SECONDS = 0.2
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPUs this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's
+    `--cpus` or a Kubernetes limit), which affinity does not show."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, or v1 cfs quota/period); None when unlimited."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as cpu_max:
+            quota, period = cpu_max.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with (
+            open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as quota_file,
+            open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as period_file,
+        ):
+            quota_us, period_us = int(quota_file.read()), int(period_file.read())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------ rows in bytes
@@ -56,9 +92,10 @@ def usable_cpus() -> int:
 def _last_row_end(chunk: bytes, quoted_at_start: bool) -> int:
     """The index just after the last newline of `chunk` that ends a row, or 0 if none does.
 
-    A newline inside a quoted field does not end a row. In CSV every quote character toggles
-    "inside quotes" (an escaped quote is two, toggling twice), so the parity of the quotes before a
-    newline tells which it is; counted backwards from the chunk's end, each quote is seen once.
+    A newline inside a quoted field does not end a row. In RFC 4180 CSV every quote character
+    toggles "inside quotes" (an escaped quote is two, toggling twice), so the parity of the quotes
+    before a newline tells which it is; counted backwards from the chunk's end, each quote is seen
+    once. (A stray quote in an unquoted field breaks this; write_slice notices, see there.)
     """
     quoted = quoted_at_start ^ bool(chunk.count(b'"') & 1)  # at the end of the chunk
     end = len(chunk)
@@ -70,9 +107,10 @@ def _last_row_end(chunk: bytes, quoted_at_start: bool) -> int:
     return 0
 
 
-def row_aligned_slices(path: str, start: int, slice_bytes: int) -> Iterator[tuple[int, int]]:
+def row_aligned_slices(path: str, start: int, slice_bytes: int) -> Iterator[tuple[int, int | None]]:
     """(start, end) byte offsets of consecutive slices of whole rows, from `start` (where a row
-    begins) to the end of the file, each about `slice_bytes` long."""
+    begins) to the end of the file, each about `slice_bytes` long. If no row ends for 4 x
+    MAX_SLICE_BYTES (quotes this cannot follow), the last is (start, None): the rest of the file."""
     with open(path, "rb") as raw:
         raw.seek(start)
         offset, quoted = start, False  # the file offset of the next chunk, and the quote state there
@@ -81,6 +119,9 @@ def row_aligned_slices(path: str, start: int, slice_bytes: int) -> Iterator[tupl
             if cut and offset + cut > start:
                 yield start, offset + cut
                 start = offset + cut
+            elif offset + len(chunk) - start > 4 * MAX_SLICE_BYTES:
+                yield start, None
+                return
             quoted ^= bool(chunk.count(b'"') & 1)
             offset += len(chunk)
         if offset > start:
@@ -89,20 +130,26 @@ def row_aligned_slices(path: str, start: int, slice_bytes: int) -> Iterator[tupl
 
 def read_header(path: str) -> tuple[list[str], int] | None:
     """The header's labels and the offset of the first data row; None when the header does not
-    end within HEADER_SEARCH_BYTES or is not UTF-8 (the tap's own reader then reports it)."""
+    end within HEADER_SEARCH_BYTES, is not UTF-8, or is not one clean CSV row (the tap's own reader
+    then reads the file)."""
     with open(path, "rb") as raw:
         head = raw.read(HEADER_SEARCH_BYTES)
     quoted, position = False, 0
     while (newline := head.find(b"\n", position)) >= 0:
         quoted ^= bool(head.count(b'"', position, newline) & 1)
         if not quoted:
-            try:
-                text = head[: newline + 1].decode("utf-8-sig")
-            except UnicodeDecodeError:
-                return None
-            return next(csv.reader(io.StringIO(text, newline=""))), newline + 1
+            header = _one_row(head[: newline + 1])
+            return (header, newline + 1) if header is not None else None
         position = newline + 1
     return None
+
+
+def _one_row(line: bytes) -> list[str] | None:
+    try:
+        rows = list(csv.reader(io.StringIO(line.decode("utf-8-sig"), newline=""), strict=True))
+    except (UnicodeDecodeError, csv.Error):
+        return None
+    return rows[0] if len(rows) == 1 else None
 
 
 def slice_bytes_for(path: str, data_start: int, batch_size: int) -> int:
@@ -122,7 +169,7 @@ class FilesSpec:
     """A FilesLayout as it crosses to a worker: the storage by its settings, not as an object."""
 
     root: str
-    params: dict[str, Any]
+    params: dict[str, Any] = field(repr=False)  # may hold the storage's credentials
     compress: bool
     batch_size: int
 
@@ -144,8 +191,11 @@ class SliceJob:
 @dataclass(frozen=True)
 class SliceResult:
     urls: list[str]  # complete files, in row order
-    rows: int
+    records: int  # in those files
+    rows: int  # read, blank ones included: where the next slice's row numbers start
     error: CsvFormatError | None = None  # rows numbered from the slice's first
+    #: The slice ended inside a quoted field: its cut was wrong (quoting that is not RFC 4180).
+    cut_inside_a_field: bool = False
 
 
 def write_slice(job: SliceJob) -> SliceResult:
@@ -157,22 +207,40 @@ def write_slice(job: SliceJob) -> SliceResult:
     reader = job.reader
     reader.rows_read = 0  # the tap's reader counts rows of the whole file; this copy, of the slice
     text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")
-    batcher = FastJsonlBatcher(job.files.layout(job.name_stem), announce_open_file_on=CsvFormatError)
+    files = job.files
+    batcher = FastJsonlBatcher(files.layout(job.name_stem), announce_open_file_on=CsvFormatError)
     urls: list[str] = []
     try:
         for manifest in batcher.get_batches(reader.read_slice_blocks(text, job.header)):
             urls += manifest
     except CsvFormatError as error:
-        return SliceResult(urls, reader.rows_read, error)
-    return SliceResult(urls, reader.rows_read)
+        if "unexpected end of data" in error.problem:  # the csv module's words for it
+            remove_files(urls, files.params)
+            return SliceResult([], 0, 0, cut_inside_a_field=True)
+        return SliceResult(urls, batcher.records_announced, reader.rows_read, error)
+    except BaseException:
+        remove_files(urls, files.params)  # the tap will not learn of them
+        raise
+    return SliceResult(urls, batcher.records_announced, reader.rows_read)
 
 
 def _start_worker() -> None:
-    # The tap decides when the run stops (signals reach the whole process group on Ctrl-C) and
-    # shuts the pool down; a worker stopping by itself would only break the pool.
+    # Ctrl-C reaches the whole process group; the tap decides how the run stops and shuts the pool
+    # down. (SIGTERM is left as it is: it is how the pool ends workers when one of them dies.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.set_threshold(YOUNG_GENERATION_THRESHOLD)  # see collector.py: rows hold no cycles
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    """A tap killed outright (SIGKILL, out of memory) cannot shut its pool down: leave with it."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+
+_spawning = threading.Lock()
 
 
 class _LeanSpawnProcess(multiprocessing.context.SpawnProcess):
@@ -184,15 +252,16 @@ class _LeanSpawnProcess(multiprocessing.context.SpawnProcess):
     """
 
     def start(self) -> None:
-        main = sys.modules["__main__"]
-        spec, script = main.__spec__, main.__dict__.pop("__file__", None)
-        main.__spec__ = None
-        try:
-            super().start()
-        finally:
-            main.__spec__ = spec
-            if script is not None:
-                main.__file__ = script
+        with _spawning:  # __main__ is the process's: two threads spawning must not interleave
+            main = sys.modules["__main__"]
+            spec, script = main.__spec__, main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+            try:
+                super().start()
+            finally:
+                main.__spec__ = spec
+                if script is not None:
+                    main.__file__ = script
 
 
 class _LeanSpawnContext(multiprocessing.context.SpawnContext):
@@ -210,14 +279,22 @@ class BatchWorkerPool:
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
     def submit(self, job: SliceJob) -> concurrent.futures.Future[SliceResult]:
+        try:
+            return self._running().submit(write_slice, job)
+        except BrokenProcessPool:  # a worker died during an earlier export (which failed): start anew
+            self.shutdown()
+            return self._running().submit(write_slice, job)
+
+    def _running(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._executor is None:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 self.processes, mp_context=_LeanSpawnContext(), initializer=_start_worker
             )
-        return self._executor.submit(write_slice, job)
+        return self._executor
 
     def shutdown(self) -> None:
-        """Queued slices are dropped; a slice being written finishes (its file is never announced)."""
+        """Slices not yet handed to a worker are dropped; those being written finish (their files
+        are removed by whoever gave up on them)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -225,72 +302,135 @@ class BatchWorkerPool:
 
 class SlicedBatchWriter:
     """A stream's export files as pieces for its FastJsonlBatcher: blocks of records for a small
-    file (read here, so they share files with the next export's rows), WrittenFiles for a large one."""
+    file (read here, so they share files with the next export's rows), WrittenFiles for a large one.
 
-    def __init__(self, pool: BatchWorkerPool, batcher: FastJsonlBatcher, storage: Any, logger: logging.Logger) -> None:
+    `while_waiting` is called while a slice is awaited: the tap's check_stop, which raises to stop.
+    """
+
+    def __init__(
+        self,
+        pool: BatchWorkerPool,
+        batcher: FastJsonlBatcher,
+        logger: logging.Logger,
+        while_waiting: Callable[[], None] = lambda: None,
+    ) -> None:
         self.pool = pool
         self.batcher = batcher
         self.logger = logger
+        self.while_waiting = while_waiting
         layout = batcher.layout
+        storage = layout.storage
         self.files = FilesSpec(storage.root, dict(storage.params or {}), layout.compress, layout.batch_size)
 
     def pieces(
         self, path: str, reader: CsvRecordReader, on_layout: Callable[[CsvLayout], None]
     ) -> Iterator[list[Any] | WrittenFiles]:
         found = read_header(path)
-        if found is not None:
-            header, data_start = found
-            slice_bytes = slice_bytes_for(path, data_start, self.files.batch_size)
-            data_bytes = os.path.getsize(path) - data_start
-            if data_bytes >= 2 * slice_bytes:
-                self.logger.info(
-                    "%s: writing batch files from %.1f MB of CSV in %d worker processes, slices of ~%.1f MB",
-                    reader.describe,
-                    data_bytes / 1e6,
-                    self.pool.processes,
-                    slice_bytes / 1e6,
-                )
-                on_layout(reader.layout(header))
-                yield from self._written_in_slices(path, header, data_start, slice_bytes, reader)
-                return
-        with open(path, encoding="utf-8-sig", newline="") as text:
-            yield from reader.read_blocks(text, on_layout=on_layout)
-
-    def _written_in_slices(
-        self, path: str, header: list[str], data_start: int, slice_bytes: int, reader: CsvRecordReader
-    ) -> Iterator[WrittenFiles]:
-        """Slices go to the workers a few ahead of the one awaited; files come back in order."""
-        in_flight: collections.deque[concurrent.futures.Future[SliceResult]] = collections.deque()
-        try:
-            for start, end in row_aligned_slices(path, data_start, slice_bytes):
-                job = SliceJob(path, start, end, header, reader, self.files, self.batcher.next_name_stem())
-                in_flight.append(self.pool.submit(job))
-                if len(in_flight) > 2 * self.pool.processes:
-                    yield from self._files_of(in_flight.popleft().result(), reader)
-            while in_flight:
-                yield from self._files_of(in_flight.popleft().result(), reader)
-        finally:
-            for future in in_flight:  # the run stopped or failed: slices not begun are dropped,
-                if not future.cancel():  # and the files of those being written removed when done
-                    future.add_done_callback(self._remove_files_of)
-
-    def _remove_files_of(self, future: concurrent.futures.Future[SliceResult]) -> None:
-        """A slice written after the run gave up on its file: its files will never be announced."""
-        if future.cancelled() or future.exception() is not None:
+        if found is None:
+            yield from reader.read_file(path, on_layout)
             return
-        from upath import UPath
+        header, data_start = found
+        slice_bytes = slice_bytes_for(path, data_start, self.files.batch_size)
+        data_bytes = os.path.getsize(path) - data_start
+        if data_bytes < 2 * slice_bytes:
+            yield from reader.read_file(path, on_layout)
+            return
+        self.logger.info(
+            "%s: writing batch files from %.1f MB of CSV in %d worker processes, slices of ~%.1f MB",
+            reader.describe,
+            data_bytes / 1e6,
+            self.pool.processes,
+            slice_bytes / 1e6,
+        )
+        on_layout(reader.layout(header))
+        in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]] = collections.deque()
+        try:
+            rest_from = yield from self._through_workers(path, header, data_start, slice_bytes, reader, in_flight)
+        finally:
+            self._give_up_on(in_flight)
+        if rest_from is not None:
+            yield from self._read_here(path, rest_from, header, reader)
 
-        for url in future.result().urls:
-            with contextlib.suppress(OSError):
-                UPath(url, **self.files.params).unlink()
+    def _through_workers(
+        self,
+        path: str,
+        header: list[str],
+        data_start: int,
+        slice_bytes: int,
+        reader: CsvRecordReader,
+        in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]],
+    ) -> Generator[WrittenFiles, None, int | None]:
+        """Slices go to the workers one more than they can take at once; files come back in order.
+        Returns where the rest of the file is to be read in this process, if it is."""
+        rest_from = None
+        for start, end in row_aligned_slices(path, data_start, slice_bytes):
+            if end is None:
+                rest_from = start
+                break
+            job = SliceJob(path, start, end, header, reader, self.files, self.batcher.next_name_stem())
+            in_flight.append((start, self.pool.submit(job)))
+            if len(in_flight) > self.pool.processes:
+                wrong_cut = yield from self._announce_oldest(in_flight, reader)
+                if wrong_cut is not None:
+                    return wrong_cut
+        while in_flight:
+            wrong_cut = yield from self._announce_oldest(in_flight, reader)
+            if wrong_cut is not None:
+                return wrong_cut
+        return rest_from
 
-    @staticmethod
-    def _files_of(result: SliceResult, reader: CsvRecordReader) -> Iterator[WrittenFiles]:
-        """The slice's files; then its error, if a row was broken, naming the row in the whole file
-        (the files before it are announced first, as they would be in one process)."""
+    def _announce_oldest(
+        self, in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]], reader: CsvRecordReader
+    ) -> Generator[WrittenFiles, None, int | None]:
+        """The oldest slice's files, counting its rows into `reader`; then its error, naming the row
+        in the whole file. Returns the slice's start if it was cut inside a quoted field."""
+        start, future = in_flight[0]
+        result = self._wait(future, reader.describe)
+        in_flight.popleft()
+        if result.cut_inside_a_field:
+            self.logger.warning(
+                "%s: a quote the slicing could not follow (not RFC 4180 quoting); reading the rest of the file "
+                "in the tap's process",
+                reader.describe,
+            )
+            return start
         rows_before = reader.rows_read
         reader.rows_read += result.rows
         if result.urls:
-            yield WrittenFiles(result.urls, result.rows)
+            yield WrittenFiles(result.urls, result.records)
         if result.error is not None:
             raise result.error.rows_later(rows_before)
+        return None
+
+    def _wait(self, future: concurrent.futures.Future[SliceResult], describe: str) -> SliceResult:
+        while True:
+            try:
+                return future.result(timeout=WAIT_STEP_SECONDS)
+            except concurrent.futures.TimeoutError:
+                self.while_waiting()
+            except BrokenProcessPool:
+                self.while_waiting()  # killed with the run (a signal to the process group): stopping
+                raise RuntimeError(
+                    f"{describe}: a worker process writing its batch files died (out of memory?); "
+                    "its window is exported again next run"
+                ) from None
+
+    def _give_up_on(self, in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]]) -> None:
+        """The file was left early (a stop, an error, a wrong cut): slices not begun are dropped, and
+        the files of those being written removed once they are."""
+        for _, future in in_flight:
+            if not future.cancel():
+                future.add_done_callback(self._remove_files_of)
+        in_flight.clear()
+
+    def _remove_files_of(self, future: concurrent.futures.Future[SliceResult]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            remove_files(future.result().urls, self.files.params)
+
+    @staticmethod
+    def _read_here(path: str, start: int, header: list[str], reader: CsvRecordReader) -> Iterator[list[Any]]:
+        """The rest of the file from `start`, in this process, its rows numbered on from rows_read."""
+        with open(path, "rb") as raw:
+            raw.seek(start)
+            text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+            yield from reader.read_slice_blocks(text, header)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from singer_sdk.streams import Stream
 
-from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout
+from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WrittenFiles
 from tap_commerce_exports.engine.csv_records import (
     BuilderFactory,
     Column,
@@ -337,8 +337,7 @@ class ExportStream(Stream):
             if self._sliced_writer is not None:
                 yield from self._sliced_writer.pieces(ready.file.path, reader, self._accept_layout)
             else:
-                with open(ready.file.path, encoding="utf-8-sig", newline="") as text:
-                    yield from reader.read_blocks(text, on_layout=self._accept_layout)
+                yield from reader.read_file(ready.file.path, self._accept_layout)
         finally:
             ready.file.remove()
         self._count(ready, reader.rows_read, time.monotonic() - started)
@@ -407,7 +406,8 @@ class ExportStream(Stream):
         else:
             coordinator: Any = self._tap
             workers = coordinator.batch_workers()
-            self._sliced_writer = SlicedBatchWriter(workers, batcher, storage, self.logger) if workers else None
+            if workers is not None:
+                self._sliced_writer = SlicedBatchWriter(workers, batcher, self.logger, coordinator.check_stop)
             blocks = self._batch_blocks(context)
         try:
             for manifest in batcher.get_batches(blocks):
@@ -433,10 +433,12 @@ class ExportStream(Stream):
                 self._write_starting_replication_value(current)
                 blocks = self._record_blocks(current, struct_builder)  # BATCH records are only encoded
                 try:
-                    for block in blocks:
+                    for piece in blocks:
+                        record_counter.increment(piece.records if isinstance(piece, WrittenFiles) else len(piece))
+                        yield piece
+                        # After the batcher took the piece: a stop found while the next is awaited
+                        # must not drop a piece whose files are already written.
                         coordinator.check_stop()
-                        record_counter.increment(len(block))  # records, whichever the piece
-                        yield block
                 finally:
                     blocks.close()
                 if current == self._get_state_partition_context(current):
