@@ -351,9 +351,9 @@ class Bench:
         )
         result["tap_batch_peak_rss_with_workers_bytes"] = max(r["peak_rss_with_workers_bytes"] for r in batch_runs)
         say(
-            f"      {best['worker_processes']} worker processes; peak RSS of the tap {fmt_mb(best['peak_rss_bytes'])}, "
-            f"with its workers {fmt_mb(result['tap_batch_peak_rss_with_workers_bytes'])} "
-            "(each process's own peak, summed)"
+            f"      peak RSS of the tap {fmt_mb(best['peak_rss_bytes'])}; with its {best['child_processes']} child "
+            f"processes (the workers and multiprocessing's resource tracker) "
+            f"{fmt_mb(result['tap_batch_peak_rss_with_workers_bytes'])} (each process's own peak, summed)"
         )
         best = max(plain_batch_runs, key=lambda f: f["rate"] or 0)
         result["tap_batch_uncompressed"] = best
@@ -441,7 +441,7 @@ class Bench:
             "wall_seconds": run.wall_seconds,
             "peak_rss_bytes": run.peak_rss_bytes,
             "peak_rss_with_workers_bytes": run.peak_rss_with_children_bytes,
-            "worker_processes": run.children,
+            "child_processes": run.children,
         }
         return figures
 
