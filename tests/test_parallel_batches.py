@@ -21,10 +21,11 @@ import pytest
 from singer_sdk.helpers._batch import StorageTarget
 
 from tap_commerce_exports.engine import parallel_batches
-from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WorkerStorage
+from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WorkerStorage, remove_files
 from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, struct_builder
 from tap_commerce_exports.engine.parallel_batches import (
     BatchWorkerPool,
+    FilesSpec,
     SlicedBatchWriter,
     read_header,
     row_aligned_slices,
@@ -92,13 +93,27 @@ def test_the_default_worker_count_honours_a_cgroup_cpu_quota(monkeypatch):
     assert parallel_batches.usable_cpus() >= 1
 
 
-def test_worker_storage_names_and_places_files_as_the_sdk_storage_does(tmp_path):
-    sdk = StorageTarget(root=f"file://{tmp_path}/out", prefix="p-")
-    ours = WorkerStorage(f"file://{tmp_path}/out", {})
-    assert ours.get_url("p-x-1.json.gz") == sdk.get_url("p-x-1.json.gz")
-    with ours.open("p-x-1.json.gz", "wb") as out:
+@pytest.mark.parametrize("root", ["file://{tmp}/out", "file://{tmp}/with space", "{tmp}/plain path", "rel-dir"])
+def test_a_worker_writes_where_the_sdk_storage_reads(tmp_path, monkeypatch, root):
+    monkeypatch.chdir(tmp_path)
+    sdk = StorageTarget(root=root.format(tmp=tmp_path), prefix="p-")
+    worker_storage = FilesSpec.of(FilesLayout(sdk, "p-x", compress=True, batch_size=10)).storage()
+    with worker_storage.open("p-x-1.json.gz", "wb") as out:
         out.write(b"{}\n")
-    assert Path(sdk.get_url("p-x-1.json.gz").removeprefix("file://")).read_bytes() == b"{}\n"
+    with sdk.open("p-x-1.json.gz", "rb") as written:
+        assert written.read() == b"{}\n"
+    remove_files(sdk, ["p-x-1.json.gz"])
+    with pytest.raises(FileNotFoundError), sdk.open("p-x-1.json.gz", "rb"):
+        pass
+
+
+def test_a_local_file_appears_only_once_complete(tmp_path):
+    storage = WorkerStorage(str(tmp_path), f"file://{tmp_path}", {})
+    with pytest.raises(RuntimeError), storage.open("f.json", "wb") as out:
+        out.write(b"half")
+        assert os.listdir(tmp_path) != ["f.json"]
+        raise RuntimeError("the write failed")
+    assert os.listdir(tmp_path) == []
 
 
 # --------------------------------------------------------- the writer, with workers

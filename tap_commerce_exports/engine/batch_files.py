@@ -10,12 +10,15 @@ which use this module too; so it imports nothing of the SDK.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from isal import igzip
-from upath import UPath  # what the SDK's StorageTarget uses
 
 from tap_commerce_exports.engine.csv_records import RECORD_JSON
 
@@ -34,15 +37,40 @@ class FileStorage(Protocol):
 
 
 class WorkerStorage:
-    """The SDK's StorageTarget.open and get_url, without importing the SDK (which would cost each
-    worker process ~0.3 s and ~20 MB). tests/test_parallel_batches.py checks that both agree."""
+    """Where a worker process writes batch files: the directory or bucket of the tap's storage.
 
-    def __init__(self, root: str, params: dict[str, Any]) -> None:
+    The worker does not import the SDK (~0.3 s and ~20 MB a worker) and, for a local directory, not
+    fsspec either (~9 MB): it writes plain files under a temporary name and renames them when
+    complete, as the SDK's fsspec transaction does. Other storage goes through UPath, as in the
+    SDK. Files are reported back by name; the tap makes their URLs with the SDK's own get_url.
+    """
+
+    def __init__(self, local_dir: str | None, root: str, params: dict[str, Any]) -> None:
         self.root, self.params = root, params
-        self._root_path = UPath(root, **params).resolve()
+        self._local_dir = Path(local_dir) if local_dir else None
+        self._root_path = None if self._local_dir else _upath(root, params).resolve()
+
+    def open(self, filename: str, mode: str = "rb") -> contextlib.AbstractContextManager[Any]:
+        return self._open_local(filename, mode) if self._local_dir else self._open_remote(filename, mode)
 
     @contextlib.contextmanager
-    def open(self, filename: str, mode: str = "rb") -> Iterator[Any]:
+    def _open_local(self, filename: str, mode: str) -> Iterator[Any]:
+        assert self._local_dir is not None
+        final = self._local_dir / filename
+        final.parent.mkdir(parents=True, exist_ok=True)  # a prefix may name a subdirectory
+        handle, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.")
+        try:
+            with os.fdopen(handle, mode) as file:
+                yield file
+            os.replace(temporary, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    @contextlib.contextmanager
+    def _open_remote(self, filename: str, mode: str) -> Iterator[Any]:
+        assert self._root_path is not None
         fs = self._root_path.fs
         fs.start_transaction()
         self._root_path.mkdir(parents=True, exist_ok=True)
@@ -51,14 +79,36 @@ class WorkerStorage:
         fs.end_transaction()
 
     def get_url(self, filename: str) -> str:
+        if self._local_dir:
+            return (self._local_dir / filename).as_uri()
+        assert self._root_path is not None
         return str(self._root_path.joinpath(filename).as_uri())
 
 
-def remove_files(urls: Iterable[str], params: dict[str, Any]) -> None:
+def local_path(url: str) -> Path | None:
+    """The local path of a file:// URL (as the SDK's get_url writes them); None for other storage."""
+    parts = urllib.parse.urlsplit(url)
+    return Path(urllib.parse.unquote(parts.path)) if parts.scheme == "file" else None
+
+
+def remove_files(storage: FileStorage, filenames: Iterable[str]) -> None:
     """Batch files that will never be announced (a slice the run gave up on, or failed to finish)."""
-    for url in urls:
+    for filename in filenames:
+        url = storage.get_url(filename)
         with contextlib.suppress(OSError):
-            UPath(url, **params).unlink()
+            path = local_path(url)
+            if path is not None:
+                path.unlink()
+            else:
+                _upath(url, storage.params or {}).unlink()
+
+
+def _upath(url: str, params: dict[str, Any]) -> Any:
+    """UPath, as the SDK's StorageTarget uses it; imported only for remote storage, since it
+    imports fsspec (~9 MB in each worker process)."""
+    from upath import UPath
+
+    return UPath(url, **params)
 
 
 @dataclass(frozen=True)
@@ -105,7 +155,8 @@ class FastJsonlBatcher:
         #: The stop raised between blocks: the file being written is then announced, not dropped.
         self.announce_open_file_on = announce_open_file_on
         self._names_given = 0
-        #: Records in the files this batcher announced (not in WrittenFiles handed to it).
+        #: The files this batcher announced, by name, and the records in them (not WrittenFiles').
+        self.files_announced: list[str] = []
         self.records_announced = 0
 
     def next_name_stem(self) -> str:
@@ -155,6 +206,7 @@ class FastJsonlBatcher:
     def _announce(self, file: BatchFile) -> list[str]:
         """Close the file and return its manifest, once the stream has moved its held bookmarks."""
         url = file.close()
+        self.files_announced.append(file.filename)
         self.records_announced += file.records
         self.before_announcing()
         return [url]
@@ -186,4 +238,4 @@ class BatchFile:
         try:
             self._closing.close()
         finally:
-            remove_files([self.storage.get_url(self.filename)], self.storage.params or {})
+            remove_files(self.storage, [self.filename])

@@ -38,6 +38,7 @@ from tap_commerce_exports.engine.batch_files import (
     FilesLayout,
     WorkerStorage,
     WrittenFiles,
+    local_path,
     remove_files,
 )
 from tap_commerce_exports.engine.collector import YOUNG_GENERATION_THRESHOLD
@@ -168,13 +169,26 @@ def slice_bytes_for(path: str, data_start: int, batch_size: int) -> int:
 class FilesSpec:
     """A FilesLayout as it crosses to a worker: the storage by its settings, not as an object."""
 
+    local_dir: str | None  # where the tap's storage writes, when that is a local directory
     root: str
     params: dict[str, Any] = field(repr=False)  # may hold the storage's credentials
     compress: bool
     batch_size: int
 
-    def layout(self, name_stem: str) -> FilesLayout:
-        return FilesLayout(WorkerStorage(self.root, self.params), name_stem, self.compress, self.batch_size)
+    @classmethod
+    def of(cls, layout: FilesLayout) -> FilesSpec:
+        storage = layout.storage
+        local_dir = local_path(storage.get_url(""))  # the SDK's own idea of where its root is
+        return cls(
+            str(local_dir) if local_dir else None,
+            storage.root,
+            dict(storage.params or {}),
+            layout.compress,
+            layout.batch_size,
+        )
+
+    def storage(self) -> WorkerStorage:
+        return WorkerStorage(self.local_dir, self.root, self.params)
 
 
 @dataclass(frozen=True)
@@ -190,7 +204,7 @@ class SliceJob:
 
 @dataclass(frozen=True)
 class SliceResult:
-    urls: list[str]  # complete files, in row order
+    filenames: list[str]  # complete files, in row order
     records: int  # in those files
     rows: int  # read, blank ones included: where the next slice's row numbers start
     error: CsvFormatError | None = None  # rows numbered from the slice's first
@@ -207,21 +221,21 @@ def write_slice(job: SliceJob) -> SliceResult:
     reader = job.reader
     reader.rows_read = 0  # the tap's reader counts rows of the whole file; this copy, of the slice
     text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")
-    files = job.files
-    batcher = FastJsonlBatcher(files.layout(job.name_stem), announce_open_file_on=CsvFormatError)
-    urls: list[str] = []
+    storage = job.files.storage()
+    layout = FilesLayout(storage, job.name_stem, job.files.compress, job.files.batch_size)
+    batcher = FastJsonlBatcher(layout, announce_open_file_on=CsvFormatError)
     try:
-        for manifest in batcher.get_batches(reader.read_slice_blocks(text, job.header)):
-            urls += manifest
+        for _ in batcher.get_batches(reader.read_slice_blocks(text, job.header)):
+            pass
     except CsvFormatError as error:
         if "unexpected end of data" in error.problem:  # the csv module's words for it
-            remove_files(urls, files.params)
+            remove_files(storage, batcher.files_announced)
             return SliceResult([], 0, 0, cut_inside_a_field=True)
-        return SliceResult(urls, batcher.records_announced, reader.rows_read, error)
+        return SliceResult(batcher.files_announced, batcher.records_announced, reader.rows_read, error)
     except BaseException:
-        remove_files(urls, files.params)  # the tap will not learn of them
+        remove_files(storage, batcher.files_announced)  # the tap will not learn of them
         raise
-    return SliceResult(urls, batcher.records_announced, reader.rows_read)
+    return SliceResult(batcher.files_announced, batcher.records_announced, reader.rows_read)
 
 
 def _start_worker() -> None:
@@ -318,9 +332,8 @@ class SlicedBatchWriter:
         self.batcher = batcher
         self.logger = logger
         self.while_waiting = while_waiting
-        layout = batcher.layout
-        storage = layout.storage
-        self.files = FilesSpec(storage.root, dict(storage.params or {}), layout.compress, layout.batch_size)
+        self.storage = batcher.layout.storage
+        self.files = FilesSpec.of(batcher.layout)
 
     def pieces(
         self, path: str, reader: CsvRecordReader, on_layout: Callable[[CsvLayout], None]
@@ -396,8 +409,8 @@ class SlicedBatchWriter:
             return start
         rows_before = reader.rows_read
         reader.rows_read += result.rows
-        if result.urls:
-            yield WrittenFiles(result.urls, result.records)
+        if result.filenames:
+            yield WrittenFiles([self.storage.get_url(name) for name in result.filenames], result.records)
         if result.error is not None:
             raise result.error.rows_later(rows_before)
         return None
@@ -425,7 +438,7 @@ class SlicedBatchWriter:
 
     def _remove_files_of(self, future: concurrent.futures.Future[SliceResult]) -> None:
         if not future.cancelled() and future.exception() is None:
-            remove_files(future.result().urls, self.files.params)
+            remove_files(self.storage, future.result().filenames)
 
     @staticmethod
     def _read_here(path: str, start: int, header: list[str], reader: CsvRecordReader) -> Iterator[list[Any]]:
