@@ -100,9 +100,15 @@ def run_tap(config: dict, *, state: dict | None = None, streams: set[str] | None
 
 
 def start_tap_process(
-    config: dict, *, state: dict | None = None, catalog: dict | None = None, workdir: str | None = None
+    config: dict,
+    *,
+    state: dict | None = None,
+    catalog: dict | None = None,
+    workdir: str | None = None,
+    own_process_group: bool = False,
 ) -> subprocess.Popen:
-    """The console script in a subprocess, writing Singer messages to its stdout pipe."""
+    """The console script in a subprocess, writing Singer messages to its stdout pipe; in a process
+    group of its own (pid = group id) when a test signals the whole group, as orchestrators do."""
     workdir = workdir or tempfile.mkdtemp(prefix="tap-run-")
     config_path = os.path.join(workdir, "config.json")
     with open(config_path, "w") as out:
@@ -120,7 +126,9 @@ def start_tap_process(
         command += ["--catalog", catalog_path]
     # stderr goes to a file: a pipe nobody reads fills up and blocks the tap mid-run.
     stderr = open(os.path.join(workdir, "stderr.log"), "w")  # noqa: SIM115  (closed with the process)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=own_process_group
+    )
     process.stderr_path = stderr.name  # type: ignore[attr-defined]
     return process
 

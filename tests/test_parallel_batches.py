@@ -268,6 +268,34 @@ def test_a_stray_quote_in_an_unquoted_field_sends_the_rest_to_the_tap_process(
     assert {"WrittenFiles", "list"} <= set(sliced.pieces)  # slices first, then the tap's process
 
 
+def test_a_file_cut_short_inside_a_quoted_field_fails_as_it_does_in_the_tap_process(tmp_path, pool, monkeypatch):
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    data = tricky_csv(2000)
+    path = tmp_path / "f.csv"
+    path.write_bytes(data[: data.rindex(b'"two\nlines"') + 4])  # ends inside "two
+    alone = write_batches(path, tmp_path / "alone", 50, None)
+    sliced = write_batches(path, tmp_path / "sliced", 50, pool)
+    assert "unexpected end of data" in str(alone.error) and str(sliced.error) == str(alone.error)
+    assert "row 2000" in str(alone.error)  # the last two-line note: r1999
+    assert [r["id"] for r in sliced.rows] == [f"r{i}" for i in range(len(sliced.rows))]
+
+
+def test_bad_bytes_after_a_stray_quote_are_named_by_their_row(tmp_path, pool, monkeypatch):
+    """The rest of the file is read in the tap's process from an offset: its rows still count on."""
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    monkeypatch.setattr(parallel_batches, "MAX_SLICE_BYTES", 1024)
+    lines = [b"id,note,amount\r\n"]
+    for i in range(2000):
+        note = {300: b'27" Monitor', 1500: b"caf\xe9"}.get(i, b"plain")
+        lines.append(b"r%d,%s,%d\r\n" % (i, note, i))
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"".join(lines))
+    alone = write_batches(path, tmp_path / "alone", 50, None)
+    sliced = write_batches(path, tmp_path / "sliced", 50, pool)
+    assert "row 1501 holds bytes that are not UTF-8" in str(alone.error)
+    assert str(sliced.error) == str(alone.error)
+
+
 def test_a_pool_whose_worker_died_is_started_anew_for_the_next_export(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
     path = tmp_path / "f.csv"
@@ -412,3 +440,29 @@ def test_sigterm_while_workers_write_ends_with_state_short_of_the_window_and_no_
         assert resumed.error is None
         ids = {r["id"] for r in announced} | {r["id"] for r in batch_file_rows(resumed.messages, "voucherify_orders")}
         assert ids == {r["id"] for r in orders_sandbox.voucherify.expected_records("voucherify_orders")}
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="signals a process group")
+def test_sigterm_to_the_whole_process_group_leaves_no_stray_file_and_no_worker(orders_sandbox, tmp_path):
+    """As systemd, Airflow or `timeout` do: the workers are signalled too, and die mid-slice."""
+    config = {
+        **orders_sandbox.voucherify.tap_config(),
+        "export_window_days": 400,
+        **big_batch_config(tmp_path, batch_worker_processes=2),
+    }
+    catalog = catalog_selecting(config, {"voucherify_orders"})
+    process = start_tap_process(config, catalog=catalog, own_process_group=True)
+    stderr = Path(process.stderr_path)
+    before = []
+    while not before or before[-1]["type"] != "BATCH":  # the workers are busy with later slices
+        line = process.stdout.readline()
+        assert line, stderr.read_text()[-2000:]
+        before.append(json.loads(line))
+    os.killpg(process.pid, signal.SIGTERM)
+    rest, _ = drain(process)
+    stopped = before + rest
+    assert process.returncode in (0, 128 + signal.SIGTERM), stderr.read_text()[-2000:]
+    assert not worker_pids_of(process.pid)
+    assert stopped[-1]["type"] == "STATE"
+    announced_files = {url for m in stopped if m["type"] == "BATCH" for url in m["manifest"]}
+    assert files_in(tmp_path) == announced_files

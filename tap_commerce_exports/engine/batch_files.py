@@ -10,9 +10,9 @@ which use this module too; so it imports nothing of the SDK.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,8 @@ from isal import igzip
 from tap_commerce_exports.engine.csv_records import RECORD_JSON
 
 GZIP_LEVEL = 1  # ISA-L's level 1: zlib level 3's size at ~5x its speed
+
+_logger = logging.getLogger(__name__)
 
 
 class FileStorage(Protocol):
@@ -47,16 +49,16 @@ class WorkerStorage:
 
     def __init__(self, local_dir: str | None, root: str, params: dict[str, Any]) -> None:
         self.root, self.params = root, params
-        self._local_dir = Path(local_dir) if local_dir else None
-        self._root_path = None if self._local_dir else _upath(root, params).resolve()
+        self.local_dir = Path(local_dir) if local_dir else None
+        self._root_path = None if self.local_dir else _upath(root, params).resolve()
 
     def open(self, filename: str, mode: str = "rb") -> contextlib.AbstractContextManager[Any]:
-        return self._open_local(filename, mode) if self._local_dir else self._open_remote(filename, mode)
+        return self._open_local(filename, mode) if self.local_dir else self._open_remote(filename, mode)
 
     @contextlib.contextmanager
     def _open_local(self, filename: str, mode: str) -> Iterator[Any]:
-        assert self._local_dir is not None
-        final = self._local_dir / filename
+        assert self.local_dir is not None
+        final = self.local_dir / filename
         final.parent.mkdir(parents=True, exist_ok=True)  # a prefix may name a subdirectory
         handle, temporary = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.")
         try:
@@ -79,28 +81,55 @@ class WorkerStorage:
         fs.end_transaction()
 
     def get_url(self, filename: str) -> str:
-        if self._local_dir:
-            return (self._local_dir / filename).as_uri()
+        if self.local_dir:
+            return (self.local_dir / filename).as_uri()
         assert self._root_path is not None
         return str(self._root_path.joinpath(filename).as_uri())
 
 
-def local_path(url: str) -> Path | None:
-    """The local path of a file:// URL (as the SDK's get_url writes them); None for other storage."""
-    parts = urllib.parse.urlsplit(url)
-    return Path(urllib.parse.unquote(parts.path)) if parts.scheme == "file" else None
+def local_directory(storage: FileStorage) -> Path | None:
+    """The directory a storage writes to when it is local, as the SDK resolves its root (a file://
+    root is taken literally, %20 and all); None for remote storage."""
+    if isinstance(storage, WorkerStorage):
+        return storage.local_dir
+    root = _upath(storage.root, storage.params or {}).resolve()
+    return Path(os.fspath(root)) if root.protocol in ("", "file", "local") else None
 
 
 def remove_files(storage: FileStorage, filenames: Iterable[str]) -> None:
-    """Batch files that will never be announced (a slice the run gave up on, or failed to finish)."""
+    """Batch files that will never be announced (a slice the run gave up on, or failed to finish).
+    Called while another error may be on its way: a file that cannot be removed is only logged."""
+    filenames = list(filenames)
+    if not filenames:
+        return
+    try:
+        local_dir = local_directory(storage)
+    except Exception as exc:
+        _logger.warning("could not find batch files %s to remove them: %s", filenames, exc)
+        return
     for filename in filenames:
-        url = storage.get_url(filename)
-        with contextlib.suppress(OSError):
-            path = local_path(url)
-            if path is not None:
-                path.unlink()
+        try:
+            if local_dir is not None:
+                (local_dir / filename).unlink()
             else:
-                _upath(url, storage.params or {}).unlink()
+                (_upath(storage.root, storage.params or {}).resolve() / filename).unlink()
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            _logger.warning("could not remove batch file %s, which was never announced: %s", filename, exc)
+
+
+def remove_files_of_slice(storage: FileStorage, name_stem: str) -> None:
+    """Every file a worker may have left under a slice's name stem, complete or half-written: for a
+    worker that died (a signal to the whole process group, the out-of-memory killer) without saying
+    which files it wrote. Local storage only: remote storage is not listed for them."""
+    local_dir = local_directory(storage)
+    if local_dir is None:
+        return
+    stem = local_dir / name_stem
+    if stem.parent.is_dir():
+        found = [*stem.parent.glob(f"{stem.name}-*"), *stem.parent.glob(f".{stem.name}-*")]
+        remove_files(storage, [str(path.relative_to(local_dir)) for path in found])
 
 
 def _upath(url: str, params: dict[str, Any]) -> Any:
@@ -130,7 +159,7 @@ class FilesLayout:
 class WrittenFiles:
     """Batch files another process wrote, complete, in order: the batcher only announces them."""
 
-    urls: list[str]
+    filenames: list[str]
     records: int
 
 
@@ -174,9 +203,7 @@ class FastJsonlBatcher:
                     if file is not None:
                         manifest, file = self._announce(file), None
                         yield manifest
-                    for url in piece.urls:
-                        self.before_announcing()
-                        yield [url]
+                    yield from self._announce_written(piece)
                     continue
                 while piece:
                     if file is None:
@@ -202,6 +229,19 @@ class FastJsonlBatcher:
         finally:
             if file is not None:  # the run failed mid-file: never announced, closed here
                 file.abandon()
+
+    def _announce_written(self, written: WrittenFiles) -> Iterator[list[str]]:
+        """Their manifests in order. A file counts as announced once its manifest is handed on;
+        the rest are removed if a failure comes first, since no one else knows of them."""
+        waiting = list(written.filenames)
+        try:
+            while waiting:
+                url = self.layout.storage.get_url(waiting[0])
+                self.before_announcing()
+                waiting.pop(0)
+                yield [url]
+        finally:
+            remove_files(self.layout.storage, waiting)
 
     def _announce(self, file: BatchFile) -> list[str]:
         """Close the file and return its manifest, once the stream has moved its held bookmarks."""
@@ -234,8 +274,14 @@ class BatchFile:
         return str(self.storage.get_url(self.filename))
 
     def abandon(self) -> None:
-        """Close and remove a file that will never be announced (the run failed while writing it)."""
+        """Close a file that will never be announced (the run failed while writing it) as a failed
+        write, so local storage never shows it under its name; remove it from storage that does."""
         try:
-            self._closing.close()
-        finally:
-            remove_files(self.storage, [self.filename])
+            self._closing.__exit__(_Abandoned, _Abandoned(), None)
+        except Exception as exc:
+            _logger.warning("closing the abandoned batch file %s failed: %s", self.filename, exc)
+        remove_files(self.storage, [self.filename])
+
+
+class _Abandoned(Exception):
+    """Tells a file's context managers that its writing failed."""

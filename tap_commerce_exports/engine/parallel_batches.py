@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import csv
+import functools
 import gc
 import io
 import logging
@@ -38,8 +39,9 @@ from tap_commerce_exports.engine.batch_files import (
     FilesLayout,
     WorkerStorage,
     WrittenFiles,
-    local_path,
+    local_directory,
     remove_files,
+    remove_files_of_slice,
 )
 from tap_commerce_exports.engine.collector import YOUNG_GENERATION_THRESHOLD
 from tap_commerce_exports.engine.csv_records import CsvFormatError, CsvLayout, CsvRecordReader
@@ -178,7 +180,7 @@ class FilesSpec:
     @classmethod
     def of(cls, layout: FilesLayout) -> FilesSpec:
         storage = layout.storage
-        local_dir = local_path(storage.get_url(""))  # the SDK's own idea of where its root is
+        local_dir = local_directory(storage)
         return cls(
             str(local_dir) if local_dir else None,
             storage.root,
@@ -228,7 +230,7 @@ def write_slice(job: SliceJob) -> SliceResult:
         for _ in batcher.get_batches(reader.read_slice_blocks(text, job.header)):
             pass
     except CsvFormatError as error:
-        if "unexpected end of data" in error.problem:  # the csv module's words for it
+        if error.problem == " is not valid CSV: unexpected end of data":  # the csv module's words for it
             remove_files(storage, batcher.files_announced)
             return SliceResult([], 0, 0, cut_inside_a_field=True)
         return SliceResult(batcher.files_announced, batcher.records_announced, reader.rows_read, error)
@@ -314,6 +316,10 @@ class BatchWorkerPool:
             self._executor = None
 
 
+#: Slices handed to the workers, oldest first.
+InFlight = collections.deque[tuple[SliceJob, concurrent.futures.Future[SliceResult]]]
+
+
 class SlicedBatchWriter:
     """A stream's export files as pieces for its FastJsonlBatcher: blocks of records for a small
     file (read here, so they share files with the next export's rows), WrittenFiles for a large one.
@@ -356,7 +362,7 @@ class SlicedBatchWriter:
             slice_bytes / 1e6,
         )
         on_layout(reader.layout(header))
-        in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]] = collections.deque()
+        in_flight: InFlight = collections.deque()
         try:
             rest_from = yield from self._through_workers(path, header, data_start, slice_bytes, reader, in_flight)
         finally:
@@ -371,7 +377,7 @@ class SlicedBatchWriter:
         data_start: int,
         slice_bytes: int,
         reader: CsvRecordReader,
-        in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]],
+        in_flight: InFlight,
     ) -> Generator[WrittenFiles, None, int | None]:
         """Slices go to the workers one more than they can take at once; files come back in order.
         Returns where the rest of the file is to be read in this process, if it is."""
@@ -381,7 +387,7 @@ class SlicedBatchWriter:
                 rest_from = start
                 break
             job = SliceJob(path, start, end, header, reader, self.files, self.batcher.next_name_stem())
-            in_flight.append((start, self.pool.submit(job)))
+            in_flight.append((job, self.pool.submit(job)))
             if len(in_flight) > self.pool.processes:
                 wrong_cut = yield from self._announce_oldest(in_flight, reader)
                 if wrong_cut is not None:
@@ -393,24 +399,25 @@ class SlicedBatchWriter:
         return rest_from
 
     def _announce_oldest(
-        self, in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]], reader: CsvRecordReader
+        self, in_flight: InFlight, reader: CsvRecordReader
     ) -> Generator[WrittenFiles, None, int | None]:
         """The oldest slice's files, counting its rows into `reader`; then its error, naming the row
         in the whole file. Returns the slice's start if it was cut inside a quoted field."""
-        start, future = in_flight[0]
+        self.while_waiting()  # a safe point to stop: every slice taken so far is announced
+        job, future = in_flight[0]
         result = self._wait(future, reader.describe)
         in_flight.popleft()
         if result.cut_inside_a_field:
             self.logger.warning(
-                "%s: a quote the slicing could not follow (not RFC 4180 quoting); reading the rest of the file "
-                "in the tap's process",
+                "%s: a slice ended inside a quoted field (quoting that is not RFC 4180, or a file cut short); "
+                "reading the rest of the file in the tap's process",
                 reader.describe,
             )
-            return start
+            return job.start
         rows_before = reader.rows_read
         reader.rows_read += result.rows
         if result.filenames:
-            yield WrittenFiles([self.storage.get_url(name) for name in result.filenames], result.records)
+            yield WrittenFiles(result.filenames, result.records)
         if result.error is not None:
             raise result.error.rows_later(rows_before)
         return None
@@ -428,17 +435,21 @@ class SlicedBatchWriter:
                     "its window is exported again next run"
                 ) from None
 
-    def _give_up_on(self, in_flight: collections.deque[tuple[int, concurrent.futures.Future[SliceResult]]]) -> None:
+    def _give_up_on(self, in_flight: InFlight) -> None:
         """The file was left early (a stop, an error, a wrong cut): slices not begun are dropped, and
         the files of those being written removed once they are."""
-        for _, future in in_flight:
+        for job, future in in_flight:
             if not future.cancel():
-                future.add_done_callback(self._remove_files_of)
+                future.add_done_callback(functools.partial(self._remove_files_of, job))
         in_flight.clear()
 
-    def _remove_files_of(self, future: concurrent.futures.Future[SliceResult]) -> None:
-        if not future.cancelled() and future.exception() is None:
+    def _remove_files_of(self, job: SliceJob, future: concurrent.futures.Future[SliceResult]) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is None:
             remove_files(self.storage, future.result().filenames)
+        else:  # the worker died: it could not say what it wrote
+            remove_files_of_slice(self.storage, job.name_stem)
 
     @staticmethod
     def _read_here(path: str, start: int, header: list[str], reader: CsvRecordReader) -> Iterator[list[Any]]:

@@ -434,11 +434,14 @@ class ExportStream(Stream):
                 blocks = self._record_blocks(current, struct_builder)  # BATCH records are only encoded
                 try:
                     for piece in blocks:
-                        record_counter.increment(piece.records if isinstance(piece, WrittenFiles) else len(piece))
+                        if isinstance(piece, WrittenFiles):
+                            # Already files: dropping them for a stop would lose them. The writer
+                            # stops between slices itself (SlicedBatchWriter.while_waiting).
+                            record_counter.increment(piece.records)
+                        else:
+                            coordinator.check_stop()
+                            record_counter.increment(len(piece))
                         yield piece
-                        # After the batcher took the piece: a stop found while the next is awaited
-                        # must not drop a piece whose files are already written.
-                        coordinator.check_stop()
                 finally:
                     blocks.close()
                 if current == self._get_state_partition_context(current):
