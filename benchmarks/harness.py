@@ -148,10 +148,17 @@ class RssSampler(threading.Thread):
         return self.peak_kb + sum(self.children_peak_kb.values())
 
     def run(self) -> None:
+        own_command = _cmdline(self.pid)
         while not self.stopped.is_set():
             self.peak_kb = max(self.peak_kb, _peak_kb(self.pid))
             for child in _children(self.pid):
-                self.children_peak_kb[child] = max(self.children_peak_kb.get(child, 0), _peak_kb(child))
+                # Between fork and exec a child still maps all of its parent's pages (shared, not
+                # copied) and reports them as its own: count it only once it runs its own program.
+                if _cmdline(child) == own_command:
+                    continue
+                peak = _peak_kb(child)
+                if _cmdline(child) != own_command:
+                    self.children_peak_kb[child] = max(self.children_peak_kb.get(child, 0), peak)
             self.stopped.wait(self.interval)
 
 
@@ -164,6 +171,14 @@ def _peak_kb(pid: int) -> int:
     except (FileNotFoundError, ProcessLookupError, ValueError):
         pass
     return 0
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
 
 
 def _children(pid: int) -> list[int]:
