@@ -19,6 +19,8 @@ from typing import Any
 
 import requests
 
+from tap_commerce_exports.engine.parallel_batches import usable_cpus
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 PYTHON = sys.executable
@@ -363,10 +365,7 @@ def machine() -> dict[str, str]:
                     break
     except OSError:
         model = platform.processor() or "unknown"
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
+    usable = usable_cpus()  # what the tap itself counts (affinity and cgroup quota)
     memory = "unknown"
     try:
         with open("/proc/meminfo") as meminfo:
