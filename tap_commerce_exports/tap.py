@@ -76,7 +76,7 @@ COMMON_SETTINGS = [
         "batch_worker_processes",
         th.IntegerType,
         description="BATCH messages only: processes that write the batch files of a large export in "
-        "parallel, a slice of its rows each (~35 MB each). Default: the CPUs the tap may use (its CPU "
+        "parallel, a slice of its rows each (~26 MB each). Default: the CPUs the tap may use (its CPU "
         "affinity and cgroup quota), at most 4. 1 writes every file in the tap's own process.",
     ),
 ]

@@ -55,7 +55,7 @@ MAX_SLICE_BYTES = 8 * 1024 * 1024
 SLICE_FILL = 0.9
 #: How far into a file its header may end (beyond that, the file is read in the tap's process).
 HEADER_SEARCH_BYTES = 1024 * 1024
-#: Default ceiling of worker processes: each holds ~35 MB, and past a few the tap's own process,
+#: Default ceiling of worker processes: each holds ~26 MB, and past a few the tap's own process,
 #: announcing files in order, is the limit.
 DEFAULT_MAX_WORKERS = 4
 #: How often a wait for a slice checks whether the run is stopping.
