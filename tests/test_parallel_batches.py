@@ -27,6 +27,7 @@ from tap_commerce_exports.engine.parallel_batches import (
     BatchWorkerPool,
     FilesSpec,
     SlicedBatchWriter,
+    SliceJob,
     read_header,
     row_aligned_slices,
 )
@@ -114,6 +115,31 @@ def test_a_local_file_appears_only_once_complete(tmp_path):
         assert os.listdir(tmp_path) != ["f.json"]
         raise RuntimeError("the write failed")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["the tap's storage", "a worker's storage"])
+def test_a_file_the_run_failed_while_writing_never_lands(tmp_path, where):
+    sdk = StorageTarget(root=f"file://{tmp_path}", prefix="p-")
+    storage = sdk if where == "the tap's storage" else WorkerStorage(str(tmp_path), sdk.root, {})
+    batcher = FastJsonlBatcher(FilesLayout(storage, "p-x", compress=True, batch_size=100))
+    reader = CsvRecordReader(COLUMNS, describe="s export e", builder=struct_builder)
+
+    def failing(blocks):
+        yield from blocks
+        raise RuntimeError("the export's storage broke")
+
+    path = tmp_path / "f.csv"
+    path.write_bytes(tricky_csv(30))
+    with pytest.raises(RuntimeError, match="storage broke"):
+        list(batcher.get_batches(failing(reader.read_file(str(path)))))
+    assert sorted(os.listdir(tmp_path)) == ["f.csv"]  # no batch file, whole or half, under any name
+
+
+def test_storage_settings_stay_out_of_reprs(tmp_path):
+    sdk = StorageTarget(root=f"file://{tmp_path}", params={"secret": "s3-key-123"})
+    spec = FilesSpec.of(FilesLayout(sdk, "p-x", compress=True, batch_size=10))
+    job = SliceJob("f.csv", 0, 1, ["id"], CsvRecordReader(COLUMNS, describe="d"), spec, "p-x-1")
+    assert "s3-key-123" not in repr(spec) and "s3-key-123" not in repr(job)
 
 
 # --------------------------------------------------------- the writer, with workers
@@ -310,6 +336,26 @@ def test_a_pool_whose_worker_died_is_started_anew_for_the_next_export(tmp_path, 
         assert [r["id"] for r in again.rows] == [f"r{i}" for i in range(2000)]
     finally:
         workers.shutdown()
+
+
+@pytest.mark.parametrize("launch", ["script", "module"])
+def test_workers_import_neither_the_sdk_nor_fsspec_whatever_the_tap_was_started_as(tmp_path, launch):
+    """Spawning re-imports the parent's __main__ (by path, or by name under -m); the tap's imports
+    the whole SDK. Workers skip it, and fsspec too for local storage: ~26 MB each instead of ~50."""
+    (tmp_path / "parent_probe.py").write_text(
+        "import tap_commerce_exports.tap  # what the tap's __main__ imports\n"
+        "from tap_commerce_exports.engine.parallel_batches import BatchWorkerPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = BatchWorkerPool(1)\n"
+        "    names = ('singer_sdk', 'fsspec', 'parent_probe')\n"
+        "    probe = f'sorted(m for m in {names} if m in __import__(\"sys\").modules)'\n"
+        "    print(pool._running().submit(eval, probe).result(), flush=True)\n"
+        "    pool.shutdown()\n"
+    )
+    command = [sys.executable, "parent_probe.py"] if launch == "script" else [sys.executable, "-m", "parent_probe"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="looks for worker processes in /proc")
