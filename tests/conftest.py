@@ -1,12 +1,40 @@
-"""Shared fixtures: a fresh sandbox per test (its own data, request log and faults) on free ports."""
+"""Shared fixtures: a fresh sandbox per test (its own data, request log and faults) on free ports.
+
+Every test runs against one of several sandbox seeds, chosen from its name: each seed is another
+plausible shape of what the vendors leave unpublished (id formats, column order and spelling,
+optional columns and headers), so the suite as a whole tests a range of realities, not one guess.
+`TAP_SANDBOX_SEED=N pytest` runs every test against seed N instead.
+"""
 
 from __future__ import annotations
 
+import os
+import zlib
+
 import pytest
 
-from tap_commerce_exports.sandbox.server import Sandbox
+from tap_commerce_exports.sandbox.server import SEED_VARIABLE, Sandbox
 
 FAST_EXPORTS = 0.05  # seconds before an emulated export is ready
+#: The realities the suite rotates through.
+SEEDS = (7, 11, 23, 42)
+_CHOSEN_SEED = os.environ.get(SEED_VARIABLE)
+
+
+def seed_for(test_id: str) -> int:
+    return int(_CHOSEN_SEED) if _CHOSEN_SEED else SEEDS[zlib.crc32(test_id.encode()) % len(SEEDS)]
+
+
+@pytest.fixture(autouse=True)
+def sandbox_seed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The seed every Sandbox() in this test gets, unless the test names one."""
+    seed = seed_for(request.node.nodeid)
+    monkeypatch.setenv(SEED_VARIABLE, str(seed))
+    return seed
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"sandbox seeds: {_CHOSEN_SEED or ', '.join(map(str, SEEDS)) + ' (rotated by test)'}"
 
 
 def _sandbox(*apis: str):
@@ -15,20 +43,20 @@ def _sandbox(*apis: str):
 
 
 @pytest.fixture
-def voucherify_sandbox():
+def voucherify_sandbox(sandbox_seed):
     yield from _sandbox("voucherify")
 
 
 @pytest.fixture
-def nextcommerce_sandbox():
+def nextcommerce_sandbox(sandbox_seed):
     yield from _sandbox("nextcommerce")
 
 
 @pytest.fixture
-def intelligems_sandbox():
+def intelligems_sandbox(sandbox_seed):
     yield from _sandbox("intelligems")
 
 
 @pytest.fixture
-def full_sandbox():
+def full_sandbox(sandbox_seed):
     yield from _sandbox("voucherify", "nextcommerce", "intelligems")
