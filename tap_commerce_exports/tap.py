@@ -179,6 +179,8 @@ class TapCommerceExports(Tap):
         if self.state:
             self._state_writer.write_state(self.state)
         export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
+        for stream in export_streams:
+            stream.load_text_columns_from_state()
         self._fail_fast_on_bad_credentials()
         try:
             with collector_tuned_for_rows() as frozen:

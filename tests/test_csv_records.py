@@ -5,7 +5,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, header_key, record_keys
+from tap_commerce_exports.engine.csv_records import (
+    Column,
+    CsvFormatError,
+    CsvRecordReader,
+    Misfit,
+    header_key,
+    record_keys,
+)
 
 COLUMNS = {
     c.key: c
@@ -92,9 +99,52 @@ def test_a_row_with_extra_fields_is_refused_naming_the_export_and_row():
         read("id,amount\na,1\nb,2,3\n")
 
 
-def test_a_bad_value_names_the_row_and_column():
-    with pytest.raises(CsvFormatError, match=r"row 1, column 'amount': '12x' is not a valid integer"):
-        read("id,amount\na,12x\n")
+def test_a_cell_that_does_not_fit_its_kind_turns_the_column_to_text_and_says_where():
+    heard: list[Misfit] = []
+    records = read("id,amount,price\na,12,1.5\nb,12x,2\n", on_misfit=heard.append)
+    # The whole block's column is text, each cell exactly as written: a column never mixes kinds in a block.
+    assert [r["amount"] for r in records] == ["12", "12x"]
+    assert [r["price"] for r in records] == [pytest.approx(1.5), 2]
+    assert heard == [Misfit("amount", "integer", 2, "12x")]
+
+
+@pytest.mark.parametrize(
+    "column, cell",
+    [
+        ("price", "N/A"),
+        ("active", "maybe"),
+        ("created_at", "01/15/2024 10:30 AM"),
+        ("details", "not json"),
+        ("born", "15.01.2022"),
+        ("amount", "1.5"),
+    ],
+)
+def test_every_kind_widens_to_text_rather_than_failing(column, cell):
+    heard: list[Misfit] = []
+    header = "id,amount,price,active,created_at,details,born"
+    good = 'a,1,2.5,true,2024-01-05T13:22:10Z,"{}",2022-01-01'
+    row = dict(zip(header.split(","), ["b", "2", "3", "false", "2024-01-06T00:00:00Z", "[]", "2022-01-02"]))
+    row[column] = cell
+    second = ",".join(f'"{value}"' for value in row.values())
+    records = read(f"{header}\n{good}\n{second}\n", on_misfit=heard.append)
+    assert records[1][column] == cell and len(records) == 2
+    assert [(m.key, m.row, m.cell) for m in heard] == [(column, 2, cell)]
+
+
+def test_text_columns_are_never_cast():
+    records = read("id,amount,price\na,007,N/A\n", text_columns={"amount", "price"})
+    assert records == [{"id": "a", "amount": "007", "price": "N/A"}]
+
+
+def test_find_misfits_reads_the_whole_file_before_any_record(tmp_path):
+    path = tmp_path / "f.csv"
+    path.write_text(many_rows(lambda n: "ten" if n == 1030 else ("N/A" if n == 5 else str(n))), newline="")
+    reader = CsvRecordReader(COLUMNS, describe="s export e")
+    assert reader.find_misfits(str(path)) == [Misfit("amount", "integer", 5, "N/A")]
+    assert reader.rows_read == 0 and not reader.misfits  # the reader itself has read nothing
+    reader.report_misfits(reader.find_misfits(str(path)))
+    records = [record for block in reader.read_file(str(path)) for record in block]
+    assert records[0]["amount"] == "1" and records[1029]["amount"] == "ten"  # text from the first row
 
 
 def test_empty_and_header_only_files_have_no_rows():
@@ -132,8 +182,11 @@ def test_rows_in_later_blocks_are_cast_and_named_by_their_own_row_number():
         "details": {"n": MANY},
     }
 
-    with pytest.raises(CsvFormatError, match=r"row 1030, column 'amount': 'ten' is not a valid integer"):
-        read(many_rows(lambda n: "ten" if n == 1030 else str(n)))
+    heard: list[Misfit] = []
+    records = read(many_rows(lambda n: "ten" if n == 1030 else str(n)), on_misfit=heard.append)
+    assert heard == [Misfit("amount", "integer", 1030, "ten")]
+    assert records[1023]["amount"] == 1024  # blocks before the misfit's were cast
+    assert records[1024]["amount"] == "1025" and records[1029]["amount"] == "ten"  # its block on: text
 
 
 def test_broken_csv_in_a_later_block_names_its_row_after_the_rows_before_it():

@@ -22,7 +22,7 @@ from singer_sdk.helpers._batch import StorageTarget
 
 from tap_commerce_exports.engine import parallel_batches
 from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WorkerStorage, remove_files
-from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, struct_builder
+from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, Misfit, struct_builder
 from tap_commerce_exports.engine.parallel_batches import (
     BatchWorkerPool,
     FilesSpec,
@@ -163,13 +163,15 @@ class Written:
     error: BaseException | None = None
 
 
-def write_batches(path: Path, storage_dir: Path, batch_size: int, pool: BatchWorkerPool | None, stop_after=None):
+def write_batches(
+    path: Path, storage_dir: Path, batch_size: int, pool: BatchWorkerPool | None, stop_after=None, on_misfit=None
+):
     """One export file through a batcher, in the tap's process (pool None) or with the workers."""
     storage = StorageTarget(root=f"file://{storage_dir}", prefix="t-")
     batcher = FastJsonlBatcher(
         FilesLayout(storage, "t-sync", compress=True, batch_size=batch_size), announce_open_file_on=StopRequested
     )
-    reader = CsvRecordReader(COLUMNS, describe="s export e", builder=struct_builder)
+    reader = CsvRecordReader(COLUMNS, describe="s export e", builder=struct_builder, on_misfit=on_misfit)
     if pool is None:
         pieces = reader.read_blocks(open(path, encoding="utf-8-sig", newline=""))  # noqa: SIM115
     else:
@@ -229,7 +231,6 @@ def test_a_small_file_is_read_in_the_tap_process_and_shares_files(tmp_path, pool
 @pytest.mark.parametrize(
     "good, bad, message",
     [
-        (b",1777\r\n", b",17x7\r\n", r"row 1778, column 'amount': '17x7' is not a valid integer"),
         (b"r1777,", b"r1777,\xff", r"row 1778 holds bytes that are not UTF-8"),
         (b",1777\r\n", b",1777,extra\r\n", r"row 1778 has 4 fields but the header has 3"),
     ],
@@ -245,13 +246,24 @@ def test_a_broken_row_in_a_slice_is_named_by_its_row_in_the_whole_file(tmp_path,
     assert re.search(message, str(written.error)), written.error
 
 
+def test_a_misfit_in_a_slice_is_reported_before_its_files_naming_its_row_in_the_whole_file(tmp_path, pool, monkeypatch):
+    monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
+    path = tmp_path / "f.csv"
+    path.write_bytes(tricky_csv(2000).replace(b",1777\r\n", b",17x7\r\n"))
+    heard: list[Misfit] = []
+    written = write_batches(path, tmp_path / "out", 50, pool, on_misfit=heard.append)
+    assert written.error is None and len(written.rows) == 2000
+    assert heard == [Misfit("amount", "integer", 1778, "17x7")]
+    assert written.rows[1777]["amount"] == "17x7" and written.rows[0]["amount"] == 0
+
+
 def test_a_broken_row_ends_the_file_after_a_prefix_of_its_rows_and_leaves_no_stray_file(tmp_path, pool, monkeypatch):
     """Announced: rows before the broken one, in order (in the tap's process, up to the block before
     it; a slice is smaller than a block, so here at least as many). Slices the workers were still
     writing are removed once written, never announced."""
     monkeypatch.setattr(parallel_batches, "MIN_SLICE_BYTES", 1024)
     path = tmp_path / "f.csv"
-    path.write_bytes(tricky_csv(2000).replace(b",1777\r\n", b",17x7\r\n"))
+    path.write_bytes(tricky_csv(2000).replace(b",1777\r\n", b",1777,extra\r\n"))
     alone = write_batches(path, tmp_path / "alone", 50, None)
     sliced = write_batches(path, tmp_path / "sliced", 50, pool)
     assert str(sliced.error) == str(alone.error) and "row 1778" in str(alone.error)

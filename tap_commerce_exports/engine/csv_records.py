@@ -4,18 +4,25 @@ Every source declares its known columns as `Column(key, kind)`; the kind says bo
 type and how a cell is cast. A column the file has but the source does not know is kept as a string
 (never dropped); the reader reports such columns before the first row so the stream can send an
 updated SCHEMA first.
+
+A kind is a promise the file may break: Next Commerce and Intelligems publish no columns, so their
+kinds are guesses, and documented columns can turn out otherwise. A cell that does not fit its
+column's kind never fails the file: the column is read as text from that block on (its cells exactly
+as written) and the reader reports a `Misfit`, so the stream widens the column's schema before the
+first record that needs it. Columns already known to be text (`text_columns`) are never cast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import datetime as dt
 import decimal
 import io
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
 from typing import Any, TextIO
@@ -47,6 +54,19 @@ class CsvFormatError(ValueError):
 
     def __reduce__(self) -> tuple:  # crosses from worker processes (parallel_batches.py)
         return (CsvFormatError, (self.describe, self.row, self.problem))
+
+
+@dataclass(frozen=True)
+class Misfit:
+    """A cell that does not fit its column's kind: where it is and what it holds."""
+
+    key: str
+    kind: str
+    row: int
+    cell: str
+
+    def rows_later(self, rows_before: int) -> Misfit:
+        return Misfit(self.key, self.kind, self.row + rows_before, self.cell)
 
 
 # ------------------------------------------------------------------- header keys
@@ -287,6 +307,8 @@ class CsvRecordReader:
         requested_fields: list[str] | None = None,
         constants: dict[str, Any] | None = None,
         builder: BuilderFactory = dict_builder,
+        text_columns: Iterable[str] = (),
+        on_misfit: Callable[[Misfit], None] | None = None,
     ) -> None:
         self.columns = columns
         self.describe = describe
@@ -296,12 +318,40 @@ class CsvRecordReader:
         self.constants = constants or {}
         #: How cast columns become records: dicts, or Structs for records that are only encoded.
         self.builder = builder
+        #: Columns read as text whatever their kind: widened by an earlier file or run.
+        self.text_columns = set(text_columns)
+        #: Told of each column's first misfit, before the records of its block are built.
+        self.on_misfit = on_misfit
+        #: The first misfit of each column widened while reading, by key.
+        self.misfits: dict[str, Misfit] = {}
         self.rows_read = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Crosses to worker processes (parallel_batches.py); the callback stays with the stream,
+        # which hears of a worker's misfits through report_misfits.
+        return {**self.__dict__, "on_misfit": None}
+
+    def report_misfits(self, misfits: Iterable[Misfit]) -> None:
+        """Misfits found elsewhere (a worker's slice), as if found here."""
+        for misfit in misfits:
+            self._note_misfit(misfit)
+
+    def find_misfits(self, path: str) -> list[Misfit]:
+        """Every column of the file at `path` that holds a cell its kind does not fit, with the first
+        such cell: a read of the whole file that builds no records. A broken row ends the search; the
+        real read meets it again and says where."""
+        scout = copy.copy(self)
+        scout.builder, scout.on_misfit, scout.misfits, scout.rows_read = _no_records, None, {}, 0
+        scout.text_columns = set(self.text_columns)
+        with contextlib.suppress(CsvFormatError):
+            for _ in scout.read_file(path):
+                pass
+        return list(scout.misfits.values())
 
     def layout(self, header: list[str]) -> CsvLayout:
         keys = record_keys(header, self.requested_fields)
         unknown = [key for key in keys if key not in self.columns]
-        kinds = [self.columns[key].kind if key in self.columns else "string" for key in keys]
+        kinds = ["string" if key in self.text_columns else self._kind_of(key) for key in keys]
         casters = [None if kind == "string" else caster_for(kind, self.naive_zone) for kind in kinds]
         return CsvLayout(keys, casters, unknown, self.builder(keys, self.constants))
 
@@ -383,21 +433,26 @@ class CsvRecordReader:
     def _cast_rows(self, block: list[list[str]], layout: CsvLayout, first_row: int) -> list[Any]:
         """The hot loop of the tap, done a column at a time: a cast mapped over a column runs in C,
         where a loop over cells would run in Python."""
-        columns = [
-            self._cast_column(key, cast, cells, first_row)
-            for key, cast, cells in zip(layout.keys, layout.casters, zip(*block))
-        ]
+        columns = [self._cast_column(layout, index, cells, first_row) for index, cells in enumerate(zip(*block))]
         return layout.build(columns)
 
-    def _cast_column(self, key: str, cast: Caster | None, cells: tuple[str, ...], first_row: int) -> Sequence[Any]:
+    def _cast_column(self, layout: CsvLayout, index: int, cells: tuple[str, ...], first_row: int) -> Sequence[Any]:
+        cast = layout.casters[index]
         has_empty = "" in cells
         if cast is None:
             return [cell or None for cell in cells] if has_empty else cells
         try:
             return [cast(cell) if cell else None for cell in cells] if has_empty else list(map(cast, cells))
         except (ValueError, decimal.InvalidOperation, OverflowError):
-            # Some cell needs the lenient cast, or is wrong: cell by cell, naming its row.
+            pass
+        # Some cell needs the lenient cast, or does not fit: cell by cell, to find which.
+        key = layout.keys[index]
+        try:
             return [self._cast_cell(key, cast, cell, row) for row, cell in enumerate(cells, start=first_row)]
+        except _DoesNotFit as misfit:
+            self._note_misfit(Misfit(key, self._kind_of(key), misfit.row, misfit.cell))
+            layout.casters[index] = None
+            return [cell or None for cell in cells]
 
     def _cast_cell(self, key: str, cast: Caster, cell: str, row: int) -> Any:
         if not cell:
@@ -405,7 +460,19 @@ class CsvRecordReader:
         try:
             return cast(cell)
         except (ValueError, decimal.InvalidOperation, OverflowError):
-            return self._lenient_cast(key, cast, cell, row)
+            return self._lenient_cast(cast, cell, row)
+
+    def _note_misfit(self, misfit: Misfit) -> None:
+        """The column is text from now on, in this file and (through the stream) in later ones."""
+        if misfit.key in self.misfits:
+            return
+        self.misfits[misfit.key] = misfit
+        self.text_columns.add(misfit.key)
+        if self.on_misfit is not None:
+            self.on_misfit(misfit)
+
+    def _kind_of(self, key: str) -> str:
+        return self.columns[key].kind if key in self.columns else "string"
 
     def _ragged_block_records(self, block: list[list[str]], layout: CsvLayout) -> list[Any]:
         """Row by row: blank lines are skipped (some exporters end files with two); any other row of
@@ -425,12 +492,21 @@ class CsvRecordReader:
                 )
         return records
 
-    def _lenient_cast(self, key: str, cast: Caster, cell: str, row: int) -> Any:
-        """The slow path for a cell the fast cast refused: retry leniently, or say where it failed."""
+    @staticmethod
+    def _lenient_cast(cast: Caster, cell: str, row: int) -> Any:
+        """The slow path for a cell the fast cast refused: retry leniently, or say it does not fit."""
         try:
             if cast is int:
                 return _to_integer(cell.strip())
         except (ValueError, decimal.InvalidOperation):
             pass
-        kind = self.columns[key].kind if key in self.columns else "string"
-        raise CsvFormatError(self.describe, row, f", column {key!r}: {cell[:80]!r} is not a valid {kind}")
+        raise _DoesNotFit(row, cell)
+
+
+class _DoesNotFit(Exception):
+    def __init__(self, row: int, cell: str) -> None:
+        self.row, self.cell = row, cell
+
+
+def _no_records(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
+    return lambda columns: []

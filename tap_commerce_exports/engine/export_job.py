@@ -35,6 +35,20 @@ class ExportTimedOut(ExportFailed):
     pass
 
 
+class ExportTooLarge(ExportFailed):
+    """The API refused to create an export because its window holds more than the API's row cap.
+
+    Raised by `ExportApi.create`; the stream splits the window in two and exports each half, just as
+    it does for a file that came back truncated at the cap (Next Commerce documents the cap, not
+    which of the two it does: ../shared/reference/NOTES.md).
+    """
+
+    def __init__(self, request: ExportRequest, detail: str) -> None:
+        super().__init__(f"{request.describe()}: the API refused the export as too large: {detail}")
+        self.request = request
+        self.detail = detail
+
+
 @dataclass(frozen=True)
 class ExportRequest:
     """One export a stream wants: a type, a window (None: everything) and a partition."""

@@ -44,7 +44,7 @@ from tap_commerce_exports.engine.batch_files import (
     remove_files_of_slice,
 )
 from tap_commerce_exports.engine.collector import YOUNG_GENERATION_THRESHOLD
-from tap_commerce_exports.engine.csv_records import CsvFormatError, CsvLayout, CsvRecordReader
+from tap_commerce_exports.engine.csv_records import CsvFormatError, CsvLayout, CsvRecordReader, Misfit
 
 #: Bounds of a slice. Below the lower one a worker's fixed costs show; the upper one bounds what a
 #: worker holds at once (the slice's bytes and text).
@@ -212,6 +212,8 @@ class SliceResult:
     error: CsvFormatError | None = None  # rows numbered from the slice's first
     #: The slice ended inside a quoted field: its cut was wrong (quoting that is not RFC 4180).
     cut_inside_a_field: bool = False
+    #: Columns the slice read as text because a cell did not fit their kind (rows from the slice's first).
+    misfits: tuple[Misfit, ...] = ()
 
 
 def write_slice(job: SliceJob) -> SliceResult:
@@ -233,11 +235,13 @@ def write_slice(job: SliceJob) -> SliceResult:
         if error.problem == " is not valid CSV: unexpected end of data":  # the csv module's words for it
             remove_files(storage, batcher.files_announced)
             return SliceResult([], 0, 0, cut_inside_a_field=True)
-        return SliceResult(batcher.files_announced, batcher.records_announced, reader.rows_read, error)
+        misfits = tuple(reader.misfits.values())
+        return SliceResult(batcher.files_announced, batcher.records_announced, reader.rows_read, error, misfits=misfits)
     except BaseException:
         remove_files(storage, batcher.files_announced)  # the tap will not learn of them
         raise
-    return SliceResult(batcher.files_announced, batcher.records_announced, reader.rows_read)
+    misfits = tuple(reader.misfits.values())
+    return SliceResult(batcher.files_announced, batcher.records_announced, reader.rows_read, misfits=misfits)
 
 
 def _start_worker() -> None:
@@ -416,6 +420,8 @@ class SlicedBatchWriter:
             return job.start
         rows_before = reader.rows_read
         reader.rows_read += result.rows
+        # Before its files are announced: the stream widens those columns' schema first.
+        reader.report_misfits(misfit.rows_later(rows_before) for misfit in result.misfits)
         if result.filenames:
             yield WrittenFiles(result.filenames, result.records)
         if result.error is not None:

@@ -24,10 +24,11 @@ from tap_commerce_exports.engine.csv_records import (
     Column,
     CsvLayout,
     CsvRecordReader,
+    Misfit,
     dict_builder,
     struct_builder,
 )
-from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ReadyExport
+from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ExportTooLarge, ReadyExport
 from tap_commerce_exports.engine.fast_output import FastRecordWriter, fast_path_allowed
 from tap_commerce_exports.engine.parallel_batches import SlicedBatchWriter
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
@@ -35,6 +36,9 @@ from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse
 
 UNKNOWN_COLUMN_SCHEMA = {"type": ["string", "null"], "description": "Column not known to the tap; kept as text."}
 EXPORTS_IN_FLIGHT = "exports_in_flight"
+#: Stream state key: columns loaded as text since a cell did not fit their kind. They stay text in later
+#: runs, so a warehouse column never flips back to the narrower type.
+TEXT_COLUMNS = "columns_loaded_as_text"
 
 
 class StopRequested(BaseException):
@@ -85,6 +89,10 @@ class ExportStream(Stream):
     requested_fields: ClassVar[tuple[str, ...]] = ()
     #: Write RECORDs through engine/fast_output.py when the SDK's per-record work is a no-op.
     fast_path_enabled: ClassVar[bool] = True
+    #: Whether the vendor documents the columns' kinds. When it does not, each file is read once for
+    #: cells that do not fit their guessed kind before any record is written, so a column widens
+    #: before its first record; documented kinds widen where a misfit turns up.
+    column_kinds_documented: ClassVar[bool] = False
 
     def __init__(self, tap: Any, runtime: SourceRuntime) -> None:
         self.runtime = runtime
@@ -283,9 +291,20 @@ class ExportStream(Stream):
             queue = self._queue_for(context)
             while queue:
                 coordinator.check_stop()  # between windows: a safe point to stop
-                ready = queue.next_ready(while_waiting=coordinator.note_exports_in_flight)
+                try:
+                    ready = queue.next_ready(while_waiting=coordinator.note_exports_in_flight)
+                except ExportTooLarge as refused:
+                    queue.push_front(self._split(refused.request, f"was refused as too large ({refused.detail})"))
+                    continue
                 if ready.at_row_cap:
-                    queue.push_front(self._split(ready))
+                    ready.file.remove()
+                    queue.push_front(
+                        self._split(
+                            ready.request,
+                            f"export {ready.handle.export_id} hit the API's row cap ({ready.row_count} rows) "
+                            "and may be truncated",
+                        )
+                    )
                     continue
                 yield from self._blocks_of(ready, context, builder)
                 self.runtime.runner.forget(ready.request)
@@ -297,24 +316,16 @@ class ExportStream(Stream):
                 queue.cancel()
             self._queues.pop(tuple(sorted((context or {}).items())), None)
 
-    def _split(self, ready: ReadyExport) -> list[ExportRequest]:
-        request, window = ready.request, ready.request.window
-        ready.file.remove()
+    def _split(self, request: ExportRequest, why: str) -> list[ExportRequest]:
+        """The window's two halves, to export instead of a window over the API's row cap."""
+        window = request.window
         if window is None or window.seconds < 2:
             raise RuntimeError(
-                f"{request.describe()}: export {ready.handle.export_id} holds {ready.row_count} rows, the API's cap, "
-                "and its window cannot be split further; rows would be lost"
+                f"{request.describe()}: {why}, and its window cannot be split further; rows would be lost"
             )
         self.totals.splits += 1
         halves = window.halves()
-        self.logger.warning(
-            "%s: export %s hit the API's row cap (%d rows) and may be truncated; exporting %s and %s separately",
-            request.describe(),
-            ready.handle.export_id,
-            ready.row_count,
-            halves[0],
-            halves[1],
-        )
+        self.logger.warning("%s: %s; exporting %s and %s separately", request.describe(), why, halves[0], halves[1])
         return [
             ExportRequest(request.stream_name, request.export_type, half, request.partition, request.fields)
             for half in halves
@@ -331,9 +342,13 @@ class ExportStream(Stream):
             requested_fields=list(ready.request.fields) or None,
             constants=dict(context or {}),
             builder=builder,
+            text_columns=self._text_columns(),
+            on_misfit=lambda misfit: self._load_as_text(misfit, describe),
         )
         started = time.monotonic()
         try:
+            if not self.column_kinds_documented:
+                reader.report_misfits(reader.find_misfits(ready.file.path))
             if self._sliced_writer is not None:
                 yield from self._sliced_writer.pieces(ready.file.path, reader, self._accept_layout)
             else:
@@ -476,12 +491,64 @@ class ExportStream(Stream):
             self.name,
             ", ".join(new_keys),
         )
-        for schema in filter(None, (self._schema, self._input_schema)):
-            for key in new_keys:
-                schema["properties"].setdefault(key, dict(UNKNOWN_COLUMN_SCHEMA))
-        self._tap.mapper.register_raw_stream_schema(self.name, self.schema, self.primary_keys)
-        self._stream_maps = []
+        self._change_properties({key: dict(UNKNOWN_COLUMN_SCHEMA) for key in new_keys})
         if self._fast_writer is not None and self._fast_writer.allowed_keys is not None:
             self._fast_writer.allowed_keys.update(new_keys)
-        if self.selected:
+
+    def _change_properties(self, properties: dict[str, dict], *, write_schema: bool = True) -> None:
+        """New or wider column schemas, in the stream's schema and in its selected one (the catalog's:
+        a column left out there stays out); then the maps, and a SCHEMA message before the next record."""
+        for key, property_schema in properties.items():
+            self.schema["properties"][key] = dict(property_schema)
+            if self._input_schema is not None and self._input_schema is not self.schema:
+                selected = self._input_schema["properties"]
+                if key in selected or key not in self._known_keys():
+                    selected[key] = dict(property_schema)
+        self._tap.mapper.register_raw_stream_schema(self.name, self.schema, self.primary_keys)
+        self._stream_maps = []
+        if write_schema and self.selected:
             self._write_schema_message()
+
+    def _known_keys(self) -> set[str]:
+        return {column.key for column in self.columns()}
+
+    # ------------------------------------------------------ columns loaded as text
+
+    def _text_columns(self) -> set[str]:
+        return set(self.stream_state.get(TEXT_COLUMNS, []))
+
+    def _load_as_text(self, misfit: Misfit, describe: str) -> None:
+        """A cell did not fit its column's kind: the column is text from now on, in later runs too,
+        so every row loads and the warehouse column never flips back."""
+        if misfit.key in self._text_columns():
+            return
+        self.logger.warning(
+            "%s: column %r is not always a %s: row %d holds %r; loading the column as text from now on "
+            "(in later runs too)",
+            describe,
+            misfit.key,
+            misfit.kind,
+            misfit.row,
+            misfit.cell[:40],
+        )
+        self.stream_state[TEXT_COLUMNS] = sorted(self._text_columns() | {misfit.key})
+        self._change_properties({misfit.key: text_column_schema(misfit.kind)})
+
+    def load_text_columns_from_state(self) -> None:
+        """Columns an earlier run widened to text stay text: their SCHEMA says so from the start."""
+        kinds = self._columns_by_key()
+        widened = {
+            key: text_column_schema(kinds[key].kind)
+            for key in self._text_columns()
+            if key in kinds and kinds[key].kind != "string"
+        }
+        if widened:
+            self._change_properties(widened, write_schema=False)
+
+
+def text_column_schema(kind: str) -> dict:
+    return {
+        "type": ["string", "null"],
+        "description": f"Guessed or documented as {kind}, but the files hold other values: loaded as text, "
+        "each cell exactly as written.",
+    }
