@@ -174,7 +174,7 @@ STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
         "order_list",
         ("order_number",),
         "date_created",
-        "order_number:integer date_created:datetime status customer_id:integer customer_email customer_name "
+        "order_number date_created:datetime status customer_id customer_email customer_name "
         "currency lines_count:integer subtotal_incl_tax:number shipping_incl_tax:number total_discounts:number "
         "total_tax:number total_incl_tax:number payment_method shipping_address shipping_country is_test:boolean "
         "notes metadata:json",
@@ -183,7 +183,7 @@ STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
         "order_line_items",
         ("line_id",),
         "order_date_created",
-        "line_id:integer order_number:integer order_date_created:datetime line_number:integer product_id:integer "
+        "line_id order_number order_date_created:datetime line_number product_id "
         "product_title sku quantity:integer unit_price_incl_tax:number total_incl_tax:number tax_amount:number "
         "is_subscription:boolean fulfillment_status attributes:json",
     ),
@@ -191,7 +191,7 @@ STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
         "customer_list",
         ("customer_id",),
         "date_joined",
-        "customer_id:integer date_joined:datetime email first_name last_name phone accepts_marketing:boolean "
+        "customer_id date_joined:datetime email first_name last_name phone accepts_marketing:boolean "
         "language orders_count:integer total_spent:number default_address tags:json metadata:json "
         "last_login:datetime",
     ),
@@ -199,21 +199,21 @@ STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
         "transaction_list",
         ("transaction_id",),
         "date_created",
-        "transaction_id:integer date_created:datetime order_number:integer type status amount:number currency "
+        "transaction_id date_created:datetime order_number type status amount:number currency "
         "gateway payment_method card_last4 reference is_test:boolean error_message response_data:json",
     ),
     _stream(
         "dispute_list",
         ("dispute_id",),
         "date_created",
-        "dispute_id:integer date_created:datetime transaction_id:integer order_number:integer status reason "
+        "dispute_id date_created:datetime transaction_id order_number status reason "
         "amount:number currency evidence_due_by:datetime gateway customer_email notes",
     ),
     _stream(
         "subscription_list",
         ("subscription_id",),
         "date_created",
-        "subscription_id:integer date_created:datetime status customer_id:integer customer_email interval "
+        "subscription_id date_created:datetime status customer_id customer_email interval "
         "interval_count:integer next_renewal_date:datetime lines_count:integer total_incl_tax:number currency "
         "shipping_address cancel_reason metadata:json",
     ),
@@ -221,15 +221,15 @@ STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
         "subscription_line_items",
         ("subscription_line_id",),
         "subscription_date_created",
-        "subscription_line_id:integer subscription_id:integer subscription_date_created:datetime "
-        "product_id:integer product_title sku quantity:integer unit_price_incl_tax:number total_incl_tax:number "
+        "subscription_line_id subscription_id subscription_date_created:datetime "
+        "product_id product_title sku quantity:integer unit_price_incl_tax:number total_incl_tax:number "
         "is_trial:boolean",
     ),
     _stream(
         "open_cart_list",
         ("cart_id",),
         "date_created",
-        "cart_id:integer date_created:datetime customer_email customer_name currency lines_count:integer "
+        "cart_id date_created:datetime customer_email customer_name currency lines_count:integer "
         "subtotal_incl_tax:number total_incl_tax:number voucher_code checkout_url is_abandoned:boolean "
         "attribution:json",
     ),
@@ -237,28 +237,28 @@ STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
         "open_cart_line_items",
         ("cart_line_id",),
         "cart_date_created",
-        "cart_line_id:integer cart_id:integer cart_date_created:datetime product_id:integer product_title sku "
+        "cart_line_id cart_id cart_date_created:datetime product_id product_title sku "
         "quantity:integer unit_price_incl_tax:number total_incl_tax:number",
     ),
     _stream(
         "return_list",
         ("return_id",),
         "date_created",
-        "return_id:integer date_created:datetime order_number:integer status reason customer_email "
+        "return_id date_created:datetime order_number status reason customer_email "
         "lines_count:integer refund_amount:number currency restock:boolean return_tracking_number customer_note",
     ),
     _stream(
         "return_line_items",
         ("return_line_id",),
         "return_date_created",
-        "return_line_id:integer return_id:integer return_date_created:datetime order_line_id:integer "
+        "return_line_id return_id return_date_created:datetime order_line_id "
         "product_title sku quantity:integer refund_amount:number condition",
     ),
     _stream(
         "fulfillment_list",
         ("fulfillment_id",),
         "date_created",
-        "fulfillment_id:integer date_created:datetime order_number:integer status location_name carrier "
+        "fulfillment_id date_created:datetime order_number status location_name carrier "
         "tracking_number tracking_url shipped_at:datetime lines_count:integer shipping_address "
         "notify_customer:boolean",
     ),
@@ -266,8 +266,8 @@ STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
         "fulfillment_line_items",
         ("fulfillment_line_id",),
         "fulfillment_date_created",
-        "fulfillment_line_id:integer fulfillment_id:integer fulfillment_date_created:datetime "
-        "order_line_id:integer product_title sku quantity:integer lot_number",
+        "fulfillment_line_id fulfillment_id fulfillment_date_created:datetime "
+        "order_line_id product_title sku quantity:integer lot_number",
     ),
 )
 
