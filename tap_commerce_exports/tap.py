@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from singer_sdk import Tap
@@ -24,6 +27,9 @@ from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime, Stop
 from tap_commerce_exports.engine.windows import parse_instant
 from tap_commerce_exports.sources import SOURCES
 from tap_commerce_exports.sources.base import ConfigError
+
+#: How often the sync looks for a stream that can write rows while every stream waits for its export.
+STREAM_PICK_SECONDS = 0.1
 
 COMMON_SETTINGS = [
     th.Property(
@@ -67,6 +73,14 @@ COMMON_SETTINGS = [
         description="Give up on an export still not ready after this long, naming its id and status.",
     ),
     th.Property(
+        "max_rate_limit_wait_seconds",
+        th.NumberType,
+        default=900,
+        description="Longest single wait a rate limit may ask for. A per-minute or per-hour limit is waited "
+        "out (logged with its end time); a longer wait, or a spent billing-cycle quota, stops that source "
+        "with an error while the other sources finish.",
+    ),
+    th.Property(
         "max_concurrent_exports",
         th.IntegerType,
         default=16,
@@ -80,6 +94,11 @@ COMMON_SETTINGS = [
         "affinity and cgroup quota), at most 4. 1 writes every file in the tap's own process.",
     ),
 ]
+
+
+_NO_SOURCE_MESSAGE = "no source is configured: set the credentials of at least one of " + ", ".join(
+    f"{s.name} ({' + '.join(s.credential_settings)})" for s in SOURCES
+)
 
 
 class TapCommerceExports(Tap):
@@ -104,10 +123,7 @@ class TapCommerceExports(Tap):
                 runtime = self._runtimes[source.name] = self._runtime(source)
                 streams += [stream_type(self, runtime) for stream_type in source.stream_types]
         if not streams:
-            self.logger.warning(
-                "No source is configured: set the credentials of at least one of %s",
-                ", ".join(f"{s.name} ({' + '.join(s.credential_settings)})" for s in SOURCES),
-            )
+            self.logger.warning(_NO_SOURCE_MESSAGE)
         return streams
 
     def check_connections(self) -> list[tuple[str, bool, str]]:
@@ -123,11 +139,26 @@ class TapCommerceExports(Tap):
                 results.append((source.name, False, str(exc)))
         return results
 
+    def run_connection_test(self) -> bool:  # type: ignore[misc]  # final in the SDK; --test must not sync
+        """`--test`: the cheap check, not a sync. One authenticated call per configured source, no
+        export created (an export API's "first record" costs a whole export); fails unless all pass."""
+        results = self.check_connections()
+        if not results:
+            raise ConfigError(_NO_SOURCE_MESSAGE)
+        for name, ok, detail in results:
+            log = self.logger.info if ok else self.logger.error
+            log("Connection test %s: %s: %s", "PASS" if ok else "FAIL", name, detail)
+        failed = [f"{name}: {detail}" for name, ok, detail in results if not ok]
+        if failed:
+            raise ConnectionTestFailed(failed)
+        return True
+
     def _runtime(self, source) -> SourceRuntime:
         logger = logging.getLogger(f"tap_commerce_exports.{source.name}")
         api = source.build_api(dict(self.config), logger)
         if api.client is not None:
             api.client.stopping = self.scheduler.stopping
+            api.client.max_rate_limit_wait_seconds = float(self.config.get("max_rate_limit_wait_seconds", 900))
         downloader = FileDownloader(logger, stopping=self.scheduler.stopping)
         runner = ExportRunner(api, downloader, self._poll_policy(), logger, self.scheduler.stopping)
         return SourceRuntime(api, runner, self.scheduler, source.naive_zone(self.config))
@@ -157,6 +188,7 @@ class TapCommerceExports(Tap):
             "poll_max_interval_seconds",
             "export_timeout_seconds",
             "max_concurrent_exports",
+            "max_rate_limit_wait_seconds",
             "batch_worker_processes",
         ):
             if setting in config and float(config[setting]) <= 0:
@@ -191,10 +223,11 @@ class TapCommerceExports(Tap):
                 )
                 self.check_stop()
                 self._start_exports(export_streams)
-                for stream in self.streams.values():
-                    if stream.selected:
-                        self.check_stop()
-                        self._sync_one(stream)
+                waiting = [stream for stream in self.streams.values() if stream.selected]
+                while waiting:
+                    stream = self._next_stream_to_sync(waiting)
+                    waiting.remove(stream)
+                    self._sync_one(stream)
         except StopRequested as stop:
             self._stop_workers()
             self._write_final_state_and_exit(stop.signum)
@@ -215,17 +248,43 @@ class TapCommerceExports(Tap):
                 self.logger.warning("Connection check of %s failed (%s); trying the exports anyway", name, detail)
 
     def _start_exports(self, streams: list[ExportStream]) -> None:
-        self._streams_failed_to_start: set[str] = set()
+        """Each source lists its partitions and starts its first exports on a thread of its own, so a
+        source that waits (a rate limit, a slow listing) holds up neither the others nor the output."""
+        self._starters = {
+            name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"start-{name}") for name in self._runtimes
+        }
+        self._stream_starts: dict[str, Future[None]] = {}
         for stream in streams:
-            try:
-                stream.start_exports()
-            except Exception as exc:  # listing its partitions failed: nothing of it can run
-                self._streams_failed_to_start.add(stream.name)
-                self.record_failure(stream.name, None, exc)
+            self._stream_starts[stream.name] = self._starters[stream.runtime.api.name].submit(stream.start_exports)
+
+    def _next_stream_to_sync(self, waiting: list) -> Any:
+        """The first stream, in catalog order, that can write rows now; while none can, wait, writing
+        STATE about exports started meanwhile (a killed run resumes them instead of paying again)."""
+        last_note = time.monotonic()
+        while True:
+            self.check_stop()
+            for stream in waiting:
+                if self._can_sync_now(stream):
+                    return stream
+            time.sleep(STREAM_PICK_SECONDS)
+            if time.monotonic() - last_note >= 1.0:
+                self.note_exports_in_flight()
+                last_note = time.monotonic()
+
+    def _can_sync_now(self, stream: Any) -> bool:
+        if not isinstance(stream, ExportStream):
+            return True
+        start = self._stream_starts.get(stream.name)
+        if start is not None and not start.done():
+            return False
+        return start is None or start.exception() is not None or stream.first_export_settled()
 
     def _sync_one(self, stream) -> None:
-        if stream.name in self._streams_failed_to_start:
-            return  # it could not even list its partitions
+        start = getattr(self, "_stream_starts", {}).get(stream.name)
+        if start is not None and start.exception() is not None:
+            # It could not even list its partitions: nothing of it can run.
+            self.record_failure(stream.name, None, start.exception())
+            return
         try:
             stream.sync()
         except Exception as exc:
@@ -236,6 +295,8 @@ class TapCommerceExports(Tap):
         stream.log_sync_costs()
 
     def _stop_workers(self) -> None:
+        for starter in getattr(self, "_starters", {}).values():
+            starter.shutdown(wait=False, cancel_futures=True)
         if hasattr(self, "scheduler"):
             self.scheduler.shutdown()
         if getattr(self, "_batch_worker_pool", None) is not None:
@@ -272,9 +333,12 @@ class TapCommerceExports(Tap):
             self.logger.warning(
                 "Signal %d again: stopping at once; the last STATE written resumes the next run", signum
             )
-            raise SystemExit(128 + signum)
+            logging.shutdown()
+            os._exit(128 + signum)  # like a kill: no thread, pool or buffered message holds it up
         self.stop_signal = signum
         self.logger.warning("Signal %d received: stopping after the rows being written", signum)
+        if hasattr(self, "scheduler"):
+            self.scheduler.stopping.set()  # every wait, poll, retry and download gives up now
 
     def check_stop(self) -> None:
         if self.stop_signal:
@@ -286,7 +350,7 @@ class TapCommerceExports(Tap):
         self.write_message(singer.StateMessage(value=self.state))
         sys.stdout.flush()
         self.logger.warning("Stopped by signal %d; the last STATE resumes the next run", signum)
-        sys.exit(128 + signum)
+        exit_soon(128 + signum)
 
     def note_exports_in_flight(self) -> None:
         """While waiting for a file: put exports started meanwhile into STATE (see ExportStream)."""
@@ -310,6 +374,32 @@ class TapCommerceExports(Tap):
                 t.seconds,
             )
         self.logger.info("Sync finished in %.1fs with %d failure(s)", elapsed, len(getattr(self, "failures", [])))
+
+
+#: How long a stopping run waits for its export threads to leave before it exits without them.
+EXIT_GRACE_SECONDS = 3.0
+
+
+def exit_soon(code: int) -> None:
+    """Exit within seconds, with `code` whatever else arrives. Export threads give up at once when the
+    run stops, but one inside a request to a host gone silent leaves only at its read timeout, and
+    Python's own exit would wait for it; a signal arriving during that exit would end the process
+    with the signal's default action instead of `code`. Every message is out: flush and leave."""
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class ConnectionTestFailed(RuntimeError):
+    """`--test` found a source it could not authenticate to."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__("connection test failed: " + "; ".join(failures))
 
 
 class SyncFailures(RuntimeError):
@@ -356,7 +446,7 @@ def main() -> None:
     except ConfigError as exc:
         print(f"tap-commerce-exports: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except SyncFailures as exc:
+    except (SyncFailures, ConnectionTestFailed) as exc:
         print(f"tap-commerce-exports: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -44,3 +44,33 @@ def test_a_sync_with_refused_credentials_stops_before_any_export(voucherify_sand
     output = run_tap(config)
     assert "refused the credentials" in str(output.error)
     assert not voucherify_sandbox.log.entries(method="POST")
+
+
+def singer_test(config: dict, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**FAST_SETTINGS, **config}))
+    return subprocess.run(
+        [sys.executable, "-m", "tap_commerce_exports.tap", "--config", str(path), "--test"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_singer_test_flag_is_the_cheap_check_and_creates_no_export(full_sandbox, tmp_path):
+    """`--test` (what orchestrators and `meltano config test` call) authenticates; it is not a sync."""
+    result = singer_test(full_sandbox.tap_config(), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not full_sandbox.log.entries(method="POST")
+    assert '"type":"RECORD"' not in result.stdout.replace(" ", "")
+    for source in ("intelligems", "nextcommerce", "voucherify"):
+        assert f"Connection test PASS: {source}" in result.stderr
+
+
+def test_singer_test_flag_fails_when_a_source_refuses_the_credentials(full_sandbox, tmp_path):
+    config = {**full_sandbox.tap_config(), "voucherify_app_token": "not-the-token"}
+    result = singer_test(config, tmp_path)
+    assert result.returncode == 1
+    assert "Connection test FAIL: voucherify" in result.stderr and "HTTP 401" in result.stderr
+    assert "not-the-token" not in result.stdout + result.stderr
+    assert not full_sandbox.log.entries(method="POST")

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,17 @@ class ExportFailed(RuntimeError):
 
 class ExportTimedOut(ExportFailed):
     pass
+
+
+class SourceHalted(ExportFailed):
+    """An error earlier in the run means no call to this API can succeed until it resets (its quota
+    for the billing cycle is spent): the source's other exports are not tried."""
+
+
+def stops_source(error: BaseException) -> bool:
+    """Whether the error ends every export of its API for the rest of the run (engine/http.py marks
+    such errors: a spent billing-cycle quota, a rate-limit wait longer than allowed)."""
+    return bool(getattr(error, "stops_source", False))
 
 
 class ExportTooLarge(ExportFailed):
@@ -284,6 +296,18 @@ class ExportRunner:
         self.status_board = StatusBoard(api, self.stopping) if api.lists_statuses else None
         self._started_lock = threading.Lock()
         self._started: dict[tuple, str] = {}
+        #: The error that stopped this API for the rest of the run, if one did (see `stops_source`).
+        self.halted_by: BaseException | None = None
+
+    def halt(self, error: BaseException) -> None:
+        """No more calls for this API's exports: `error` says none can succeed this run."""
+        if self.halted_by is None:
+            self.halted_by = error
+            self.logger.error("%s: no more exports this run: %s", self.api.name, error)
+
+    def raise_if_halted(self, request: ExportRequest) -> None:
+        if self.halted_by is not None:
+            raise SourceHalted(f"{request.describe()}: not exported: {self.halted_by}")
 
     def started_export_ids(self) -> dict[tuple, str]:
         """Exports created (or resumed) and not yet read, by request key: remembered in state."""
@@ -294,8 +318,18 @@ class ExportRunner:
         with self._started_lock:
             self._started.pop(request.key, None)
 
-    def prepare(self, request: ExportRequest) -> ReadyExport:
-        """Create (or reuse) the export, wait for it, and download its file whole."""
+    def prepare(self, request: ExportRequest, abandoned: Callable[[], bool] = lambda: False) -> ReadyExport:
+        """Create (or reuse) the export, wait for it, and download its file whole. `abandoned` says
+        the export is no longer wanted (its partition failed): it is not created again."""
+        self.raise_if_halted(request)
+        try:
+            return self._prepare(request, abandoned)
+        except Exception as exc:
+            if stops_source(exc):
+                self.halt(exc)
+            raise
+
+    def _prepare(self, request: ExportRequest, abandoned: Callable[[], bool]) -> ReadyExport:
         failures: list[str] = []
         # At least one re-creation: a file damaged at the source is only cured by a new export.
         attempts = max(self.api.max_recreates, 1) + 1
@@ -329,6 +363,8 @@ class ExportRunner:
             )
             if self.stopping.wait(delay):
                 raise ExportCancelled(f"{request.describe()}: stopped before re-creating the export")
+            if abandoned():
+                raise ExportFailed(f"{request.describe()}: not created again: an earlier window of it failed")
         raise ExportFailed(
             f"{request.describe()}: export failed {len(failures)} times: {', '.join(failures)}; giving up"
         )
@@ -345,6 +381,7 @@ class ExportRunner:
             if handle:
                 self.logger.info("%s: reusing existing export %s", request.describe(), handle.export_id)
         if handle is None:
+            self.raise_if_halted(request)
             handle = self.api.create(request)
             self.logger.info("%s: created export %s (status %s)", request.describe(), handle.export_id, handle.status)
         if self.api.can_resume:

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from tap_commerce_exports.engine.export_job import ExportRequest, ReadyExport
+from tap_commerce_exports.engine.download import ExportCancelled
+from tap_commerce_exports.engine.export_job import ExportFailed, ExportRequest, ExportTooLarge, ReadyExport
 
-Prepare = Callable[[ExportRequest], ReadyExport]
+#: The runner's prepare: the export's file, unless `abandoned()` says it is no longer wanted.
+Prepare = Callable[[ExportRequest, Callable[[], bool]], ReadyExport]
 WAIT_TICK_SECONDS = 1.0
 
 
@@ -30,7 +32,7 @@ class ExportScheduler:
         #: Set when the run ends: waits, polls and retries of every source stop.
         self.stopping = threading.Event()
 
-    def submit(self, prepare: Prepare, request: ExportRequest) -> Future[ReadyExport]:
+    def submit(self, prepare: Callable[[ExportRequest], ReadyExport], request: ExportRequest) -> Future[ReadyExport]:
         with self._lock:
             return self._pool.submit(prepare, request)
 
@@ -39,11 +41,17 @@ class ExportScheduler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class PartitionFailed(ExportFailed):
+    """An earlier window of the partition failed: its later windows are not exported (they could not
+    move the bookmark past the failed one, so they would be paid for and thrown away)."""
+
+
 class ExportQueue:
     """One partition's exports in window order, at most `lookahead` running ahead of the reader.
 
     Row-cap splitting pushes the halves of a window to the front, so they are read before the
-    windows after them and the bookmark still moves forward in order.
+    windows after them and the bookmark still moves forward in order. Once one export of the
+    partition fails, its other exports are not created.
     """
 
     def __init__(self, scheduler: ExportScheduler, prepare: Prepare, requests: list[ExportRequest], lookahead: int):
@@ -52,16 +60,35 @@ class ExportQueue:
         self._waiting: deque[ExportRequest] = deque(requests)
         self._running: deque[tuple[ExportRequest, Future[ReadyExport]]] = deque()
         self._lookahead = max(1, lookahead)
+        self._failure: BaseException | None = None
         self.top_up()
 
     def top_up(self) -> None:
-        while self._waiting and len(self._running) < self._lookahead:
+        while self._waiting and len(self._running) < self._lookahead and self._failure is None:
             request = self._waiting.popleft()
-            self._running.append((request, self._scheduler.submit(self._prepare, request)))
+            self._running.append((request, self._scheduler.submit(self._prepare_unless_failed, request)))
 
     def push_front(self, requests: list[ExportRequest]) -> None:
         for request in reversed(requests):
-            self._running.appendleft((request, self._scheduler.submit(self._prepare, request)))
+            self._running.appendleft((request, self._scheduler.submit(self._prepare_unless_failed, request)))
+
+    def _prepare_unless_failed(self, request: ExportRequest) -> ReadyExport:
+        """In a worker: the export, unless one before it in this partition failed already."""
+        if self._failure is not None:
+            raise PartitionFailed(f"{request.describe()}: not exported: an earlier window failed ({self._failure})")
+        try:
+            return self._prepare(request, lambda: self._failure is not None)
+        except (ExportTooLarge, ExportCancelled):
+            raise  # a split, or the run stopping: not the partition's failure
+        except Exception as exc:
+            self._failure = self._failure or exc
+            raise
+
+    @property
+    def head_done(self) -> bool:
+        """Whether the next export in order is settled (ready or failed): reading it will not wait."""
+        self.top_up()
+        return not self._running or self._running[0][1].done()
 
     def __bool__(self) -> bool:
         return bool(self._running or self._waiting)

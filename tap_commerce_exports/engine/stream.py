@@ -246,6 +246,16 @@ class ExportStream(Stream):
             except Exception as exc:  # reported by get_records, which meets the same error per partition
                 self.logger.debug("%s %s: exports not started early: %s", self.name, context, exc)
 
+    def first_export_settled(self) -> bool:
+        """Whether syncing this stream now would start with rows, not a wait: its first partition's
+        next export is ready or failed (or it has nothing to export)."""
+        first = (self.partitions or [{}])[0] if self.partitions != [] else None
+        if first is None:
+            return True
+        key = tuple(sorted(first.items()))
+        queue = self._queues.get(key)
+        return queue is None or queue.head_done
+
     def _queue_for(self, context: dict | None) -> ExportQueue:
         key = tuple(sorted((context or {}).items()))
         if key not in self._queues:
@@ -310,6 +320,7 @@ class ExportStream(Stream):
                 self.runtime.runner.forget(ready.request)
                 self._advance_bookmark(context, ready.request.window)
         except Exception as exc:
+            coordinator.check_stop()  # an export given up because the run is stopping is no failure
             coordinator.record_failure(self.name, context, exc)
         finally:
             if queue is not None:
