@@ -3,6 +3,7 @@
 import io
 from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 
 from tap_commerce_exports.engine.csv_records import (
@@ -12,6 +13,7 @@ from tap_commerce_exports.engine.csv_records import (
     Misfit,
     header_key,
     record_keys,
+    struct_builder,
 )
 
 COLUMNS = {
@@ -224,3 +226,17 @@ def test_struct_records_encode_exactly_as_dict_records(constants):
     )
     encoder = msgspec.json.Encoder(decimal_format="number")
     assert encoder.encode_lines(list(as_structs)) == encoder.encode_lines(list(as_dicts))
+
+
+def test_a_file_without_its_key_column_gives_each_record_a_fingerprint_of_its_row():
+    text = "Name,Amount\na,1\nb,2\na,1\n"
+    records = read(text, row_key_columns=("id",))
+    assert [r["name"] for r in records] == ["a", "b", "a"]
+    assert all(r["id"].startswith("row-sha1:") for r in records)
+    assert records[0]["id"] == records[2]["id"] != records[1]["id"]  # the same row, the same key
+    assert read(text, row_key_columns=("id",), builder=struct_builder_as_dicts)[1]["id"] == records[1]["id"]
+
+
+def struct_builder_as_dicts(keys, constants):
+    build = struct_builder(keys, constants)
+    return lambda columns: [msgspec.to_builtins(record) for record in build(columns)]

@@ -19,11 +19,12 @@ import copy
 import csv
 import datetime as dt
 import decimal
+import hashlib
 import io
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice, repeat
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
@@ -289,6 +290,8 @@ class CsvLayout:
     casters: list[Caster | None]
     unknown_keys: list[str]
     build: RecordBuilder
+    #: Key columns the file lacks: each record carries a fingerprint of its row there (see `row_key_columns`).
+    fingerprinted_keys: list[str] = field(default_factory=list)
 
 
 class CsvRecordReader:
@@ -309,6 +312,7 @@ class CsvRecordReader:
         builder: BuilderFactory = dict_builder,
         text_columns: Iterable[str] = (),
         on_misfit: Callable[[Misfit], None] | None = None,
+        row_key_columns: Sequence[str] = (),
     ) -> None:
         self.columns = columns
         self.describe = describe
@@ -324,6 +328,9 @@ class CsvRecordReader:
         self.on_misfit = on_misfit
         #: The first misfit of each column widened while reading, by key.
         self.misfits: dict[str, Misfit] = {}
+        #: Columns every record needs (the stream's primary key). A file without one of them (the key
+        #: was a guess, or renamed) still loads: each record carries a fingerprint of its row there.
+        self.row_key_columns = tuple(row_key_columns)
         self.rows_read = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -353,7 +360,9 @@ class CsvRecordReader:
         unknown = [key for key in keys if key not in self.columns]
         kinds = ["string" if key in self.text_columns else self._kind_of(key) for key in keys]
         casters = [None if kind == "string" else caster_for(kind, self.naive_zone) for kind in kinds]
-        return CsvLayout(keys, casters, unknown, self.builder(keys, self.constants))
+        missing = [key for key in self.row_key_columns if key not in keys and key not in self.constants]
+        build = self.builder(keys + missing, self.constants)
+        return CsvLayout(keys, casters, unknown, build, missing)
 
     def read(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[dict]:
         """Yield one record per data row. `on_layout` hears the columns before the first record."""
@@ -434,6 +443,9 @@ class CsvRecordReader:
         """The hot loop of the tap, done a column at a time: a cast mapped over a column runs in C,
         where a loop over cells would run in Python."""
         columns = [self._cast_column(layout, index, cells, first_row) for index, cells in enumerate(zip(*block))]
+        if layout.fingerprinted_keys:
+            fingerprints = list(map(row_fingerprint, block))
+            columns += [fingerprints] * len(layout.fingerprinted_keys)
         return layout.build(columns)
 
     def _cast_column(self, layout: CsvLayout, index: int, cells: tuple[str, ...], first_row: int) -> Sequence[Any]:
@@ -506,6 +518,12 @@ class CsvRecordReader:
 class _DoesNotFit(Exception):
     def __init__(self, row: int, cell: str) -> None:
         self.row, self.cell = row, cell
+
+
+def row_fingerprint(row: list[str]) -> str:
+    """A key for a row whose file lacks its key column: the same row gets the same key on every read,
+    so targets deduplicate re-read windows."""
+    return "row-sha1:" + hashlib.sha1("\x1f".join(row).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _no_records(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:

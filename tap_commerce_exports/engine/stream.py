@@ -105,6 +105,7 @@ class ExportStream(Stream):
         #: BATCH mode with worker processes: writes large export files a slice per worker.
         self._sliced_writer: SlicedBatchWriter | None = None
         self.totals = StreamTotals()
+        self._fingerprint_warned: set[str] = set()
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
 
@@ -355,6 +356,7 @@ class ExportStream(Stream):
             builder=builder,
             text_columns=self._text_columns(),
             on_misfit=lambda misfit: self._load_as_text(misfit, describe),
+            row_key_columns=self.primary_keys or (),
         )
         started = time.monotonic()
         try:
@@ -494,6 +496,7 @@ class ExportStream(Stream):
 
     def _accept_layout(self, layout: CsvLayout) -> None:
         """A file brought columns the schema lacks: keep them as strings and tell the target first."""
+        self._warn_of_fingerprinted_keys(layout)
         new_keys = [key for key in layout.unknown_keys if key not in self.schema["properties"]]
         if not new_keys:
             return
@@ -505,6 +508,27 @@ class ExportStream(Stream):
         self._change_properties({key: dict(UNKNOWN_COLUMN_SCHEMA) for key in new_keys})
         if self._fast_writer is not None and self._fast_writer.allowed_keys is not None:
             self._fast_writer.allowed_keys.update(new_keys)
+
+    def _warn_of_fingerprinted_keys(self, layout: CsvLayout) -> None:
+        """Once per run and column: the file lacks a key column, so its records carry fingerprints."""
+        missing = [key for key in layout.fingerprinted_keys if key not in self._fingerprint_warned]
+        if missing:
+            self._fingerprint_warned.update(missing)
+            self.logger.warning(
+                "%s: the export has no column %s (primary key %s); each record carries a fingerprint of its "
+                "row there ('row-sha1:...') so every row loads and re-reads deduplicate. The file's columns: %s",
+                self.name,
+                ", ".join(repr(key) for key in missing),
+                ", ".join(self.primary_keys or ()),
+                ", ".join(layout.keys),
+            )
+        changed = {
+            key: text_column_schema(self._columns_by_key().get(key, Column(key)).kind)
+            for key in layout.fingerprinted_keys
+            if self.schema["properties"].get(key, {}).get("type") != ["string", "null"]
+        }
+        if changed:
+            self._change_properties(changed)
 
     def _change_properties(self, properties: dict[str, dict], *, write_schema: bool = True) -> None:
         """New or wider column schemas, in the stream's schema and in its selected one (the catalog's:
