@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import gc
 import logging
 import os
@@ -122,8 +123,6 @@ class TapCommerceExports(Tap):
             if source.is_configured(self.config):
                 runtime = self._runtimes[source.name] = self._runtime(source)
                 streams += [stream_type(self, runtime) for stream_type in source.stream_types]
-        if not streams:
-            self.logger.warning(_NO_SOURCE_MESSAGE)
         return streams
 
     def check_connections(self) -> list[tuple[str, bool, str]]:
@@ -193,9 +192,21 @@ class TapCommerceExports(Tap):
         ):
             if setting in config and float(config[setting]) <= 0:
                 raise ConfigError(f"setting {setting!r} must be greater than 0, got {config[setting]!r}")
+        self._warn_of_unknown_settings()
         for source in SOURCES:
+            source.check_half_configured(config)
             if source.is_configured(config):
                 source.validate(dict(config))
+        if not any(source.is_configured(config) for source in SOURCES):
+            raise ConfigError(_NO_SOURCE_MESSAGE)
+
+    def _warn_of_unknown_settings(self) -> None:
+        """A setting the tap does not know is most often a typo of one it does: say which."""
+        known = set(self.config_jsonschema["properties"])
+        for name in sorted(set(self.config) - known):
+            closest = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {closest[0]!r}?" if closest else ""
+            self.logger.warning("Unknown setting %r is ignored%s", name, hint)
 
     def sync_all(self) -> None:  # type: ignore[misc]  # final in the SDK; see the docstring
         """Start every selected stream's first exports, then read the streams one by one.

@@ -39,6 +39,26 @@ class SourceDefinition:
         """A source's streams are discovered only when its credentials are set."""
         return all(config.get(setting) for setting in self.credential_settings)
 
+    def settings_given(self, config: Mapping[str, Any]) -> list[str]:
+        """This source's settings that the user set (a value other than the default)."""
+        defaults = {prop.name: prop.to_dict()[prop.name].get("default") for prop in self.settings}
+        return [name for name, default in defaults.items() if config.get(name) not in (None, "", [], {}, default)]
+
+    def check_half_configured(self, config: Mapping[str, Any]) -> None:
+        """A source with some of its settings set but not all its credentials is a mistake (a typo in a
+        credential's name, an environment variable lost): its streams would vanish without a word."""
+        if self.is_configured(config):
+            return
+        given = self.settings_given(config)
+        if given:
+            missing = [setting for setting in self.credential_settings if not config.get(setting)]
+            raise ConfigError(
+                f"{self.name} is half configured: {', '.join(repr(s) for s in given)} "
+                f"{'is' if len(given) == 1 else 'are'} set but {' and '.join(repr(s) for s in missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not. Set {' and '.join(missing)}, or remove the "
+                f"{self.name} settings to leave it out"
+            )
+
 
 def checked_base_url(config: dict, setting: str) -> str:
     """An API URL setting, refusing plain http except on loopback (the sandbox)."""
