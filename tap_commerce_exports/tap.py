@@ -116,7 +116,7 @@ class TapCommerceExports(Tap):
     def discover_streams(self) -> list[ExportStream]:
         install_log_redaction()
         self._check_settings()
-        self.scheduler = ExportScheduler(int(self.config.get("max_concurrent_exports", 16)))
+        self.scheduler = ExportScheduler(int(self.config.get("max_concurrent_exports", 16)), self.logger)
         streams: list[ExportStream] = []
         self._runtimes: dict[str, SourceRuntime] = {}
         for source in SOURCES:
@@ -301,7 +301,7 @@ class TapCommerceExports(Tap):
         except Exception as exc:
             self.record_failure(stream.name, None, exc)
         if isinstance(stream, ExportStream):
-            stream.finish_fast_output()
+            stream.totals.finished = time.monotonic()
         stream.finalize_state_progress_markers()
         stream.log_sync_costs()
 
@@ -374,17 +374,23 @@ class TapCommerceExports(Tap):
         for stream in streams:
             t = stream.totals
             self.logger.info(
-                "Summary %s: %d windows, %d exports, %d rows, %d bytes, %d polls, %d splits, %.1fs",
+                "Summary %s: %s, %s, %d rows, %d bytes, %s, %s; %.1fs from its first export to its last row",
                 stream.name,
-                t.windows,
-                t.exports,
+                plural(t.windows, "window"),
+                plural(t.exports, "export"),
                 t.rows,
                 t.bytes,
-                t.polls,
-                t.splits,
-                t.seconds,
+                plural(t.polls, "poll"),
+                plural(t.splits, "split"),
+                t.wall_seconds,
             )
-        self.logger.info("Sync finished in %.1fs with %d failure(s)", elapsed, len(getattr(self, "failures", [])))
+        self.logger.info(
+            "Sync finished in %.1fs with %s", elapsed, plural(len(getattr(self, "failures", [])), "failure")
+        )
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 #: How long a stopping run waits for its export threads to leave before it exits without them.
@@ -441,7 +447,7 @@ def check_connection_main(argv: list[str]) -> int:
         print("FAIL: no source is configured (set the credentials of at least one source)")
         return 1
     for name, ok, detail in results:
-        print(f"{'PASS' if ok else 'FAIL'}: {name}: {detail}")
+        print(f"{'PASS' if ok else 'FAIL'}: {name}: {detail.removeprefix(f'{name}: ')}")
     return 0 if all(ok for _, ok, _ in results) else 1
 
 
@@ -452,13 +458,15 @@ def main() -> None:
         except ConfigError as exc:
             print(f"FAIL: configuration error: {exc}")
             sys.exit(2)
+    # Logged at error level, not printed: Meltano shows a plugin's lines at the level they carry.
+    logger = logging.getLogger(TapCommerceExports.name)
     try:
         TapCommerceExports.cli()
     except ConfigError as exc:
-        print(f"tap-commerce-exports: configuration error: {exc}", file=sys.stderr)
+        logger.error("configuration error: %s", exc)
         sys.exit(2)
     except (SyncFailures, ConnectionTestFailed) as exc:
-        print(f"tap-commerce-exports: {exc}", file=sys.stderr)
+        logger.error("%s", exc)
         sys.exit(1)
 
 

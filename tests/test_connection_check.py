@@ -36,6 +36,7 @@ def test_a_wrong_token_fails_naming_the_source_without_printing_the_token(full_s
     result = check(config, tmp_path)
     assert result.returncode == 1
     assert "FAIL: nextcommerce:" in result.stdout and "HTTP 401" in result.stdout
+    assert "nextcommerce: nextcommerce:" not in result.stdout  # the source is named once
     assert "not-the-token" not in result.stdout + result.stderr
 
 

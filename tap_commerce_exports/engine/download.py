@@ -27,6 +27,8 @@ from tap_commerce_exports.engine.http import TIMEOUT, pooled_session, without_qu
 #: Read size: also how often a download in progress notices that the run is stopping.
 CHUNK_BYTES = 256 * 1024
 QUOTE = ord('"')
+#: A download taking longer than this says how far it got, and again each time as long.
+PROGRESS_EVERY_SECONDS = 30.0
 
 
 class DownloadError(RuntimeError):
@@ -134,11 +136,16 @@ class FileDownloader:
         expected = response.headers.get("Content-Length")
         handle, path = tempfile.mkstemp(prefix="export-", suffix=".csv", dir=self.temp_dir)
         size = quotes = 0
+        started = next_report = time.monotonic()
+        next_report += PROGRESS_EVERY_SECONDS
         try:
             with os.fdopen(handle, "wb") as out:
                 for chunk in response.raw.stream(CHUNK_BYTES, decode_content=False):
                     self._raise_if_stopping(describe)
                     size += len(chunk)
+                    if time.monotonic() >= next_report:
+                        self._report_progress(describe, size, expected, time.monotonic() - started)
+                        next_report += PROGRESS_EVERY_SECONDS
                     if size > self.max_file_bytes:
                         raise DownloadError(f"file is larger than the {self.max_file_bytes} byte limit")
                     quotes += chunk.count(QUOTE)
@@ -151,6 +158,10 @@ class FileDownloader:
             os.unlink(path)
             raise
         return path, size
+
+    def _report_progress(self, describe: str, size: int, expected: str | None, seconds: float) -> None:
+        of = f" of {int(expected) / 1e6:.1f} MB" if expected and expected.isdigit() else ""
+        self.logger.info("%s: downloading, %.1f MB%s so far after %.0fs", describe, size / 1e6, of, seconds)
 
     @staticmethod
     def _check_complete(size: int, expected: str | None, quotes: int) -> None:

@@ -8,7 +8,9 @@ Singer output stays ordered and single-threaded.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,18 +25,44 @@ WAIT_TICK_SECONDS = 1.0
 
 
 class ExportScheduler:
-    """A shared pool of export workers."""
+    """A shared pool of export workers. An export that must wait for a free slot says so, and says
+    how long it waited when it starts: otherwise a queued stream looks stuck."""
 
-    def __init__(self, max_concurrent_exports: int) -> None:
+    def __init__(self, max_concurrent_exports: int, logger: logging.Logger | None = None) -> None:
         self.max_concurrent_exports = max_concurrent_exports
+        self.logger = logger or logging.getLogger(__name__)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrent_exports, thread_name_prefix="export")
         self._lock = threading.Lock()
+        self._busy = 0  # exports submitted and not finished: above the pool's size, some wait
         #: Set when the run ends: waits, polls and retries of every source stop.
         self.stopping = threading.Event()
 
     def submit(self, prepare: Callable[[ExportRequest], ReadyExport], request: ExportRequest) -> Future[ReadyExport]:
         with self._lock:
-            return self._pool.submit(prepare, request)
+            self._busy += 1
+            queued = self._busy > self.max_concurrent_exports
+            if queued:
+                self.logger.info(
+                    "%s: queued: all %d export slots are busy (max_concurrent_exports)",
+                    request.describe(),
+                    self.max_concurrent_exports,
+                )
+            future = self._pool.submit(self._run, prepare, request, time.monotonic() if queued else None)
+        future.add_done_callback(self._finished)  # also when cancelled before it ran
+        return future
+
+    def _finished(self, future: Future[ReadyExport]) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def _run(
+        self, prepare: Callable[[ExportRequest], ReadyExport], request: ExportRequest, queued_at: float | None
+    ) -> ReadyExport:
+        if queued_at is not None:
+            self.logger.info(
+                "%s: export slot free after %.0fs in the queue", request.describe(), time.monotonic() - queued_at
+            )
+        return prepare(request)
 
     def shutdown(self) -> None:
         self.stopping.set()

@@ -73,7 +73,14 @@ class StreamTotals:
     polls: int = 0
     seconds: float = 0.0
     splits: int = 0
+    #: When the stream's first exports were started, and when its last row was written.
     started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time, not the sum over exports: a stream's partitions wait in parallel."""
+        return (self.finished or time.monotonic()) - self.started
 
 
 class ExportStream(Stream):
@@ -223,10 +230,10 @@ class ExportStream(Stream):
         state = self.get_context_state(context)
         if in_flight == state.get(EXPORTS_IN_FLIGHT, []) and not force_write:
             return
-        if in_flight:
+        if in_flight or EXPORTS_IN_FLIGHT in state:
+            # Emptied, never removed: Meltano merges a new state into the stored one, so a key left
+            # out would bring back exports already read.
             state[EXPORTS_IN_FLIGHT] = in_flight
-        else:
-            state.pop(EXPORTS_IN_FLIGHT, None)
         self.state_manager.is_flushed = False
         if not self.get_batch_config(self.config):
             # In BATCH mode the SDK writes STATE after each BATCH message: a STATE written here
@@ -241,6 +248,7 @@ class ExportStream(Stream):
 
     def start_exports(self) -> None:
         """Queue this stream's first exports now, so they run while earlier streams are read."""
+        self.totals.started = time.monotonic()
         for context in self.partitions or [{}]:
             try:
                 self._queue_for(context or None)
@@ -286,7 +294,7 @@ class ExportStream(Stream):
         finally:
             blocks.close()  # a stop raised here still ends the window's export (files, queue)
             if writer is not None:
-                self._fast_record_counter.increment(writer.written)
+                self._record_counter.increment(writer.written)
             self._fast_writer = None
 
     def _record_blocks(
@@ -383,10 +391,6 @@ class ExportStream(Stream):
         if self._fast_path is None:
             self._fast_path = self.fast_path_enabled and fast_path_allowed(self)
             self.logger.debug("%s: RECORD fast path %s", self.name, "on" if self._fast_path else "off")
-            if self._fast_path:
-                # The SDK's record_count metric, fed per file since records bypass its loop.
-                self._fast_record_counter = self.get_record_counter()
-                self._fast_record_counter.__enter__()
         if not self._fast_path:
             return None
         allowed = set(self._input_schema["properties"]) if self._input_schema is not None else None
@@ -397,10 +401,11 @@ class ExportStream(Stream):
         if self.child_streams:
             super()._process_record(record, child_context, partition_context)
 
-    def finish_fast_output(self) -> None:
-        """Close the record_count metric of the fast path (logs its final count)."""
-        if self._fast_path:
-            self._fast_record_counter.__exit__(None, None, None)
+    def get_record_counter(self) -> Any:
+        """The SDK's record_count metric of the sync under way: the fast path, whose records bypass
+        the SDK's loop, counts into it, so each stream logs one record_count."""
+        self._record_counter = super().get_record_counter()
+        return self._record_counter
 
     def get_batches(self, batch_config: Any, context: Mapping[str, Any] | None = None) -> Iterable[tuple]:
         """Batch files, with every bookmark move held until the file holding the window's last rows
