@@ -12,6 +12,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import click
 from singer_sdk import Tap
 from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
@@ -137,6 +138,28 @@ class TapCommerceExports(Tap):
             except Exception as exc:
                 results.append((source.name, False, str(exc)))
         return results
+
+    @classmethod
+    def get_singer_command(cls) -> click.Command:
+        """The SDK's command, with this tap's own --check-connection (handled in `main`) in --help,
+        and --test described as what it does here."""
+        command = super().get_singer_command()
+        for param in command.params:
+            if param.name == "test":
+                param.help = (
+                    "Authenticate to each configured source with one call (no export is created) and exit "
+                    "non-zero if one fails. --test=schema writes the schemas."
+                )
+        command.params.append(
+            click.Option(
+                ["--check-connection"],
+                is_flag=True,
+                expose_value=False,
+                help="Print PASS or FAIL per configured source after one authenticated call each "
+                "(exit 1 on a FAIL, 2 on a configuration error). Takes --config FILE or --config ENV.",
+            )
+        )
+        return command
 
     def run_connection_test(self) -> bool:  # type: ignore[misc]  # final in the SDK; --test must not sync
         """`--test`: the cheap check, not a sync. One authenticated call per configured source, no

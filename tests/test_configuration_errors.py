@@ -46,3 +46,25 @@ def test_no_source_configured_at_all_is_an_error_not_an_empty_green_run(tmp_path
     result = tap({}, tmp_path, *mode)
     assert result.returncode == 2
     assert "no source is configured" in result.stderr
+
+
+def test_help_lists_the_check_connection_flag_and_what_test_does():
+    result = subprocess.run(
+        [sys.executable, "-m", "tap_commerce_exports.tap", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert "--check-connection" in result.stdout and "no export is created" in result.stdout
+
+
+def test_about_lists_the_python_versions_ci_tests():
+    import re
+    from pathlib import Path
+
+    workflow = (Path(__file__).resolve().parents[1] / ".github" / "workflows" / "test.yml").read_text()
+    tested = re.search(r"python-version: \[([^\]]+)\]", workflow).group(1)
+    about = subprocess.run(
+        [sys.executable, "-m", "tap_commerce_exports.tap", "--about", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(about.stdout)["supported_python_versions"] == [v.strip(' "') for v in tested.split(",")]
