@@ -37,6 +37,18 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"sandbox seeds: {_CHOSEN_SEED or ', '.join(map(str, SEEDS)) + ' (rotated by test)'}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The SDK's standard check that records hold only the catalog's columns, skipped for the streams
+    whose files bring new columns (tests/test_core.py says which, for the seed it runs)."""
+    for item in items:
+        module_streams = getattr(item.module, "RECORDS_MAY_HOLD_NEW_COLUMNS", None)
+        if not module_streams or "record_schema_matches_transformed_catalog" not in item.name:
+            continue
+        stream = item.name.rsplit("[", 1)[-1].rstrip("]")
+        if stream in module_streams:
+            item.add_marker(pytest.mark.skip(reason=f"{stream}: files bring columns discovery cannot know"))
+
+
 def _sandbox(*apis: str):
     with Sandbox(apis, export_latency_seconds=FAST_EXPORTS) as running:
         yield running

@@ -1,12 +1,20 @@
-"""Next Commerce end to end: all 13 export types, the row cap, rate limits, URL expiry, reuse."""
+"""Next Commerce end to end: all 13 export types, the row cap (truncated or refused), rate limits, URL
+expiry, reuse. The sandbox's seed (conftest.py) decides ids, column order, extra and missing columns and
+header spelling, so these tests compare with the sandbox's own records, never with one shape."""
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import re
 
-from tap_commerce_exports.sources.nextcommerce import STREAM_TYPES
+import pytest
+
+from tap_commerce_exports.engine.export_job import ExportRequest, ExportTooLarge
+from tap_commerce_exports.engine.http import ApiError
+from tap_commerce_exports.engine.windows import Window
+from tap_commerce_exports.sources.nextcommerce import STREAM_TYPES, build_api, speaks_of_row_cap
 from tests.harness import by_key, run_tap
 
 UTC = dt.timezone.utc
@@ -61,22 +69,82 @@ def test_requests_are_paced_under_four_per_second_by_default(nextcommerce_sandbo
     assert worst <= 4
 
 
-def test_a_window_at_the_row_cap_is_split_until_nothing_is_lost(nextcommerce_sandbox):
-    emulator = nextcommerce_sandbox.nextcommerce
-    emulator.row_cap = 25
-    output = run_tap(fast_config(emulator, nextcommerce_export_row_cap=25), streams={"nextcommerce_customer_list"})
+def rows_in_export(emulator, stream: str, create) -> int:
+    """Rows of the window a logged `POST exports/` asked for (both ends inclusive, whole seconds)."""
+    last = dt.datetime.fromisoformat(create.body["date_to"].replace("Z", "+00:00")) + dt.timedelta(seconds=1)
+    return len(emulator.expected_records(stream, start=create.body["date_from"], end=last))
+
+
+@pytest.mark.parametrize("behavior", ["truncate", "refuse"])
+def test_a_window_over_the_row_cap_is_split_until_nothing_is_lost_whether_truncated_or_refused(
+    nextcommerce_sandbox, behavior
+):
+    """NOTES.md: exports are capped at 100,000 objects; whether an over-cap export is truncated or
+    refused is not documented, so both must cost no row."""
+    emulator, stream = nextcommerce_sandbox.nextcommerce, "nextcommerce_customer_list"
+    emulator.row_cap, emulator.row_cap_behavior = 25, behavior
+    output = run_tap(fast_config(emulator, nextcommerce_export_row_cap=25), streams={stream})
 
     assert output.error is None, output.error
-    want = emulator.expected_records("nextcommerce_customer_list")
+    want = emulator.expected_records(stream)
     assert len(want) > 25 * 2
-    assert emitted(output, "nextcommerce_customer_list", want) == by_key(want, ("customer_id",))
-    assert "hit the API's row cap (25 rows)" in output.log_text
+    assert len(output.records(stream)) == len(want), "a row was emitted twice or lost"
+    assert emitted(output, stream, want) == by_key(want, ("customer_id",))
+    why = {"truncate": "hit the API's row cap (25 rows)", "refuse": "was refused as too large"}[behavior]
+    assert re.search(rf"{re.escape(why)}.*; exporting \[.*\) and \[.*\) separately", output.log_text)
+    creates = nextcommerce_sandbox.log.entries(host="nextcommerce-api", method="POST", path_pattern=r"/exports/$")
+    created = [create for create in creates if create.status == 201]
+    refused = [create for create in creates if create.status == 400]
+    assert emulator.downloads == len(created)
+    if behavior == "refuse":
+        assert refused and all(rows_in_export(emulator, stream, create) > 25 for create in refused)
+        assert all(rows_in_export(emulator, stream, create) <= 25 for create in created), "an over-cap file"
+    else:
+        assert not refused and any(rows_in_export(emulator, stream, create) > 25 for create in created)
     bookmarks = [
-        s["bookmarks"]["nextcommerce_customer_list"]["replication_key_value"]
+        s["bookmarks"][stream]["replication_key_value"]
         for s in output.states()
-        if s.get("bookmarks", {}).get("nextcommerce_customer_list", {}).get("replication_key_value")
+        if s.get("bookmarks", {}).get(stream, {}).get("replication_key_value")
     ]
     assert bookmarks == sorted(bookmarks)
+
+
+def test_create_raises_export_too_large_only_for_a_refusal_that_speaks_of_the_cap(nextcommerce_sandbox):
+    emulator = nextcommerce_sandbox.nextcommerce
+    api = build_api(fast_config(emulator), logging.getLogger("test"))  # the tap's cap: 100000
+    window = Window(dt.datetime(2024, 1, 1, tzinfo=UTC), dt.datetime(2024, 2, 1, tzinfo=UTC))
+    request = ExportRequest("nextcommerce_order_list", "order_list", window)
+    emulator.row_cap, emulator.row_cap_behavior = 5, "refuse"
+    with pytest.raises(ExportTooLarge) as too_large:  # the API's own cap, named in words
+        api.create(request)
+    assert "Exports are limited to 5 objects" in too_large.value.detail
+    assert "127.0.0.1" not in too_large.value.detail
+
+    emulator.api_version = "2099-01-01"  # every request now answers 400, in words that say nothing of size
+    with pytest.raises(ApiError) as other:
+        api.create(request)
+    assert other.value.status == 400 and "Unsupported API version" in str(other.value)
+    assert emulator.exports_created == 0
+
+
+@pytest.mark.parametrize(
+    "status,body,cap,too_large",
+    [
+        (400, '{"non_field_errors": ["Exports are limited to 100000 objects; this export has 123456."]}', 100000, True),
+        (400, '{"detail": "This export would have 150,000 rows (100,000 allowed)."}', 100000, True),
+        (422, '{"error": "Export exceeds the maximum size"}', 100000, True),
+        (413, "<html><head><title>413 Request Entity Too Large</title></head></html>", 100000, True),
+        (400, '{"detail": "Too many objects to export: 123,456"}', 100000, True),
+        (400, '{"date_from": ["Datetime has wrong format. Use one of these formats instead: ..."]}', 100000, False),
+        (400, '{"non_field_errors": ["date_from must be on or before date_to."]}', 100000, False),
+        (400, '{"date_to": ["2024-01-25T00:00:25Z is not a valid date."]}', 25, False),
+        (400, '{"detail": "Exports hold at most 25 rows"}', 25, True),
+        (404, '{"detail": "Not found: limit reached"}', 100000, False),
+        (429, '{"detail": "Request was throttled: too many requests"}', 100000, False),
+    ],
+)
+def test_which_refusals_speak_of_the_row_cap(status, body, cap, too_large):
+    assert speaks_of_row_cap(status, body, cap) is too_large
 
 
 def test_exports_waiting_together_are_polled_through_one_listing_not_one_request_each(nextcommerce_sandbox):

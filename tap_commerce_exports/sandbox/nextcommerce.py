@@ -14,8 +14,9 @@ What is emulated, from the vendor's published OpenAPI (`nextcommerce-exports.ope
   status (the spec's enum has only those two), so fault `export_stuck` keeps an export pending.
 - Rate limit: 4 requests/second per access token (token bucket, burst 4); over it, 429 with
   `Retry-After: 1`, exactly the published sample.
-- Row cap: an export holding more rows than `row_cap` (100,000, changelog 2025-08-06) silently keeps
-  the first `row_cap` rows in date order.
+- Row cap: exports hold at most `row_cap` objects (100,000; NOTES.md, changelog 2025-08-06: "Users
+  attempting to export more will see a warning"). Whether an over-cap export is truncated or refused
+  is not documented, so the sandbox does either (`row_cap_behavior`, see "Over the cap" below).
 - Exports use the store's timezone: CSV timestamps are naive wall-clock times in `store_timezone`.
 
 Design choices where the vendor docs are silent (each one is a guess made explicit):
@@ -48,14 +49,18 @@ Design choices where the vendor docs are silent (each one is a guess made explic
   expired. It refuses (400) any request that carries an `Authorization` header: signed URLs must be
   fetched without API credentials, and here a leaked token is something tests must see.
 - CSV format: UTF-8 without BOM (no evidence of one), CRLF line endings (Python's csv writer, as a
-  Django app writes), minimal quoting, header row of human labels. Money is a decimal string with two
-  places ("12.50"), quantities integers, booleans `True`/`False`, JSON cells (`Metadata`, `Tags`,
-  ...) written by `json.dumps` with non-ASCII kept, empty cells for unknown values, timestamps
-  `YYYY-MM-DD HH:MM:SS` in the store's timezone. The data period (2024-01-01..2024-03-01) has no DST
-  transition in America/Chicago (DST starts 2024-03-10), so every naive timestamp is unambiguous.
-- Columns are not published; each type has 8-20 invented ones (see `TABLES`), a unique id column and
-  a date column the window filters on. Line-item types carry their own line id and the parent's id,
-  and are dated by the parent's date. Record keys are the labels in lower snake_case.
+  Django app writes), minimal quoting, a header row spelled as the seed's reality says. Money is a
+  decimal string with two places ("12.50"), quantities integers, booleans `True`/`False`, JSON
+  cells (`Metadata`, `Tags`, ...) written by `json.dumps` with non-ASCII kept, empty cells for
+  unknown values, timestamps `YYYY-MM-DD HH:MM:SS` in the store's timezone. The data period
+  (2024-01-01..2024-03-01) has no DST transition in America/Chicago (DST starts 2024-03-10), so
+  every naive timestamp is unambiguous.
+- Columns are not published (NOTES.md: "What nobody publishes"); each type has 8-20 invented ones
+  (see `TABLES`), a unique id column and a date column the window filters on. Line-item types carry
+  their own line id and the parent's id, and are dated by the parent's date. Record keys are the
+  header labels in lower snake_case (the tap's `engine/csv_records.py: header_key`). Which of these
+  columns a file has, in which order, how its header spells them and how ids look is the seed's
+  reality (below): no guess of the tap confirms itself.
 - Schema drift: `order_list` files whose window reaches 2024-02-01T00:00:00Z carry an extra column
   "Metadata Sales Channel" (the store enabled that metadata field that day). Rows dated before it
   have an empty cell there; rows on/after it always have a value. A file covering only earlier dates
@@ -79,9 +84,67 @@ Design choices where the vendor docs are silent (each one is a guess made explic
   (Content-Length matches the cut body); `download_short` sends 90% of the declared length, then
   the connection closes; `download_reset` sends half, then resets the connection (RST).
 - Ids that point at other types (a transaction's "Order Number", a return line's "Order Line ID")
-  are plausible numbers, not guaranteed to exist; only line items and their parents are consistent.
+  are plausible ids written in the reality's format, not guaranteed to exist; line items and their
+  parents are consistent, and so are customer ids across types.
 - Content-Length is always sent and exact: the file is rendered once without being kept to count its
   bytes (cached per export); the body is then streamed from the row generator, never chunked.
+
+Per-seed realities (what the vendor does not publish, varied so that no guess confirms itself).
+`Reality.of_seed(seed)` (exposed as `emulator.reality`) draws, deterministically from the seed:
+
+- `id_format`, applied to every identifier column (every "... ID", "Order Number", "Line Number",
+  "SKU"): `plain` ("100042"), `zero_padded` to 9 digits ("000100042"), `prefixed` ("ord_7GQ2K9": a
+  prefix per id space and 6 base-36 characters), `hex` ("A3124B88", sometimes all digits) or `uuid`.
+  An id is a pure function of (seed, id space, number): a line item's parent id, a transaction's
+  order number and an order's customer id are written exactly as those objects' own id cells.
+  `expected_records` gives identifiers as this text (the tap declares them text).
+- column order: each type's columns shuffled (the header names them, so order must not matter).
+  The drift column and the `new_column` fault's column come last, as columns added later do.
+- `extra_columns`: columns the tap does not know, from the vendor's changelog (NOTES.md): "GCLID"
+  (2025-08-20) and "Cancellation Date" (2025-09-19) on `order_list`, "First Purchase Date" and
+  "Last Purchase Date" (2025-10-16, together) on `customer_list`. Which type carries them is a
+  guess. Present in every file of a reality that has them; `expected_records` gives their cell text
+  (timestamps naive, as written), None when empty.
+- `missing_per_type` optional columns of each type left out (`missing_columns` names them): never
+  an identifier, the window's date, a boolean/JSON/date-time column, the column messy mode renames,
+  a column carrying the awkward cells above, or a type's last numeric column. Absent from records.
+- `header_style`: `title` ("Order Number"), `snake` ("order_number"), `upper` ("ORDER NUMBER"),
+  `sentence` ("Order number ", trailing space included) or `mixed` (each label its own way). Every
+  spelling has the same lower snake_case key.
+- `row_cap_behavior`: `truncate` or `refuse` (see "Over the cap").
+
+The suite's seeds (`REALITY_SALT` is chosen so they differ; seed 7 is the default):
+
+| seed | id_format | header_style | extra_columns | missing_per_type | row_cap_behavior |
+|---|---|---|---|---|---|
+| 7 | hex | snake | GCLID, First/Last Purchase Date | 1 | refuse |
+| 11 | uuid | mixed | First/Last Purchase Date | 0 | truncate |
+| 23 | zero_padded | sentence | GCLID | 1 | refuse |
+| 42 | prefixed | upper | Cancellation Date, First/Last Purchase Date | 2 | truncate |
+
+Messy cells (`messy_cells=True`, a constructor keyword and attribute read when an export is created):
+files that differ from the tap's type guesses the way real ones do, so a consumer can prove nothing
+is lost. In each type, where it has such a column (`Reality.messy_targets`): "N/A" in its first
+money/number column (rows with index % 4 == 1); its first date-time column other than the window's
+date written "01/15/2024 10:30 AM" (index % 3 == 2); "yes"/"no" in its first boolean column (odd
+indexes; the others keep "True"/"False"); its first JSON column as legacy non-JSON text such as
+"{utm_source=google, ab_variant=B}" (index % 4 == 3); and one guessed column under another label
+(`MESSY_RENAMES`, e.g. "Shipping Country" -> "Ship To Country", so its record key changes). Row
+indexes are per type, so damaged cells are spread over every file, rarely in its first row.
+`expected_records` raises NotImplementedError in this mode; compare with `raw_rows`.
+
+`raw_rows(stream, partition, start, end)`: the rows of `expected_records` (same filter, same keys:
+the late column only for rows dated after it, missing columns absent, renamed columns under their
+other key) as the cell text the files hold, '' for empty, messy cells included.
+
+Over the cap (`row_cap_behavior`; per seed, or forced by the constructor keyword / attribute):
+
+- `truncate`: the file keeps the first `row_cap` rows in date order, and says nothing.
+- `refuse`: `POST exports/` for a window holding more than `row_cap` rows (counted without building
+  them) answers 400 `{"non_field_errors": ["Exports are limited to 100000 objects; this export has
+  123456. Narrow the date range."]}`. A guess: the changelog's "will see a warning" reads like a
+  message to the user, and a DRF serializer refusing the whole body answers 400 with
+  `non_field_errors`. A window holding exactly `row_cap` rows is exported.
 """
 
 from __future__ import annotations
@@ -102,6 +165,7 @@ import struct
 import threading
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -145,6 +209,7 @@ DATETIME_FORMAT_HELP = (
 )
 
 STRING, INTEGER, NUMBER, BOOLEAN, DATETIME, JSON = "string", "integer", "number", "boolean", "datetime", "json"
+ID = "id"  # an identifier: text written by the reality's IdFormat, emitted by the tap exactly as written
 
 
 # ------------------------------------------------------------------------- time
@@ -267,20 +332,19 @@ LANGUAGES = ("en", "en", "en", "fr", "es", "de")
 
 @dataclass(frozen=True)
 class Product:
-    id: int
+    id: int  # also the number of its SKU: SKUs are identifiers written in the reality's id format
     title: str
-    sku: str
     price: Decimal  # tax included, as the store displays it
 
 
 PRODUCTS = (
-    Product(101, "Crème Brûlée Candle", "CND-CB-01", Decimal("24.00")),
-    Product(102, "Café Mug, 12 oz", "MUG-12", Decimal("14.50")),
-    Product(103, "Bonsai 盆栽 Starter Kit", "BNS-KIT", Decimal("39.99")),
-    Product(104, 'Sticker "Hello" Pack', "STK-HEL", Decimal("4.99")),
-    Product(105, "Linen Tote", "TOTE-LN", Decimal("19.00")),
-    Product(106, "Espresso Beans 1 kg", "ESP-1KG", Decimal("31.25")),
-    Product(107, "Gift Card", "GIFT-25", Decimal("25.00")),
+    Product(101, "Crème Brûlée Candle", Decimal("24.00")),
+    Product(102, "Café Mug, 12 oz", Decimal("14.50")),
+    Product(103, "Bonsai 盆栽 Starter Kit", Decimal("39.99")),
+    Product(104, 'Sticker "Hello" Pack', Decimal("4.99")),
+    Product(105, "Linen Tote", Decimal("19.00")),
+    Product(106, "Espresso Beans 1 kg", Decimal("31.25")),
+    Product(107, "Gift Card", Decimal("25.00")),
 )
 ORDER_STATUSES = ("open", "completed", "completed", "completed", "partially_fulfilled", "canceled")
 PAYMENT_METHODS = ("card", "card", "card", "paypal", "apple_pay", "google_pay", "klarna")
@@ -329,6 +393,80 @@ def ascii_slug(text: str) -> str:
 def snake_case(label: str) -> str:
     """A header label as the tap's record key: runs of non-alphanumerics become `_`, trimmed, lowered."""
     return re.sub(r"[^0-9a-zA-Z]+", "_", label.strip()).strip("_").lower()
+
+
+# ------------------------------------------------------------------- identifiers
+
+ID_FORMATS = ("plain", "zero_padded", "prefixed", "hex", "uuid")
+ZERO_PADDED_WIDTH = 9
+BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: Prefixes of `prefixed` ids, by id space (Stripe-style "ord_7GQ2K9").
+ID_PREFIXES = {
+    "order": "ord",
+    "order_line": "li",
+    "customer": "cus",
+    "transaction": "txn",
+    "dispute": "dp",
+    "subscription": "sub",
+    "subscription_line": "sli",
+    "cart": "cart",
+    "cart_line": "cli",
+    "return": "ret",
+    "return_line": "rli",
+    "fulfillment": "ful",
+    "fulfillment_line": "fli",
+    "product": "prod",
+    "sku": "sku",
+    "line_number": "ln",
+}
+
+
+class IdFormat:
+    """How one reality writes identifiers: `ids(space, number)` -> the cell text.
+
+    A pure function of (seed, format, space, number), so a line item's parent id is written exactly
+    as the parent's own id cell. `prefixed` and `hex` scramble the number with an affine bijection
+    modulo base**width (never two numbers to one text below 2 billion); `uuid` hashes it (128 bits).
+    """
+
+    def __init__(self, seed: int, style: str) -> None:
+        if style not in ID_FORMATS:
+            raise ValueError(f"id format {style!r} is not one of {ID_FORMATS}")
+        self.seed = seed
+        self.style = style
+        self._affine: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def __call__(self, space: str, number: int) -> str:
+        if self.style == "plain":
+            return str(number)
+        if self.style == "zero_padded":
+            return f"{number:0{ZERO_PADDED_WIDTH}d}"
+        if self.style == "prefixed":
+            return f"{ID_PREFIXES[space]}_{self._scrambled(space, number, 36, 6)}"
+        if self.style == "hex":
+            return self._scrambled(space, number, 16, 8)
+        digest = hashlib.blake2b(f"{self.seed}\x1f{space}\x1f{number}".encode(), digest_size=16).digest()
+        return str(uuid.UUID(bytes=digest, version=4))
+
+    def _scrambled(self, space: str, number: int, base: int, width: int) -> str:
+        multiplier, offset = self._affine_for(space, base)
+        value = (multiplier * number + offset) % base**width
+        digits = []
+        for _ in range(width):
+            value, digit = divmod(value, base)
+            digits.append(BASE36[digit])
+        return "".join(reversed(digits))
+
+    def _affine_for(self, space: str, base: int) -> tuple[int, int]:
+        """A multiplier coprime with the modulus (no factor 2 or 3 of 36 and 16) and an offset."""
+        known = self._affine.get((space, base))
+        if known is None:
+            dice = Dice(self.seed, "ids", space)
+            multiplier = dice.integer(10**6, 10**9) | 1
+            while multiplier % 3 == 0:
+                multiplier += 2
+            known = self._affine[(space, base)] = (multiplier, dice.integer(0, 10**9))
+        return known
 
 
 # ------------------------------------------------------------------- row slots
@@ -410,6 +548,15 @@ def _slots_in(count: int, slot_at: Callable[[int], Slot], span: Span) -> Iterato
         yield slot
 
 
+def _count_in(count: int, slot_at: Callable[[int], Slot], span: Span) -> int:
+    """How many slots of one source fall within the span, by bisection on both ends."""
+    first = 0 if span.start is None else bisect.bisect_left(range(count), span.start, key=lambda i: slot_at(i).at)
+    if span.end is None:
+        return count - first
+    bisect_end = bisect.bisect_right if span.end_inclusive else bisect.bisect_left
+    return max(0, bisect_end(range(count), span.end, key=lambda i: slot_at(i).at) - first)
+
+
 class Timeline:
     """Where every base row of every export type sits in time; line rows take their parent's date."""
 
@@ -430,6 +577,11 @@ class Timeline:
             return Slot(self.parent_at(table.code, index), index, index, 1, lines_of_parent(index))
         parent, number = line_position(index)
         return Slot(self.parent_at(table.parent_code, parent), index, parent, number, lines_of_parent(parent))
+
+    def count(self, table: ExportTable, batches: Iterable[AddedBatch], span: Span) -> int:
+        """How many rows of a type fall within the span, without building them."""
+        total = _count_in(self.base_count(table), lambda i: self.base_slot(table, i), span)
+        return total + sum(_count_in(batch.count, batch.slot, span) for batch in batches)
 
     def slots(self, table: ExportTable, batches: Iterable[AddedBatch], span: Span) -> Iterator[Slot]:
         """Every row of a type within the span, in date order (base rows and added batches merged)."""
@@ -484,10 +636,11 @@ RETURN_BASE, RETURN_LINE_BASE, FULFILLMENT_BASE, FULFILLMENT_LINE_BASE = 7_001, 
 class RowFactory:
     """Builds each export type's row (label -> typed value) from (seed, type, slot) alone."""
 
-    def __init__(self, seed: int, store: str, customers: int) -> None:
+    def __init__(self, seed: int, store: str, customers: int, ids: IdFormat) -> None:
         self.seed = seed
         self.store = store
         self.customers = customers
+        self.ids = ids
 
     # ---------------------------------------------------------- shared parts
 
@@ -521,12 +674,11 @@ class RowFactory:
             return LONG_NOTE
         return dice.choice(NOTES) if dice.chance(probability) else None
 
-    @staticmethod
-    def _line_product(line: Line) -> Row:
+    def _line_product(self, line: Line) -> Row:
         return {
-            "Product ID": line.product.id,
+            "Product ID": self.ids("product", line.product.id),
             "Product Title": line.product.title,
-            "SKU": line.product.sku,
+            "SKU": self.ids("sku", line.product.id),
             "Quantity": line.quantity,
         }
 
@@ -540,11 +692,12 @@ class RowFactory:
         shipping = money(dice.choice(("0.00", "4.99", "9.99")))
         discount = money(subtotal * dice.choice((Decimal(0), Decimal(0), Decimal("0.10"))))
         total = subtotal + shipping - discount
+        status = dice.choice(ORDER_STATUSES)
         return {
-            "Order Number": ORDER_BASE + slot.parent,
+            "Order Number": self.ids("order", ORDER_BASE + slot.parent),
             "Date Created": slot.at,
-            "Status": dice.choice(ORDER_STATUSES),
-            "Customer ID": customer.id,
+            "Status": status,
+            "Customer ID": self.ids("customer", customer.id),
             "Customer Email": customer.email,
             "Customer Name": f"{customer.first_name} {customer.last_name}",
             "Currency": profile.currency,
@@ -563,17 +716,25 @@ class RowFactory:
             if dice.chance(0.6)
             else None,
             "Metadata Sales Channel": dice.choice(SALES_CHANNELS) if slot.at >= DRIFT_AT else None,
+            **self._order_changelog_cells(slot, status),
         }
+
+    def _order_changelog_cells(self, slot: Slot, status: str) -> Row:
+        """Values of the order columns the changelog added (GCLID 2025-08-20, cancellation date 2025-09-19)."""
+        dice = Dice(self.seed, "order_list", "changelog", slot.parent)
+        gclid = f"Cj0KCQiA{dice.hex(24)}" if dice.chance(0.4) else None
+        canceled = slot.at + dt.timedelta(minutes=dice.integer(5, 4_000)) if status == "canceled" else None
+        return {"GCLID": gclid, "Cancellation Date": canceled}
 
     def order_line_items(self, slot: Slot) -> Row:
         dice = Dice(self.seed, "order_line_items", "row", slot.index)
         line = self.line("order_list", slot.parent, slot.line_number)
         profile = self.profile("order_list", slot.parent)
         return {
-            "Line ID": ORDER_LINE_BASE + slot.index,
-            "Order Number": ORDER_BASE + slot.parent,
+            "Line ID": self.ids("order_line", ORDER_LINE_BASE + slot.index),
+            "Order Number": self.ids("order", ORDER_BASE + slot.parent),
             "Order Date Created": slot.at,
-            "Line Number": slot.line_number,
+            "Line Number": self.ids("line_number", slot.line_number),
             **self._line_product(line),
             "Unit Price Incl Tax": line.product.price,
             "Total Incl Tax": line.total,
@@ -590,7 +751,7 @@ class RowFactory:
         customer = self.customer(slot.index)
         orders = dice.integer(0, 12)
         return {
-            "Customer ID": customer.id,
+            "Customer ID": self.ids("customer", customer.id),
             "Date Joined": slot.at,
             "Email": customer.email,
             "First Name": customer.first_name,
@@ -604,7 +765,15 @@ class RowFactory:
             "Tags": sorted({dice.choice(TAGS) for _ in range(dice.integer(0, 3))}),
             "Metadata": {"loyalty_tier": dice.choice(("bronze", "silver", "gold"))} if dice.chance(0.4) else None,
             "Last Login": slot.at + dt.timedelta(seconds=dice.integer(60, 20 * 86_400)) if dice.chance(0.7) else None,
+            **self._customer_changelog_cells(slot, orders),
         }
+
+    def _customer_changelog_cells(self, slot: Slot, orders: int) -> Row:
+        """Values of the customer columns the changelog added 2025-10-16 (first/last purchase dates)."""
+        dice = Dice(self.seed, "customer_list", "changelog", slot.index)
+        first = slot.at + dt.timedelta(minutes=dice.integer(1, 3 * 1_440)) if orders else None
+        last = first + dt.timedelta(days=dice.integer(1, 40)) if first and orders > 1 else first
+        return {"First Purchase Date": first, "Last Purchase Date": last}
 
     # ---------------------------------------------------- payments, disputes
 
@@ -614,9 +783,9 @@ class RowFactory:
         method = dice.choice(PAYMENT_METHODS)
         country = dice.choice(CITIES)[3]
         return {
-            "Transaction ID": TRANSACTION_BASE + slot.index,
+            "Transaction ID": self.ids("transaction", TRANSACTION_BASE + slot.index),
             "Date Created": slot.at,
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Order Number": self.ids("order", ORDER_BASE + dice.integer(0, self.customers - 1)),
             "Type": dice.choice(TRANSACTION_TYPES),
             "Status": status,
             "Amount": money(Decimal(dice.integer(499, 25_000)) / 100),
@@ -638,10 +807,10 @@ class RowFactory:
         dice = Dice(self.seed, "dispute_list", "row", slot.index)
         customer = self.customer(dice.integer(0, self.customers - 1))
         return {
-            "Dispute ID": DISPUTE_BASE + slot.index,
+            "Dispute ID": self.ids("dispute", DISPUTE_BASE + slot.index),
             "Date Created": slot.at,
-            "Transaction ID": TRANSACTION_BASE + dice.integer(0, self.customers - 1),
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Transaction ID": self.ids("transaction", TRANSACTION_BASE + dice.integer(0, self.customers - 1)),
+            "Order Number": self.ids("order", ORDER_BASE + dice.integer(0, self.customers - 1)),
             "Status": dice.choice(DISPUTE_STATUSES),
             "Reason": dice.choice(DISPUTE_REASONS),
             "Amount": money(Decimal(dice.integer(499, 25_000)) / 100),
@@ -660,10 +829,10 @@ class RowFactory:
         status, interval, count = dice.choice(SUBSCRIPTION_STATUSES), dice.choice(INTERVALS), dice.integer(1, 3)
         days = {"day": 1, "week": 7, "month": 30}[interval] * count
         return {
-            "Subscription ID": SUBSCRIPTION_BASE + slot.parent,
+            "Subscription ID": self.ids("subscription", SUBSCRIPTION_BASE + slot.parent),
             "Date Created": slot.at,
             "Status": status,
-            "Customer ID": profile.customer.id,
+            "Customer ID": self.ids("customer", profile.customer.id),
             "Customer Email": profile.customer.email,
             "Interval": interval,
             "Interval Count": count,
@@ -680,8 +849,8 @@ class RowFactory:
         dice = Dice(self.seed, "subscription_line_items", "row", slot.index)
         line = self.line("subscription_list", slot.parent, slot.line_number)
         return {
-            "Subscription Line ID": SUBSCRIPTION_LINE_BASE + slot.index,
-            "Subscription ID": SUBSCRIPTION_BASE + slot.parent,
+            "Subscription Line ID": self.ids("subscription_line", SUBSCRIPTION_LINE_BASE + slot.index),
+            "Subscription ID": self.ids("subscription", SUBSCRIPTION_BASE + slot.parent),
             "Subscription Date Created": slot.at,
             **self._line_product(line),
             "Unit Price Incl Tax": line.product.price,
@@ -698,7 +867,7 @@ class RowFactory:
         subtotal = money(sum(line.total for line in self.lines("open_cart_list", slot)))
         voucher = f"SAVE{dice.integer(5, 30)}" if dice.chance(0.2) else None
         return {
-            "Cart ID": CART_BASE + slot.parent,
+            "Cart ID": self.ids("cart", CART_BASE + slot.parent),
             "Date Created": slot.at,
             "Customer Email": profile.customer.email if known else None,
             "Customer Name": f"{profile.customer.first_name} {profile.customer.last_name}" if known else None,
@@ -717,8 +886,8 @@ class RowFactory:
     def open_cart_line_items(self, slot: Slot) -> Row:
         line = self.line("open_cart_list", slot.parent, slot.line_number)
         return {
-            "Cart Line ID": CART_LINE_BASE + slot.index,
-            "Cart ID": CART_BASE + slot.parent,
+            "Cart Line ID": self.ids("cart_line", CART_LINE_BASE + slot.index),
+            "Cart ID": self.ids("cart", CART_BASE + slot.parent),
             "Cart Date Created": slot.at,
             **self._line_product(line),
             "Unit Price Incl Tax": line.product.price,
@@ -732,9 +901,9 @@ class RowFactory:
         profile = self.profile("return_list", slot.parent)
         refund = money(sum(line.total for line in self.lines("return_list", slot)))
         return {
-            "Return ID": RETURN_BASE + slot.parent,
+            "Return ID": self.ids("return", RETURN_BASE + slot.parent),
             "Date Created": slot.at,
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Order Number": self.ids("order", ORDER_BASE + dice.integer(0, self.customers - 1)),
             "Status": dice.choice(RETURN_STATUSES),
             "Reason": dice.choice(RETURN_REASONS),
             "Customer Email": profile.customer.email,
@@ -750,12 +919,12 @@ class RowFactory:
         dice = Dice(self.seed, "return_line_items", "row", slot.index)
         line = self.line("return_list", slot.parent, slot.line_number)
         return {
-            "Return Line ID": RETURN_LINE_BASE + slot.index,
-            "Return ID": RETURN_BASE + slot.parent,
+            "Return Line ID": self.ids("return_line", RETURN_LINE_BASE + slot.index),
+            "Return ID": self.ids("return", RETURN_BASE + slot.parent),
             "Return Date Created": slot.at,
-            "Order Line ID": ORDER_LINE_BASE + dice.integer(0, 2 * self.customers),
+            "Order Line ID": self.ids("order_line", ORDER_LINE_BASE + dice.integer(0, 2 * self.customers)),
             "Product Title": line.product.title,
-            "SKU": line.product.sku,
+            "SKU": self.ids("sku", line.product.id),
             "Quantity": line.quantity,
             "Refund Amount": line.total,
             "Condition": dice.choice(CONDITIONS),
@@ -770,9 +939,9 @@ class RowFactory:
         shipped = status in ("shipped", "delivered")
         tracking = f"{dice.integer(10**11, 10**12 - 1)}" if shipped else None
         return {
-            "Fulfillment ID": FULFILLMENT_BASE + slot.parent,
+            "Fulfillment ID": self.ids("fulfillment", FULFILLMENT_BASE + slot.parent),
             "Date Created": slot.at,
-            "Order Number": ORDER_BASE + dice.integer(0, self.customers - 1),
+            "Order Number": self.ids("order", ORDER_BASE + dice.integer(0, self.customers - 1)),
             "Status": status,
             "Location Name": dice.choice(LOCATIONS),
             "Carrier": dice.choice(CARRIERS) if shipped else None,
@@ -788,12 +957,12 @@ class RowFactory:
         dice = Dice(self.seed, "fulfillment_line_items", "row", slot.index)
         line = self.line("fulfillment_list", slot.parent, slot.line_number)
         return {
-            "Fulfillment Line ID": FULFILLMENT_LINE_BASE + slot.index,
-            "Fulfillment ID": FULFILLMENT_BASE + slot.parent,
+            "Fulfillment Line ID": self.ids("fulfillment_line", FULFILLMENT_LINE_BASE + slot.index),
+            "Fulfillment ID": self.ids("fulfillment", FULFILLMENT_BASE + slot.parent),
             "Fulfillment Date Created": slot.at,
-            "Order Line ID": ORDER_LINE_BASE + dice.integer(0, 2 * self.customers),
+            "Order Line ID": self.ids("order_line", ORDER_LINE_BASE + dice.integer(0, 2 * self.customers)),
             "Product Title": line.product.title,
-            "SKU": line.product.sku,
+            "SKU": self.ids("sku", line.product.id),
             "Quantity": line.quantity,
             "Lot Number": f"LOT-{dice.integer(1000, 9999)}-{dice.choice(('A', 'B'))}" if dice.chance(0.5) else None,
         }
@@ -809,7 +978,7 @@ class RowFactory:
 
 @dataclass(frozen=True)
 class Column:
-    """One CSV column: its header label, the kind of its values, and the tap's record key."""
+    """One CSV column as the emulator's rows name it: its canonical label and the kind of its values."""
 
     label: str
     kind: str
@@ -824,6 +993,8 @@ class ExportTable:
     """One export type: its columns, id and date columns, parent type, and how its rows are built.
 
     `late_column` appears only in files whose window reaches `late_since` (schema drift).
+    `changelog_columns` are the columns the vendor's changelog added to this type; a reality
+    (`Reality.extra_columns`) says which of them its files carry.
     """
 
     code: str
@@ -836,24 +1007,15 @@ class ExportTable:
     parent_id_label: str | None = None
     late_column: Column | None = None
     late_since: dt.datetime | None = None
+    changelog_columns: tuple[Column, ...] = ()
 
     @property
     def stream_name(self) -> str:
         return STREAM_PREFIX + self.code
 
-    def file_columns(self, window_end: dt.datetime, with_new_column: bool) -> tuple[Column, ...]:
-        columns = self.columns
-        if self.late_column is not None and self.late_since is not None and window_end >= self.late_since:
-            columns += (self.late_column,)
-        if with_new_column:
-            columns += (NEW_COLUMN,)
-        return columns
-
-    def record_columns(self, at: dt.datetime) -> tuple[Column, ...]:
-        """The columns a canonical record of a row dated `at` has (the late column only after drift)."""
-        if self.late_column is not None and self.late_since is not None and at >= self.late_since:
-            return (*self.columns, self.late_column)
-        return self.columns
+    def has_late_column(self, at: dt.datetime | None) -> bool:
+        """Whether a file whose window reaches `at` (or a row dated `at`) has the late column."""
+        return self.late_column is not None and self.late_since is not None and at is not None and at >= self.late_since
 
 
 NEW_COLUMN = Column("Metadata Affiliate Code", STRING)
@@ -873,11 +1035,11 @@ def _line_table(
     build: Callable[[RowFactory, Slot], Row],
     rest: tuple[tuple[str, str], ...],
 ) -> ExportTable:
-    columns = _columns((line_id, INTEGER), (parent_id, INTEGER), (date_label, DATETIME), *rest)
+    columns = _columns((line_id, ID), (parent_id, ID), (date_label, DATETIME), *rest)
     return ExportTable(code, name, line_id, date_label, columns, build, parent_code, parent_id)
 
 
-_PRODUCT_COLUMNS = (("Product ID", INTEGER), ("Product Title", STRING), ("SKU", STRING), ("Quantity", INTEGER))
+_PRODUCT_COLUMNS = (("Product ID", ID), ("Product Title", STRING), ("SKU", ID), ("Quantity", INTEGER))
 
 TABLES: dict[str, ExportTable] = {
     table.code: table
@@ -888,10 +1050,10 @@ TABLES: dict[str, ExportTable] = {
             "Order Number",
             "Date Created",
             _columns(
-                ("Order Number", INTEGER),
+                ("Order Number", ID),
                 ("Date Created", DATETIME),
                 ("Status", STRING),
-                ("Customer ID", INTEGER),
+                ("Customer ID", ID),
                 ("Customer Email", STRING),
                 ("Customer Name", STRING),
                 ("Currency", STRING),
@@ -911,6 +1073,7 @@ TABLES: dict[str, ExportTable] = {
             RowFactory.order_list,
             late_column=Column("Metadata Sales Channel", STRING),
             late_since=DRIFT_AT,
+            changelog_columns=_columns(("GCLID", STRING), ("Cancellation Date", STRING)),
         ),
         _line_table(
             "order_line_items",
@@ -921,7 +1084,7 @@ TABLES: dict[str, ExportTable] = {
             "Order Date Created",
             RowFactory.order_line_items,
             (
-                ("Line Number", INTEGER),
+                ("Line Number", ID),
                 *_PRODUCT_COLUMNS,
                 ("Unit Price Incl Tax", NUMBER),
                 ("Total Incl Tax", NUMBER),
@@ -937,7 +1100,7 @@ TABLES: dict[str, ExportTable] = {
             "Customer ID",
             "Date Joined",
             _columns(
-                ("Customer ID", INTEGER),
+                ("Customer ID", ID),
                 ("Date Joined", DATETIME),
                 ("Email", STRING),
                 ("First Name", STRING),
@@ -953,6 +1116,7 @@ TABLES: dict[str, ExportTable] = {
                 ("Last Login", DATETIME),
             ),
             RowFactory.customer_list,
+            changelog_columns=_columns(("First Purchase Date", STRING), ("Last Purchase Date", STRING)),
         ),
         ExportTable(
             "transaction_list",
@@ -960,9 +1124,9 @@ TABLES: dict[str, ExportTable] = {
             "Transaction ID",
             "Date Created",
             _columns(
-                ("Transaction ID", INTEGER),
+                ("Transaction ID", ID),
                 ("Date Created", DATETIME),
-                ("Order Number", INTEGER),
+                ("Order Number", ID),
                 ("Type", STRING),
                 ("Status", STRING),
                 ("Amount", NUMBER),
@@ -983,10 +1147,10 @@ TABLES: dict[str, ExportTable] = {
             "Dispute ID",
             "Date Created",
             _columns(
-                ("Dispute ID", INTEGER),
+                ("Dispute ID", ID),
                 ("Date Created", DATETIME),
-                ("Transaction ID", INTEGER),
-                ("Order Number", INTEGER),
+                ("Transaction ID", ID),
+                ("Order Number", ID),
                 ("Status", STRING),
                 ("Reason", STRING),
                 ("Amount", NUMBER),
@@ -1004,10 +1168,10 @@ TABLES: dict[str, ExportTable] = {
             "Subscription ID",
             "Date Created",
             _columns(
-                ("Subscription ID", INTEGER),
+                ("Subscription ID", ID),
                 ("Date Created", DATETIME),
                 ("Status", STRING),
-                ("Customer ID", INTEGER),
+                ("Customer ID", ID),
                 ("Customer Email", STRING),
                 ("Interval", STRING),
                 ("Interval Count", INTEGER),
@@ -1037,7 +1201,7 @@ TABLES: dict[str, ExportTable] = {
             "Cart ID",
             "Date Created",
             _columns(
-                ("Cart ID", INTEGER),
+                ("Cart ID", ID),
                 ("Date Created", DATETIME),
                 ("Customer Email", STRING),
                 ("Customer Name", STRING),
@@ -1068,9 +1232,9 @@ TABLES: dict[str, ExportTable] = {
             "Return ID",
             "Date Created",
             _columns(
-                ("Return ID", INTEGER),
+                ("Return ID", ID),
                 ("Date Created", DATETIME),
-                ("Order Number", INTEGER),
+                ("Order Number", ID),
                 ("Status", STRING),
                 ("Reason", STRING),
                 ("Customer Email", STRING),
@@ -1092,9 +1256,9 @@ TABLES: dict[str, ExportTable] = {
             "Return Date Created",
             RowFactory.return_line_items,
             (
-                ("Order Line ID", INTEGER),
+                ("Order Line ID", ID),
                 ("Product Title", STRING),
-                ("SKU", STRING),
+                ("SKU", ID),
                 ("Quantity", INTEGER),
                 ("Refund Amount", NUMBER),
                 ("Condition", STRING),
@@ -1106,9 +1270,9 @@ TABLES: dict[str, ExportTable] = {
             "Fulfillment ID",
             "Date Created",
             _columns(
-                ("Fulfillment ID", INTEGER),
+                ("Fulfillment ID", ID),
                 ("Date Created", DATETIME),
-                ("Order Number", INTEGER),
+                ("Order Number", ID),
                 ("Status", STRING),
                 ("Location Name", STRING),
                 ("Carrier", STRING),
@@ -1130,15 +1294,182 @@ TABLES: dict[str, ExportTable] = {
             "Fulfillment Date Created",
             RowFactory.fulfillment_line_items,
             (
-                ("Order Line ID", INTEGER),
+                ("Order Line ID", ID),
                 ("Product Title", STRING),
-                ("SKU", STRING),
+                ("SKU", ID),
                 ("Quantity", INTEGER),
                 ("Lot Number", STRING),
             ),
         ),
     )
 }
+
+
+# ------------------------------------------------------------------- realities
+
+HEADER_STYLES = ("title", "snake", "upper", "sentence", "mixed")
+ROW_CAP_BEHAVIORS = ("truncate", "refuse")
+#: Names the draw of realities; picked among a few thousand so that the suite's seeds (7, 11, 23, 42)
+#: get four different id formats, header styles and sets of extra columns, and both row-cap behaviours
+#: (the table in the module docstring). Changing it gives every seed another reality.
+REALITY_SALT = "reality-535"
+#: Changelog columns that arrived together (NOTES.md); a reality carries a group whole or not at all.
+CHANGELOG_GROUPS = (("GCLID",), ("Cancellation Date",), ("First Purchase Date", "Last Purchase Date"))
+#: Columns that carry the awkward cells the suite relies on (a 100 KB note, quoted commas and newlines,
+#: non-ASCII names): never left out.
+AWKWARD_LABELS = frozenset(
+    {"Notes", "Shipping Address", "Default Address", "Product Title", "Customer Name", "First Name", "Last Name"}
+)
+#: The one guessed column of each type that messy-cells mode names otherwise: (label, other label).
+MESSY_RENAMES = {
+    "order_list": ("Shipping Country", "Ship To Country"),
+    "order_line_items": ("Fulfillment Status", "Fulfilment Status"),
+    "customer_list": ("Language", "Preferred Language"),
+    "transaction_list": ("Gateway", "Payment Gateway"),
+    "dispute_list": ("Reason", "Dispute Reason"),
+    "subscription_list": ("Interval", "Billing Interval"),
+    "subscription_line_items": ("Product Title", "Product Name"),
+    "open_cart_list": ("Checkout URL", "Recovery URL"),
+    "open_cart_line_items": ("Product Title", "Product Name"),
+    "return_list": ("Reason", "Return Reason"),
+    "return_line_items": ("Condition", "Item Condition"),
+    "fulfillment_list": ("Location Name", "Warehouse"),
+    "fulfillment_line_items": ("Lot Number", "Batch Number"),
+}
+NOT_A_NUMBER, OTHER_DATETIME_FORMAT, YES_NO, NOT_JSON = "not_a_number", "other_datetime_format", "yes_no", "not_json"
+OTHER_DATETIME_PATTERN = "%m/%d/%Y %I:%M %p"
+
+
+def spell(label: str, style: str) -> str:
+    """A header label in one of HEADER_STYLES; every spelling has the same lower snake_case key."""
+    if style == "snake":
+        return snake_case(label)
+    if style == "upper":
+        return label.upper()
+    if style == "sentence":
+        return label[:1].upper() + label[1:].lower() + " "
+    return label
+
+
+def shuffled(items: Iterable[Any], dice: Dice) -> list[Any]:
+    """Fisher-Yates with the dice: the same dice give the same order."""
+    order = list(items)
+    for last in range(len(order) - 1, 0, -1):
+        other = dice.integer(0, last)
+        order[last], order[other] = order[other], order[last]
+    return order
+
+
+def left_out(seed: int, table: ExportTable, count: int) -> tuple[str, ...]:
+    """Up to `count` optional columns a reality leaves out of a type's files.
+
+    Never an identifier, the date the window filters on, a boolean/JSON/date-time column, the
+    column messy-cells mode renames, a column carrying awkward cells, nor the type's last numeric
+    column (messy-cells mode needs one of each kind to damage).
+    """
+    protected = {table.date_label, MESSY_RENAMES[table.code][0], *AWKWARD_LABELS}
+    candidates = [c for c in table.columns if c.kind in (STRING, NUMBER, INTEGER) and c.label not in protected]
+    numeric = sum(c.kind in (NUMBER, INTEGER) for c in table.columns)
+    dropped: list[str] = []
+    for column in shuffled(candidates, Dice(seed, "missing", table.code)):
+        if len(dropped) == count:
+            break
+        if column.kind != STRING:
+            if numeric == 1:
+                continue
+            numeric -= 1
+        dropped.append(column.label)
+    return tuple(dropped)
+
+
+@dataclass(frozen=True)
+class FileColumn:
+    """A column as one reality's files write it: the emulator's column and the header text for it."""
+
+    column: Column
+    header: str
+
+    @property
+    def key(self) -> str:
+        """The tap's record key: lower snake_case of the header (engine/csv_records.py: header_key)."""
+        return snake_case(self.header)
+
+
+@dataclass(frozen=True)
+class Reality:
+    """What the vendor does not publish, as one seed has it (see the module docstring)."""
+
+    seed: int
+    id_format: str
+    header_style: str
+    #: Labels of the changelog columns this reality's files carry.
+    extra_columns: tuple[str, ...]
+    missing_per_type: int
+    #: (type code, label) of every column left out of that type's files.
+    missing_columns: tuple[tuple[str, str], ...]
+    row_cap_behavior: str
+
+    @classmethod
+    def of_seed(cls, seed: int) -> Reality:
+        dice = Dice(seed, REALITY_SALT)
+        id_format = dice.choice(ID_FORMATS)
+        header_style = dice.choice(HEADER_STYLES)
+        groups = [group for group in CHANGELOG_GROUPS if dice.chance(0.5)] or [dice.choice(CHANGELOG_GROUPS)]
+        missing_per_type = dice.integer(0, 2)
+        behavior = dice.choice(ROW_CAP_BEHAVIORS)
+        missing = tuple(
+            (code, label) for code, table in TABLES.items() for label in left_out(seed, table, missing_per_type)
+        )
+        extras = tuple(label for group in groups for label in group)
+        return cls(seed, id_format, header_style, extras, missing_per_type, missing, behavior)
+
+    def spelled(self, label: str) -> str:
+        """The header text of a label; `mixed` spells each label its own way (the same in every type)."""
+        style = self.header_style
+        if style == "mixed":
+            style = Dice(self.seed, "header", label).choice(HEADER_STYLES[:-1])
+        return spell(label, style)
+
+    def base_columns(self, table: ExportTable, *, messy: bool) -> tuple[FileColumn, ...]:
+        """A type's columns in this reality's file order, without the late column and fault columns."""
+        missing = {label for code, label in self.missing_columns if code == table.code}
+        extras = [column for column in table.changelog_columns if column.label in self.extra_columns]
+        present = [column for column in (*table.columns, *extras) if column.label not in missing]
+        renamed, other_label = MESSY_RENAMES[table.code] if messy else ("", "")
+        return tuple(
+            FileColumn(column, self.spelled(other_label if column.label == renamed else column.label))
+            for column in shuffled(present, Dice(self.seed, "column order", table.code))
+        )
+
+    def file_columns(
+        self, table: ExportTable, reaches: dt.datetime | None, *, messy: bool, with_new_column: bool = False
+    ) -> tuple[FileColumn, ...]:
+        """The columns of a file whose window reaches `reaches`: the late column and fault column come last,
+        as columns added to an export do."""
+        columns = self.base_columns(table, messy=messy)
+        if table.late_column is not None and table.has_late_column(reaches):
+            columns += (FileColumn(table.late_column, self.spelled(table.late_column.label)),)
+        if with_new_column:
+            columns += (FileColumn(NEW_COLUMN, self.spelled(NEW_COLUMN.label)),)
+        return columns
+
+    def messy_targets(self, table: ExportTable) -> dict[str, str]:
+        """Label -> what messy-cells mode does to it: the first present column of each kind it damages."""
+        present = [fc.column for fc in self.base_columns(table, messy=False)]
+        ordered = [column for column in table.columns if column in present]
+        wanted = (
+            (NOT_A_NUMBER, lambda c: c.kind == NUMBER),
+            (NOT_A_NUMBER, lambda c: c.kind == INTEGER),
+            (OTHER_DATETIME_FORMAT, lambda c: c.kind == DATETIME and c.label != table.date_label),
+            (YES_NO, lambda c: c.kind == BOOLEAN),
+            (NOT_JSON, lambda c: c.kind == JSON),
+        )
+        targets: dict[str, str] = {}
+        for mess, fits in wanted:
+            column = next((c for c in ordered if fits(c)), None)
+            if column is not None and mess not in targets.values():
+                targets[column.label] = mess
+        return targets
 
 
 # ------------------------------------------------------------------- CSV values
@@ -1157,6 +1488,38 @@ def csv_cell(value: Any, zone: dt.tzinfo) -> str:
     return str(value)
 
 
+def messy_cell(mess: str | None, index: int, value: Any, cell: str, zone: dt.tzinfo) -> str:
+    """A cell as messy-cells mode writes it. Rows are chosen by their index with a different period per
+    mess, so damaged cells are spread over every file and rarely all in its first row."""
+    if mess == NOT_A_NUMBER and index % 4 == 1:
+        return "N/A"
+    if mess == OTHER_DATETIME_FORMAT and index % 3 == 2 and isinstance(value, dt.datetime):
+        return value.astimezone(zone).strftime(OTHER_DATETIME_PATTERN)
+    if mess == YES_NO and index % 2 == 1 and isinstance(value, bool):
+        return "yes" if value else "no"
+    if mess == NOT_JSON and index % 4 == 3:
+        return not_json(value)
+    return cell
+
+
+def not_json(value: Any) -> str:
+    """A JSON cell's value as a legacy exporter writes it (`{utm_source=google, ab_variant=B}`, `[vip,
+    wholesale]`, `n/a`): words without quotes, so never valid JSON."""
+    if isinstance(value, dict) and value:
+        return "{" + ", ".join(f"{key}={item}" for key, item in value.items()) + "}"
+    if isinstance(value, list) and value:
+        return "[" + ", ".join(map(str, value)) + "]"
+    return "n/a"
+
+
+def expected_value(column: Column, value: Any, zone: dt.tzinfo) -> Any:
+    """A typed value as the tap emits it: text columns (identifiers, columns the tap does not know)
+    exactly as the cell is written, empty as None; other kinds typed."""
+    if column.kind in (STRING, ID):
+        return csv_cell(value, zone) or None
+    return record_value(value)
+
+
 # ------------------------------------------------------------------------ files
 
 
@@ -1169,8 +1532,10 @@ class ExportFile:
     span: Span
     batches: tuple[AddedBatch, ...]
     row_cap: int
-    columns: tuple[Column, ...]
+    columns: tuple[FileColumn, ...]
     content_faults: frozenset[str]
+    #: Label -> mess of messy-cells mode (empty when the mode was off as the export was created).
+    messes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -1202,17 +1567,31 @@ class CsvRenderer:
         for slot in itertools.islice(slots, file.row_cap):
             yield slot, file.table.build(self.factory, slot)
 
+    def cells(
+        self, table: ExportTable, columns: Iterable[FileColumn], slot: Slot, row: Row, messes: dict[str, str]
+    ) -> list[str]:
+        """One row's cells as a file of these columns writes them (also `raw_rows`' source)."""
+        cells = []
+        for file_column in columns:
+            column = file_column.column
+            if column is NEW_COLUMN:
+                cells.append(csv_cell(self.factory.new_column_value(table.code, slot), self.zone))
+                continue
+            value = row[column.label]
+            cells.append(messy_cell(messes.get(column.label), slot.index, value, csv_cell(value, self.zone), self.zone))
+        return cells
+
     def lines(self, file: ExportFile) -> Iterator[bytes]:
         """The file line by line (a line may hold embedded newlines inside quoted fields)."""
         faults = file.content_faults
         if "empty_file" in faults:
             return
-        yield self._line([column.label for column in file.columns])
+        yield self._line([column.header for column in file.columns])
         if "header_only" in faults:
             return
+        messes = dict(file.messes)
         for number, (slot, row) in enumerate(self.rows(file), start=1):
-            cells = [self._cell(file, column, slot, row) for column in file.columns]
-            yield self._faulty_line(cells, number == 1, file)
+            yield self._faulty_line(self.cells(file.table, file.columns, slot, row, messes), number == 1, file)
 
     def chunks(self, file: ExportFile) -> Iterator[bytes]:
         return chunked(self.lines(file))
@@ -1233,17 +1612,12 @@ class CsvRenderer:
         if line:
             yield b'"Unterminated'
 
-    def _cell(self, file: ExportFile, column: Column, slot: Slot, row: Row) -> str:
-        if column is NEW_COLUMN:
-            return csv_cell(self.factory.new_column_value(file.table.code, slot), self.zone)
-        return csv_cell(row[column.label], self.zone)
-
     def _faulty_line(self, cells: list[str], first_row: bool, file: ExportFile) -> bytes:
         faults = file.content_faults
         if first_row and "malformed_row" in faults:
             cells = [*cells, "unexpected, extra field"]
         if first_row and "bad_utf8" in faults:
-            target = next(i for i, column in enumerate(file.columns) if column.kind == STRING)
+            target = next(i for i, column in enumerate(file.columns) if column.column.kind == STRING)
             cells = [*cells[:target], cells[target] + BAD_UTF8_MARKER, *cells[target + 1 :]]
         line = self._line(cells)
         return line.replace(BAD_UTF8_MARKER.encode(), b" caf\xe9") if first_row else line  # Latin-1 "cafe"
@@ -1348,8 +1722,11 @@ class NextCommerceEmulator:
 
     Public knobs (change them on the instance at any time): `api_token`, `api_version`,
     `rate_per_second` and `rate_burst` (4 and 4), `page_size` (20), `row_cap` (100,000),
-    `download_url_ttl_seconds` (300). Counters for tests: `exports_created`, `download_urls_issued`,
-    `downloads`, `rate_limited`. `columns(export_type)` describes every column a type's files can have.
+    `row_cap_behavior` ("truncate" or "refuse"; default: the reality's), `messy_cells` (False; read
+    when an export is created), `download_url_ttl_seconds` (300). Counters for tests:
+    `exports_created`, `download_urls_issued`, `downloads`, `rate_limited`. `reality` is what this
+    seed makes of everything the vendor does not publish; `columns(export_type)` describes every
+    column a type's files can have in it.
     """
 
     def __init__(
@@ -1360,9 +1737,16 @@ class NextCommerceEmulator:
         rows_per_type: int | None = None,
         store: str = "sandbox",
         store_timezone: str = "America/Chicago",
+        messy_cells: bool = False,
+        row_cap_behavior: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.seed = seed
+        self.reality = Reality.of_seed(seed)
+        self.messy_cells = messy_cells
+        self.row_cap_behavior = row_cap_behavior or self.reality.row_cap_behavior
+        if self.row_cap_behavior not in ROW_CAP_BEHAVIORS:
+            raise ValueError(f"row_cap_behavior must be one of {ROW_CAP_BEHAVIORS}, got {row_cap_behavior!r}")
         self.rows_per_type = rows_per_type or DEFAULT_ROWS_PER_TYPE
         self.store = store
         self.store_timezone = store_timezone
@@ -1377,7 +1761,7 @@ class NextCommerceEmulator:
         self._bucket = TokenBucket(4, 4)
         self._zone = store_zone(store_timezone)
         self._timeline = Timeline(seed, self.rows_per_type)
-        self._factory = RowFactory(seed, store, self.rows_per_type)
+        self._factory = RowFactory(seed, store, self.rows_per_type, IdFormat(seed, self.reality.id_format))
         self._renderer = CsvRenderer(self._factory, self._timeline, self._zone)
         self._validator = SpecValidator(SPEC_FILE)
         self._signer = UrlSigner()
@@ -1445,15 +1829,25 @@ class NextCommerceEmulator:
         }
 
     def columns(self, export_type: str) -> list[dict[str, Any]]:
-        """Every column an export type's files can have: label, record key, kind, and when it appears."""
+        """Every column a type's files can have in this reality, in file order: header as written,
+        record key, kind (identifiers and columns the tap does not know are text), and since when
+        it appears (the late column)."""
         table = self._table(export_type)
-        described: list[dict[str, Any]] = [
-            {"label": c.label, "key": c.key, "kind": c.kind, "since": None} for c in table.columns
-        ]
-        if table.late_column is not None:
-            late = table.late_column
-            described.append({"label": late.label, "key": late.key, "kind": late.kind, "since": table.late_since})
-        return described
+        described = [self._describe(fc, None) for fc in self.reality.base_columns(table, messy=self.messy_cells)]
+        late = self.reality.file_columns(table, table.late_since, messy=self.messy_cells)[len(described) :]
+        return described + [self._describe(fc, table.late_since) for fc in late]
+
+    @staticmethod
+    def _describe(file_column: FileColumn, since: dt.datetime | None) -> dict[str, Any]:
+        column = file_column.column
+        kind = STRING if column.kind == ID else column.kind
+        return {
+            "label": file_column.header,
+            "key": file_column.key,
+            "kind": kind,
+            "identifier": column.kind == ID,
+            "since": since,
+        }
 
     def expected_records(
         self,
@@ -1464,20 +1858,54 @@ class NextCommerceEmulator:
     ) -> list[dict]:
         """The canonical records of a stream with `start <= date < end`, in file order, typed as the tap emits them.
 
-        No row cap applies (the tap must split windows to get them all). The drift column of
-        `order_list` is present only in records dated on/after it (see the module docstring).
+        No row cap applies (the tap must split windows to get them all). Identifiers and columns the
+        tap does not know are text exactly as written; columns this reality leaves out are absent;
+        the drift column of `order_list` is present only in records dated on/after it (see the
+        module docstring). Messy-cells files are not typed the tap's way: compare with `raw_rows`.
         """
+        if self.messy_cells:
+            raise NotImplementedError("messy-cells files are compared as text: use raw_rows()")
+        table = self._table(stream_name)
+        return [
+            {fc.key: expected_value(fc.column, row[fc.column.label], self._zone) for fc in columns}
+            for slot, row, columns in self._rows_with_columns(table, partition, start, end)
+        ]
+
+    def raw_rows(
+        self,
+        stream_name: str,
+        partition: dict | None = None,
+        start: dt.datetime | str | None = None,
+        end: dt.datetime | str | None = None,
+    ) -> list[dict[str, str]]:
+        """The rows of `expected_records` as the files write them: cell text exactly ('' when empty),
+        keyed by record key (lower snake_case of the header), messy cells included when the mode is on."""
+        table = self._table(stream_name)
+        messes = self.reality.messy_targets(table) if self.messy_cells else {}
+        return [
+            dict(zip([fc.key for fc in columns], self._renderer.cells(table, columns, slot, row, messes)))
+            for slot, row, columns in self._rows_with_columns(table, partition, start, end)
+        ]
+
+    def _rows_with_columns(
+        self,
+        table: ExportTable,
+        partition: dict | None,
+        start: dt.datetime | str | None,
+        end: dt.datetime | str | None,
+    ) -> Iterator[tuple[Slot, Row, tuple[FileColumn, ...]]]:
+        """Each row within `[start, end)` in file order, with the columns its record has."""
         if partition:
             raise ValueError("Next Commerce streams have no partitions")
-        table = self._table(stream_name)
         span = Span(as_utc(start), as_utc(end), end_inclusive=False)
         with self._lock:
             batches = tuple(self._batches.get(table.code, []))
-        records = []
+        layouts = {
+            late: self.reality.file_columns(table, table.late_since if late else None, messy=self.messy_cells)
+            for late in (False, True)
+        }
         for slot in self._timeline.slots(table, batches, span):
-            row = table.build(self._factory, slot)
-            records.append({column.key: record_value(row[column.label]) for column in table.record_columns(slot.at)})
-        return records
+            yield slot, table.build(self._factory, slot), layouts[table.has_late_column(slot.at)]
 
     def add_rows(
         self,
@@ -1588,8 +2016,24 @@ class NextCommerceEmulator:
             return json_response(errors, 400)
         date_from = parse_api_datetime(body["date_from"], self._zone)
         date_to = parse_api_datetime(body["date_to"], self._zone)
+        refusal = self._over_cap_refusal(body["type"], date_from, date_to)  # type: ignore[arg-type]
+        if refusal is not None:
+            return refusal
         export = self._new_export(body["type"], date_from, date_to)  # type: ignore[arg-type]
         return json_response(self._export_json(export), 201)
+
+    def _over_cap_refusal(self, export_type: str, date_from: dt.datetime, date_to: dt.datetime) -> Response | None:
+        """With `row_cap_behavior` "refuse": 400 for a window holding more than `row_cap` rows, in DRF's
+        shape for a problem of the whole body (the guess is explained in the module docstring)."""
+        if self.row_cap_behavior != "refuse":
+            return None
+        with self._lock:
+            batches = tuple(self._batches.get(export_type, []))
+        rows = self._timeline.count(TABLES[export_type], batches, Span(date_from, date_to, end_inclusive=True))
+        if rows <= self.row_cap:
+            return None
+        message = f"Exports are limited to {self.row_cap} objects; this export has {rows}. Narrow the date range."
+        return json_response({"non_field_errors": [message]}, 400)
 
     def _request_body(self, request: Request) -> tuple[Any, Response | None]:
         """The body as DRF's parsers read it: JSON, form or multipart; anything else is 415."""
@@ -1632,7 +2076,10 @@ class NextCommerceEmulator:
             export_id = len(self._exports) + 1
             batches = tuple(self._batches.get(export_type, []))
             name = f"{export_type}-{export_id}-{created:%Y%m%d%H%M%S}.csv"
-            columns = table.file_columns(date_to, with_new_column="new_column" in content_faults)
+            messy = self.messy_cells
+            columns = self.reality.file_columns(
+                table, date_to, messy=messy, with_new_column="new_column" in content_faults
+            )
             file = ExportFile(
                 name,
                 table,
@@ -1641,6 +2088,7 @@ class NextCommerceEmulator:
                 self.row_cap,
                 columns,
                 content_faults,
+                tuple(self.reality.messy_targets(table).items()) if messy else (),
             )
             export = Export(
                 export_id,

@@ -10,16 +10,23 @@ How Next Commerce spells the lifecycle:
   expired URL is replaced by asking the download endpoint again (no new export).
 
 `date_from`/`date_to` are both inclusive and the API works in whole seconds, so the window
-`[start, end)` is sent as `[start, end - 1 s]` on second boundaries. Exports are capped at
-`nextcommerce_export_row_cap` rows and silently truncated: the engine splits a window whose file
-holds the cap. Timestamps in the files are naive, in the store's timezone (`nextcommerce_store_timezone`).
-Requests are paced under the documented 4 requests/second per token, across all exports.
+`[start, end)` is sent as `[start, end - 1 s]` on second boundaries. Timestamps in the files are
+naive, in the store's timezone (`nextcommerce_store_timezone`). Requests are paced under the
+documented 4 requests/second per token, across all exports.
+
+The row cap (NOTES.md: "Exports are capped at 100,000 objects per export"; changelog 2025-08-06:
+"Users attempting to export more will see a warning"; whether an over-cap export is truncated or
+refused is not documented) is handled both ways, and either way the engine splits the window in
+halves and exports each: a file holding `nextcommerce_export_row_cap` rows may be truncated
+(engine/stream.py), and a create the API refuses because of the cap raises `ExportTooLarge`
+(`speaks_of_row_cap` says which refusals those are).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from itertools import islice
@@ -29,7 +36,7 @@ from urllib.parse import urlsplit
 from singer_sdk import typing as th
 
 from tap_commerce_exports.engine.csv_records import columns_from_spec, zone
-from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState, ExportTooLarge
 from tap_commerce_exports.engine.http import ApiClient, ApiError
 from tap_commerce_exports.engine.stream import ExportStream
 from tap_commerce_exports.engine.windows import UTC, Window
@@ -41,6 +48,11 @@ STATES = {"pending": ExportState.PENDING, "available": ExportState.READY}
 REUSE_WITHIN = dt.timedelta(days=1)
 #: Pages of the newest-first export list read for one status listing; older exports are polled alone.
 STATUS_LIST_PAGES = 3
+#: Statuses a create refused for its size could plausibly carry: DRF's validation error (400), a
+#: proxy's or framework's "payload too large" (413) and "unprocessable" (422).
+OVER_CAP_STATUSES = (400, 413, 422)
+CAP_WORDS = re.compile(r"\b(?:limit\w*|maximum|exceed\w*|too\s+many|too\s+large|too\s+big)\b", re.IGNORECASE)
+_URL = re.compile(r"\w+://\S+")
 
 
 def _whole_second(moment: dt.datetime) -> dt.datetime:
@@ -49,6 +61,34 @@ def _whole_second(moment: dt.datetime) -> dt.datetime:
 
 def _api_time(moment: dt.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def speaks_of_row_cap(status: int | None, body: str, row_cap: int | None) -> bool:
+    """Whether a refused `POST exports/` refuses the export for holding more rows than the cap.
+
+    The vendor documents the cap but not the refusal (NOTES.md), so this reads the answer the way a
+    person would: a 400, 413 or 422 whose body names the cap (the configured number, written with or
+    without thousands separators) or speaks of a limit, maximum, exceeding, too many or too large.
+    Any other refusal (a bad date, a bad type) stays an error.
+    """
+    if status not in OVER_CAP_STATUSES:
+        return False
+    return bool(CAP_WORDS.search(body) or (row_cap and _names_number(body, row_cap)))
+
+
+def _names_number(text: str, number: int) -> bool:
+    """Whether `number` stands alone in the text: "100000", "100,000", "100.000" or "100 000",
+    never part of a longer number, a date or a time."""
+    groups = f"{number:,}".split(",")
+    written = r"[,.\u00a0\u202f ]?".join(groups)
+    return re.search(rf"(?<![\w.,:/-]){written}(?![\w:/-]|[.,]\d)", text) is not None
+
+
+def refusal_body(error: ApiError) -> str:
+    """What the API answered, without the URL (a store named "limitless" is no refusal by size)."""
+    text = str(error)
+    _, found, body = text.partition(f"answered HTTP {error.status}:")
+    return body.strip() if found else _URL.sub("", text)
 
 
 def api_range(window: Window) -> tuple[str, str]:
@@ -70,10 +110,17 @@ class NextCommerceApi(ExportApi):
         self._recent_lock = threading.Lock()
 
     def create(self, request: ExportRequest) -> ExportHandle:
+        """`POST exports/`; a refusal that speaks of the row cap raises ExportTooLarge (the stream splits)."""
         body: dict[str, Any] = {"type": request.export_type}
         if request.window is not None:
             body["date_from"], body["date_to"] = api_range(request.window)
-        return self._handle(self.client.post("exports/", body=body, ok=(200, 201)))
+        try:
+            return self._handle(self.client.post("exports/", body=body, ok=(200, 201)))
+        except ApiError as exc:
+            detail = refusal_body(exc)
+            if speaks_of_row_cap(exc.status, detail, self.row_cap):
+                raise ExportTooLarge(request, detail) from exc
+            raise
 
     def poll(self, request: ExportRequest, handle: ExportHandle) -> ExportHandle:
         return self._handle(self.client.get(f"exports/{int(handle.export_id)}/"))

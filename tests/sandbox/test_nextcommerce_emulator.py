@@ -1,4 +1,6 @@
-"""The Next Commerce emulator over real HTTP: auth, versions, validation, lifecycle, files, limits, faults."""
+"""The Next Commerce emulator over real HTTP: auth, versions, validation, lifecycle, files, limits, faults,
+and the per-seed realities (id formats, column order, extra and missing columns, header spelling, row-cap
+behaviour) and messy cells. Every test runs on the seed conftest.py gives it, so none assumes one shape."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import requests
 import urllib3
 
 from tap_commerce_exports.sandbox.core import SandboxContext
-from tap_commerce_exports.sandbox.nextcommerce import TABLES, NextCommerceEmulator
+from tap_commerce_exports.sandbox.nextcommerce import TABLES, NextCommerceEmulator, Reality
 
 UTC = dt.timezone.utc
 CHICAGO = ZoneInfo("America/Chicago")
@@ -48,8 +50,8 @@ def ctx() -> SandboxContext:
 
 
 @pytest.fixture
-def emulator(ctx):
-    running = start(NextCommerceEmulator(ctx))
+def emulator(ctx, sandbox_seed):
+    running = start(NextCommerceEmulator(ctx, seed=sandbox_seed))
     running.rate_per_second = 1000  # tests that are not about the rate limit must not trip over it
     yield running
     stop(running)
@@ -329,17 +331,18 @@ def test_file_is_csv_with_crlf_naive_store_times_and_awkward_cells(client, emula
     assert not body.startswith(b"\xef\xbb\xbf")
     assert body.split(b"\n", 1)[0].endswith(b"\r")
     header, records = parse_csv(body, emulator, "order_list")
-    assert header[:4] == ["Order Number", "Date Created", "Status", "Customer ID"]
-    assert "Metadata Sales Channel" not in header  # the window ends before the drift date
+    keys = [snake(label) for label in header]
+    assert {"order_number", "date_created", "customer_id", "notes"} <= set(keys)
+    assert "metadata_sales_channel" not in keys  # the window ends before the drift date
     notes = [r["notes"] for r in records if r["notes"]]
     assert max(len(note) for note in notes) >= 99_000
     assert any("\n" in note for note in notes) and any('"' in note for note in notes)
     assert all(", " in r["shipping_address"] for r in records)
     assert any(not r["customer_name"].isascii() for r in records)
     assert any(r["metadata"] is None for r in records) and any(isinstance(r["metadata"], dict) for r in records)
-    first_row = body.split(b"\r\n")[1].decode()
+    first_row = list(csv.reader(io.StringIO(body.decode("utf-8"), newline="")))[1]
     local = dt.datetime.fromisoformat(records[0]["date_created"]).astimezone(CHICAGO).strftime("%Y-%m-%d %H:%M:%S")
-    assert f",{local}," in first_row
+    assert first_row[keys.index("date_created")] == local
 
 
 @pytest.mark.parametrize("export_type", list(TABLES))
@@ -347,10 +350,11 @@ def test_every_type_has_an_id_and_a_date_column_and_agrees_with_expected_records
     columns = emulator.columns(export_type)
     table = TABLES[export_type]
     assert 8 <= len(table.columns) <= 20
-    assert table.id_label in [c["label"] for c in columns] and table.date_label in [c["label"] for c in columns]
+    assert {snake(table.id_label), snake(table.date_label)} <= {c["key"] for c in columns}
     body = download(client.ready_file_url(export_type, "2024-01-20T00:00:00Z", "2024-01-30T23:59:59Z")).content
     header, records = parse_csv(body, emulator, export_type)
-    assert header == [c.label for c in table.columns]
+    assert header == [c["label"] for c in columns if c["since"] is None]
+    assert snake(table.id_label) in map(snake, header) and snake(table.date_label) in map(snake, header)
     expected = emulator.expected_records(
         f"nextcommerce_{export_type}", start="2024-01-20T00:00:00Z", end="2024-01-31T00:00:00Z"
     )
@@ -392,15 +396,47 @@ def test_line_items_carry_their_parent_id_and_date(client, emulator):
         assert line["order_date_created"] == order["date_created"]
     for number, order in orders.items():
         own = [line for line in lines if line["order_number"] == number]
-        assert len(own) == order["lines_count"]
-        assert round(sum(line["total_incl_tax"] for line in own), 2) == order["subtotal_incl_tax"]
+        assert len(own) == emulator_lines_count(emulator, number)
+        if "lines_count" in order:  # an optional column some realities leave out
+            assert len(own) == order["lines_count"]
+        if "subtotal_incl_tax" in order and all("total_incl_tax" in line for line in own):
+            assert round(sum(line["total_incl_tax"] for line in own), 2) == order["subtotal_incl_tax"]
 
 
-def test_row_cap_silently_keeps_the_first_rows(client, emulator):
-    emulator.row_cap = 7
+def emulator_lines_count(emulator: NextCommerceEmulator, order_number: str) -> int:
+    """Lines per order repeat 1, 2, 3 in date order (module docstring), whatever columns a file has."""
+    numbers = [order["order_number"] for order in emulator.expected_records("nextcommerce_order_list")]
+    return (1, 2, 3)[numbers.index(order_number) % 3]
+
+
+def test_row_cap_truncate_silently_keeps_the_first_rows(client, emulator):
+    emulator.row_cap, emulator.row_cap_behavior = 7, "truncate"
     body = download(client.ready_file_url("customer_list")).content
     _, records = parse_csv(body, emulator, "customer_list")
     assert records == emulator.expected_records("nextcommerce_customer_list")[:7]
+
+
+def test_row_cap_refuse_answers_400_in_drf_shape_for_a_window_over_the_cap(client, emulator):
+    emulator.row_cap_behavior = "refuse"
+    rows = emulator.expected_records("nextcommerce_customer_list")
+    emulator.row_cap = len(rows) - 1
+    refused = requests.post(
+        f"{client.base}/exports/",
+        json={"type": "customer_list", "date_from": WHOLE_PERIOD[0], "date_to": WHOLE_PERIOD[1]},
+        headers=client.headers,
+        timeout=10,
+    )
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "non_field_errors": [
+            f"Exports are limited to {len(rows) - 1} objects; this export has {len(rows)}. Narrow the date range."
+        ]
+    }
+    assert emulator.exports_created == 0
+
+    emulator.row_cap = len(rows)  # exactly at the cap: exported whole
+    body = download(client.ready_file_url("customer_list")).content
+    assert parse_csv(body, emulator, "customer_list")[1] == rows
 
 
 def test_order_list_gains_a_metadata_column_from_february(client, emulator):
@@ -408,7 +444,7 @@ def test_order_list_gains_a_metadata_column_from_february(client, emulator):
     spanning = download(client.ready_file_url("order_list", "2024-01-25T00:00:00Z", "2024-02-05T23:59:59Z")).content
     assert "Metadata Sales Channel" not in parse_csv(january, emulator, "order_list")[0]
     header, records = parse_csv(spanning, emulator, "order_list")
-    assert header[-1] == "Metadata Sales Channel"
+    assert snake(header[-1]) == "metadata_sales_channel"
     drift = dt.datetime(2024, 2, 1, tzinfo=UTC)
     for record in records:
         late = dt.datetime.fromisoformat(record["date_created"]) >= drift
@@ -438,11 +474,11 @@ def test_add_rows_appear_in_new_exports_only(client, emulator):
         "nextcommerce_dispute_list", start="2024-02-10T00:00:00Z", end="2024-02-11T00:00:00Z"
     )
     added_ids = {r["dispute_id"] for r in new} - {r["dispute_id"] for r in old}
-    assert len(added_ids) == 4 and min(added_ids) > max(r["dispute_id"] for r in old)
+    assert len(added_ids) == 4 and len({r["dispute_id"] for r in new}) == len(new)
 
 
-def test_a_million_rows_per_type_are_never_materialized(ctx):
-    big = start(NextCommerceEmulator(ctx, rows_per_type=1_000_000))
+def test_a_million_rows_per_type_are_never_materialized(ctx, sandbox_seed):
+    big = start(NextCommerceEmulator(ctx, seed=sandbox_seed, rows_per_type=1_000_000))
     big.rate_per_second = 1000
     try:
         started = time.monotonic()
@@ -462,8 +498,8 @@ def test_a_million_rows_per_type_are_never_materialized(ctx):
 # ------------------------------------------------------------------------------------ limits and faults
 
 
-def test_rate_limit_is_4_per_second_per_token_with_retry_after_1(ctx):
-    limited = start(NextCommerceEmulator(ctx))
+def test_rate_limit_is_4_per_second_per_token_with_retry_after_1(ctx, sandbox_seed):
+    limited = start(NextCommerceEmulator(ctx, seed=sandbox_seed))
     try:
         client = Client(limited)
         assert limited.rate_per_second == 4 and limited.rate_burst == 4
@@ -560,13 +596,14 @@ def test_malformed_row_and_bad_utf8_touch_the_first_data_row(client, emulator, c
 def test_header_only_and_new_column(client, emulator, ctx):
     ctx.faults.arm("header_only")
     header_only = download(client.ready_file_url("fulfillment_list")).content
-    assert header_only.count(b"\r\n") == 1 and header_only.startswith(b"Fulfillment ID,")
+    assert header_only.count(b"\r\n") == 1
+    assert header_only.decode().rstrip("\r\n").split(",") == [c["label"] for c in emulator.columns("fulfillment_list")]
 
     ctx.faults.arm("new_column")
     header, records = parse_csv(
         download(client.ready_file_url("fulfillment_list")).content, emulator, "fulfillment_list"
     )
-    assert header[-1] == "Metadata Affiliate Code"
+    assert snake(header[-1]) == "metadata_affiliate_code"
     assert any(r["metadata_affiliate_code"] for r in records)
     assert [
         {k: v for k, v in r.items() if k != "metadata_affiliate_code"} for r in records
@@ -578,3 +615,231 @@ def test_requests_are_logged_with_their_headers(client, ctx):
     entry = ctx.log.entries(host="nextcommerce-api", path_pattern=r"/exports/types/$")[-1]
     assert entry.headers["authorization"] == client.headers["Authorization"]
     assert entry.headers["x-29next-api-version"] == "2024-04-01" and entry.status == 200
+
+
+# ------------------------------------------------------------------------------------ realities
+
+#: The table of the emulator's module docstring: id format, header style, extra columns, missing columns per
+#: type, row-cap behaviour.
+DOCUMENTED_REALITIES = {
+    7: ("hex", "snake", ("GCLID", "First Purchase Date", "Last Purchase Date"), 1, "refuse"),
+    11: ("uuid", "mixed", ("First Purchase Date", "Last Purchase Date"), 0, "truncate"),
+    23: ("zero_padded", "sentence", ("GCLID",), 1, "refuse"),
+    42: ("prefixed", "upper", ("Cancellation Date", "First Purchase Date", "Last Purchase Date"), 2, "truncate"),
+}
+ID_PATTERNS = {
+    "plain": r"[1-9]\d*",
+    "zero_padded": r"0\d{8}",
+    "prefixed": r"[a-z]+_[0-9A-Z]{6}",
+    "hex": r"[0-9A-F]{8}",
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+}
+HEADER_STYLES = {
+    "title": lambda h: h == h.strip() and all(word[:1].isupper() for word in h.split(" ")),
+    "snake": lambda h: re.fullmatch(r"[a-z0-9_]+", h) is not None,
+    "upper": lambda h: h == h.upper() == h.strip() and "_" not in h,
+    "sentence": lambda h: h.endswith(" ") and h[:1].isupper() and h[1:] == h[1:].lower(),
+}
+EXTRA_KEYS = {"gclid": "order_list", "cancellation_date": "order_list"} | dict.fromkeys(
+    ("first_purchase_date", "last_purchase_date"), "customer_list"
+)
+DRIFT_WINDOW = ("2024-01-25T00:00:00Z", "2024-02-05T23:59:59Z")
+
+
+def is_identifier(key: str) -> bool:
+    return key.endswith("_id") or key in ("order_number", "line_number", "sku")
+
+
+def text_files(client: Client, types=tuple(TABLES), window=DRIFT_WINDOW) -> dict[str, tuple[list[str], list[dict]]]:
+    """Each type's file over the window as (header, rows of cell text keyed by snake_case of the header)."""
+    exports = {export_type: client.create(export_type, *window) for export_type in types}
+    files = {}
+    for export_type, export in exports.items():
+        client.wait_available(export)
+        rows = list(csv.reader(io.StringIO(download(client.file_url(export)).content.decode("utf-8"), newline="")))
+        keys = [snake(label) for label in rows[0]]
+        files[export_type] = (rows[0], [dict(zip(keys, row)) for row in rows[1:]])
+    return files
+
+
+@pytest.fixture
+def seeded(ctx):
+    """`seeded(seed)`: a running emulator of that seed with its client, stopped after the test."""
+    running: list[NextCommerceEmulator] = []
+
+    def make(seed: int, **options) -> tuple[NextCommerceEmulator, Client]:
+        emulator = start(NextCommerceEmulator(ctx, seed=seed, **options))
+        emulator.rate_per_second = 1000
+        running.append(emulator)
+        return emulator, Client(emulator)
+
+    yield make
+    for emulator in running:
+        stop(emulator)
+
+
+@pytest.mark.parametrize("seed", sorted(DOCUMENTED_REALITIES))
+def test_each_seed_writes_the_reality_its_docstring_documents(seeded, seed):
+    id_format, header_style, extras, missing_per_type, row_cap_behavior = DOCUMENTED_REALITIES[seed]
+    emulator, client = seeded(seed)
+    reality = emulator.reality
+    assert reality == Reality.of_seed(seed)
+    assert (reality.id_format, reality.header_style, reality.extra_columns) == (id_format, header_style, extras)
+    assert (reality.missing_per_type, emulator.row_cap_behavior) == (missing_per_type, row_cap_behavior)
+
+    files = text_files(client)
+    styles_seen, left_out = set(), 0
+    for export_type, (header, rows) in files.items():
+        table = TABLES[export_type]
+        keys = [snake(label) for label in header]
+        canonical = [column.key for column in table.columns]
+        # Identifiers, in every column that holds one, are written in the seed's format.
+        for key in filter(is_identifier, keys):
+            cells = [row[key] for row in rows if row[key]]
+            assert cells and all(re.fullmatch(ID_PATTERNS[id_format], cell) for cell in cells), (export_type, key)
+        # Headers: the seed's spelling; columns in another order than the canonical one.
+        styles = {name for label in header for name, fits in HEADER_STYLES.items() if fits(label)}
+        styles_seen |= styles
+        if header_style != "mixed":
+            assert all(HEADER_STYLES[header_style](label) for label in header), header
+        assert [key for key in keys if key in canonical] != [key for key in canonical if key in keys]
+        # Changelog columns as documented; the missing ones are optional columns, never ids or dates.
+        assert {key for key in keys if key in EXTRA_KEYS} == {
+            snake(label) for label in extras if EXTRA_KEYS[snake(label)] == export_type
+        }
+        missing = set(canonical) - set(keys)
+        assert missing == {snake(label) for code, label in reality.missing_columns if code == export_type}
+        assert len(missing) <= missing_per_type and not any(is_identifier(k) or "date" in k for k in missing)
+        assert {snake(table.id_label), snake(table.date_label)} <= set(keys)
+        left_out += len(missing)
+    assert (left_out > 0) == (missing_per_type > 0), left_out
+    if header_style == "mixed":
+        assert len(styles_seen) >= 3, styles_seen
+
+
+@pytest.mark.parametrize("seed,other_seed", [(7, 11), (23, 42)])
+def test_two_seeds_write_different_headers_and_ids(seeded, seed, other_seed):
+    first_file = text_files(seeded(seed)[1], ("order_list", "customer_list"))
+    other_file = text_files(seeded(other_seed)[1], ("order_list", "customer_list"))
+    for export_type in ("order_list", "customer_list"):
+        (header, rows), (other_header, other_rows) = first_file[export_type], other_file[export_type]
+        assert header != other_header and set(map(snake, header)) != set(map(snake, other_header))
+        id_key = snake(TABLES[export_type].id_label)
+        assert not {row[id_key] for row in rows} & {row[id_key] for row in other_rows}
+
+
+@pytest.mark.parametrize(
+    "lines,parent,parent_key,date_key",
+    [
+        ("order_line_items", "order_list", "order_number", "order_date_created"),
+        ("subscription_line_items", "subscription_list", "subscription_id", "subscription_date_created"),
+        ("open_cart_line_items", "open_cart_list", "cart_id", "cart_date_created"),
+        ("return_line_items", "return_list", "return_id", "return_date_created"),
+        ("fulfillment_line_items", "fulfillment_list", "fulfillment_id", "fulfillment_date_created"),
+    ],
+)
+def test_a_line_items_parent_id_is_written_exactly_as_its_parents_own_id(client, lines, parent, parent_key, date_key):
+    files = text_files(client, (lines, parent))
+    parents = {row[parent_key]: row for row in files[parent][1]}
+    assert len(parents) == len(files[parent][1]) > 3
+    for row in files[lines][1]:
+        assert row[parent_key] in parents, f"{row[parent_key]!r} is no {parent} id cell"
+        assert row[date_key] == parents[row[parent_key]]["date_created"]
+    assert {row[parent_key] for row in files[lines][1]} == set(parents)
+
+
+def test_customer_ids_of_orders_and_subscriptions_are_customer_list_ids(emulator):
+    customers = {row["customer_id"] for row in emulator.expected_records("nextcommerce_customer_list")}
+    for stream in ("nextcommerce_order_list", "nextcommerce_subscription_list"):
+        referenced = {row["customer_id"] for row in emulator.expected_records(stream)}
+        assert referenced and referenced <= customers, stream
+
+
+def rendered(header: list[str], rows: list[dict[str, str]]) -> bytes:
+    """A CSV file written from rows of cell text, the way the export writes files (CRLF, minimal quoting)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(header)
+    keys = [snake(label) for label in header]
+    for row in rows:
+        writer.writerow([row.get(key, "") for key in keys])  # the drift cell of a row dated before it is empty
+    return buffer.getvalue().encode("utf-8")
+
+
+@pytest.mark.parametrize("messy", [False, True], ids=["clean", "messy"])
+def test_raw_rows_are_the_cells_of_a_downloaded_file_byte_for_byte(client, emulator, messy):
+    emulator.messy_cells = messy
+    for export_type in TABLES:
+        export = client.create(export_type, *DRIFT_WINDOW)
+        client.wait_available(export)
+        body = download(client.file_url(export)).content
+        header = next(csv.reader(io.StringIO(body.decode("utf-8"), newline="")))
+        raw = emulator.raw_rows(f"nextcommerce_{export_type}", start=DRIFT_WINDOW[0], end="2024-02-06T00:00:00Z")
+        assert raw and all(isinstance(cell, str) for row in raw for cell in row.values())
+        assert rendered(header, raw) == body, export_type
+        if not messy:
+            typed = emulator.expected_records(
+                f"nextcommerce_{export_type}", start=DRIFT_WINDOW[0], end="2024-02-06T00:00:00Z"
+            )
+            assert [set(row) for row in raw] == [set(record) for record in typed]
+            # Identifiers and the columns the tap does not know are typed as exactly their cell text.
+            text_keys = [key for key in raw[0] if is_identifier(key) or key in EXTRA_KEYS]
+            assert [[row[key] or None for key in text_keys] for row in raw] == [
+                [record[key] for key in text_keys] for record in typed
+            ]
+
+
+OTHER_DATETIME = re.compile(r"\d{2}/\d{2}/\d{4} \d{2}:\d{2} [AP]M")
+
+
+def damaged_rows(rows: list[dict], key: str, damaged) -> list[int]:
+    return [number for number, row in enumerate(rows) if row.get(key) and damaged(row[key])]
+
+
+def not_json(cell: str) -> bool:
+    try:
+        json.loads(cell)
+    except ValueError:
+        return True
+    return False
+
+
+def test_messy_cells_are_spread_over_every_types_file_and_only_in_exports_created_after(client, emulator):
+    clean_exports = {export_type: client.create(export_type, *WHOLE_PERIOD) for export_type in TABLES}
+    emulator.messy_cells = True
+    messy = text_files(client, window=WHOLE_PERIOD)
+    with pytest.raises(NotImplementedError):
+        emulator.expected_records("nextcommerce_order_list")
+    for export_type, (header, rows) in messy.items():
+        table = TABLES[export_type]
+        client.wait_available(clean_exports[export_type])
+        clean_body = download(client.file_url(clean_exports[export_type])).content.decode("utf-8")
+        clean_keys = [snake(label) for label in next(csv.reader(io.StringIO(clean_body, newline="")))]
+        keys = [snake(label) for label in header]
+        assert b"N/A" not in clean_body.encode() and len(set(keys) - set(clean_keys)) == 1, export_type  # renamed
+        assert len(set(clean_keys) - set(keys)) == 1 and len(keys) == len(clean_keys)
+        spread = damage_counts(table, keys, rows)
+        assert not damaged_rows(rows, snake(table.date_label), OTHER_DATETIME.fullmatch)
+        assert len(rows) > 10 and spread["N/A"] >= 3, (export_type, spread)
+        assert all(count >= 3 for count in spread.values()), (export_type, spread)
+
+
+def damage_counts(table, keys: list[str], rows: list[dict]) -> dict[str, int]:
+    """For each kind of damage the type's columns allow: the most rows damaged so in one column."""
+    kinds = {column.key: column.kind for column in table.columns}
+    date_key = snake(table.date_label)
+
+    def present(*wanted: str) -> list[str]:
+        return [key for key in keys if kinds.get(key) in wanted and key != date_key]
+
+    checks = {
+        "N/A": (present("number", "integer"), lambda cell: cell == "N/A"),
+        "other date-time format": (present("datetime"), OTHER_DATETIME.fullmatch),
+        "yes/no": (present("boolean"), lambda cell: cell in ("yes", "no")),
+        "not JSON": (present("json"), not_json),
+    }
+    return {
+        name: max(len(damaged_rows(rows, key, damaged)) for key in columns)
+        for name, (columns, damaged) in checks.items()
+        if columns
+    }
