@@ -1,4 +1,5 @@
-"""Intelligems end to end: every experience x export type, lifetimes, null URLs, expiry, ids."""
+"""Intelligems end to end: every experience x export type, lifetimes, null URLs, expiry, ids, and the
+sandbox seed's reality of what the vendor does not publish (ids, columns, labels, messy cells)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime as dt
 
 import pytest
 
+from tap_commerce_exports.sandbox.intelligems import MESSES
 from tests.harness import FAST_SETTINGS, by_key, run_tap
 
 UTC = dt.timezone.utc
@@ -177,3 +179,60 @@ def test_lookback_re_exports_the_recent_past_so_late_rows_arrive(intelligems_san
     )
     got = {r["order_id"] for r in second.records("intelligems_orders")}
     assert {row["order_id"] for row in late} <= got
+
+
+# --------------------------------------------------------------- the seed's reality
+
+WIDENED = {"type": ["string", "null"]}
+
+
+def first_running(emulator) -> str:
+    """The running experience that starts with the data period: its files hold every kind of row."""
+    running = [e for e in emulator.experiences() if e.status == "started"]
+    return min(running, key=lambda e: e.started_at).id
+
+
+def test_ids_extra_and_missing_columns_arrive_as_the_file_has_them(intelligems_sandbox):
+    """Whatever this seed's reality (ids, column order and labels, extra and missing columns)."""
+    emulator = intelligems_sandbox.intelligems
+    reality, target = emulator.reality, first_running(emulator)
+    output = run_tap({**emulator.tap_config(), "intelligems_experience_ids": [target]})
+    assert output.error is None, output.error
+    for stream, key in EXPORT_STREAMS.items():
+        export_type = stream.removeprefix("intelligems_")
+        raw = by_key(emulator.raw_rows(stream, {"experience_id": target}), key)
+        records = by_key(output.records(stream), key)
+        assert records.keys() == raw.keys()  # identifiers are the file's text, exactly
+        properties = output.schemas(stream)[-1]["properties"]
+        for record_key, record in records.items():
+            row = raw[record_key]
+            assert set(record) == set(row)  # a column the file lacks is not in the record
+            for column in reality.extra_columns[export_type]:
+                assert record[column] == (row[column] or None)
+        for column in reality.extra_columns[export_type]:
+            assert properties[column]["type"] == WIDENED["type"]
+        assert not set(reality.missing_columns[export_type]) & set().union(*records.values())
+
+
+def test_messy_files_lose_nothing(intelligems_sandbox):
+    """Cells that do not fit the guessed kinds: their columns arrive as the file's text, every row kept."""
+    emulator = intelligems_sandbox.intelligems
+    emulator.messy_cells = True
+    target = first_running(emulator)
+    output = run_tap({**emulator.tap_config(), "intelligems_experience_ids": [target]})
+    assert output.error is None, output.error
+    for stream, key in EXPORT_STREAMS.items():
+        raw = by_key(emulator.raw_rows(stream, {"experience_id": target}), key)
+        records = by_key(output.records(stream), key)
+        assert records.keys() == raw.keys()
+        properties = output.schemas(stream)[-1]["properties"]
+        text_columns = {name for name, schema in properties.items() if schema.get("type") == WIDENED["type"]}
+        mess = MESSES[stream.removeprefix("intelligems_")]
+        assert {mess.number, mess.json, mess.datetime, mess.renamed[1]} - {None} <= text_columns
+        for record_key, record in records.items():
+            row = raw[record_key]
+            assert set(record) == set(row)
+            for column in text_columns & set(row):
+                assert record[column] == (row[column] or None), (stream, column)
+    with pytest.raises(NotImplementedError):
+        emulator.expected_records("intelligems_orders", {"experience_id": target})

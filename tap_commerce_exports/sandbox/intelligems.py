@@ -1,6 +1,7 @@
 """Emulation of the Intelligems External API (beta, `/v25-10-beta`) experience exports, and its S3 host.
 
-What is emulated, from the vendor's published OpenAPI and doc page "07 Get Experience Export":
+What is emulated, from the vendor's published OpenAPI (`specs/intelligems-exports.openapi.json`), its
+doc page "07 Get Experience Export" and NOTES.md ("Intelligems External API"):
 
 - Auth: header `intelligems-access-token`; a missing or wrong token answers 401 `{"error": "Unauthorized"}`.
 - `GET /v25-10-beta/experiences-list?page=&limit=&status=&category=&module=` answers
@@ -12,12 +13,83 @@ What is emulated, from the vendor's published OpenAPI and doc page "07 Get Exper
   export latency and holds a presigned S3 URL valid `url_ttl_seconds` (900), or `url: null`,
   `expiresIn: 0`, "Export timed out, please retry" (fault `null_url`). The range defaults to the
   experience's lifetime (start through end/pause or now) and explicit `startTs`/`endTs` are clamped
-  to it. Rows are in the file when `start <= created_at < end`.
-- Rate limits: token buckets per token, one for exports (burst 20) and one for the other calls;
-  `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` (epoch milliseconds) on every
-  API answer; 429 `{"error": "Too Many Requests"}` when a bucket is empty.
+  to it. Rows are in the file when `start <= created_at < end`. Every body the spec's schema allows
+  is accepted (the spec publishes no formal request examples; the description's values are tested).
+- Rate limits (NOTES.md: "token bucket; headers x-ratelimit-limit, x-ratelimit-remaining,
+  x-ratelimit-reset (epoch milliseconds). Export burst 20"; "list/detail/resource/timeseries burst
+  50, refill 25 every 30 s"): two token buckets per token, one for the export endpoint (burst 20) and
+  one for every other call (burst 50, 25 tokens per 30 s). All three headers, with those lower-case
+  names, are on every API answer, refused ones included (401, 400, 404, 429, 500; an unknown path
+  answers 404 through the same checks); `x-ratelimit-limit` is the bucket's burst and the reset is
+  a 13-digit epoch-milliseconds time.
 - The S3 host serves `/<bucket>/exports/<experienceId>/<exportType>-<n>.csv?X-Amz-...` (SigV4
   query-string auth in shape; the signature is the sandbox's HMAC over path, credential and expiry).
+
+Realities: what the vendor does not publish, varied per seed (`emulator.reality`, a `Reality`).
+NOTES.md, "What nobody publishes": Intelligems publishes no CSV columns, so every column, type and
+key the tap uses is a guess. Each seed draws one plausible reality from a hash of the seed; the
+tap must sync every one of them exactly:
+
+- `id_format`: how every identifier column is written: `integer` ("5501000000005", the
+  original), `zero_padded` ("00001000000005"), `prefixed` ("ord_2C4B58YVZC"), `alphanumeric`
+  ("2C4B58YVZC") or `uuid`. It applies to order ids, line item ids, order numbers (`order_name`,
+  "#" and the number), visitor ids, SKUs and discount codes, and one order's id is the same text in
+  all three export types (a line item's `order_id` is its order's `order_id` cell). Ids the API
+  publishes keep their published shape in every reality: variation ids are the experience's
+  variation UUIDs, product and variant ids are Shopify's numeric strings (the spec's
+  `onlyProductIds`: "Shopify product IDs (numeric strings)").
+- `columns`: each export type's columns in a seeded order. The header names them, so order carries
+  no meaning.
+- `extra_columns`: one to three columns per type that the tap does not know (invented, e.g.
+  `utm_source`, `vendor_name`, `refunded_amount` with numeric-looking text like "007.10").
+- `missing_columns`: up to two guessed columns per type left out on some seeds, only from
+  `OPTIONAL_COLUMNS`: never a row's identity (its key, the parent `order_id`, `created_at`, which
+  the windows filter on), no date, no column messy mode changes.
+- `header_style`: how labels are spelled: `snake` ("order_number", the original), `title`
+  ("Order Number", "Order ID"), `upper` ("ORDER NUMBER"), `sentence` with a trailing space ("Order
+  number "), or `mixed` (each column its own of those). The tap keys a column by the lower
+  snake_case of its label (engine/csv_records.py `header_key`), so record keys never change.
+- Answers the docs leave open: whether a 429 also carries `Retry-After` (whole seconds; the spec
+  declares no 429 answer and NOTES.md names only the x-ratelimit-* headers), whether
+  `x-ratelimit-reset` is when the bucket is full again (`bucket_full`) or when its next token comes
+  (`next_token`), and the 429 body (`{"error": ...}` or API-Gateway-style `{"message": ...}`).
+
+The suite's seeds (tests read this list):
+
+- seed 7: ids prefixed, headers mixed; 429 without Retry-After, reset = next_token, body {"message":
+  "Too Many Requests"}; orders +utm_source +utm_medium -device_type -source_channel; order_line_items
+  +fulfillment_status +vendor_name; order_reconciliation +financial_status +refunded_amount -order_name
+  -difference.
+- seed 11: ids alphanumeric, headers title; 429 with Retry-After, reset = bucket_full, body {"error":
+  "Too Many Requests"}; orders +utm_source +utm_medium +browser; order_line_items +variant_options;
+  order_reconciliation +financial_status.
+- seed 23: ids zero_padded, headers upper; 429 with Retry-After, reset = bucket_full, body {"error":
+  "Too Many Requests"}; orders +utm_medium +browser -variation_name; order_line_items +product_type
+  -currency; order_reconciliation +financial_status +refunded_amount +attribution_window.
+- seed 42: ids uuid, headers sentence; 429 without Retry-After, reset = next_token, body {"message":
+  "Too Many Requests"}; orders +utm_medium +browser -device_type -source_channel; order_line_items
+  +variant_options -variation_name; order_reconciliation +refunded_amount -order_name -variation_name.
+
+(`+` an extra column, `-` a missing one; every seed also shuffles the column order.)
+
+What the tests compare with:
+
+- `expected_records(...)`: the records typed as the tap emits them: identifiers as the text the file
+  has, extra columns as text (None when empty), a missing column absent from the dicts.
+- `raw_rows(stream_name, partition=None, start=None, end=None)`: the same rows as the files write
+  them: each cell's text ('' when empty), keyed by record key, plus `experience_id` (the tap adds it
+  from the partition; the file has no such column).
+- Messy cells (`messy_cells=True`, constructor keyword or attribute; read when an export is created,
+  so a file never changes; `raw_rows` follows the attribute): files that break the tap's type
+  guesses, each kind of mess in every 4th row, each kind on other rows (never only the first row):
+  "N/A" in a number column (orders `tax`, line items `price`, reconciliation `intelligems_total`);
+  "yes"/"no" instead of true/false (`is_new_visitor`, `is_test_product`, `included_in_analysis`);
+  text that is not JSON in the JSON column (line items `properties`); a date-time as "01/15/2024
+  10:30 AM" (reconciliation `analytics_synced_at`, never `created_at`); and one guessed column
+  under another label (`country_code` -> "Ship To Country", `variant_title` -> "Variant Name",
+  `exclusion_reason` -> "Reason Excluded"). Orders and line items have no second date-time column
+  and orders no JSON column, so those kinds of mess are where the columns are. `expected_records`
+  raises NotImplementedError in this mode: compare with `raw_rows`.
 
 Design choices where the vendor docs are silent (each one is a guess made explicit):
 
@@ -31,16 +103,16 @@ Design choices where the vendor docs are silent (each one is a guess made explic
   started ..."]`): the request is well-formed but there is no lifetime to export.
 - 404 bodies are `{"error": "Not Found", "message": ...}`; 500/502/503 (fault `server_error`, in that
   order) are `{"error": "Internal Server Error"}`, then API-Gateway style `{"message": ...}`.
-- Rate limits: the doc names only the x-ratelimit-* headers, so 429 has no `Retry-After`. Auth is
-  checked before the bucket verdict, but every request, refused or not, takes a token.
+- Rate limits: auth is checked before the bucket verdict, but every request, refused or not, takes
+  a token. The export bucket's refill is not published: it refills fast (50 a second, knob
+  `export_rate_per_second`) so tests stay quick.
 - The list is ordered newest `createdAtTs` first (the dashboard's order); `limit` is not capped.
 - `filters` are validated and recorded in `exports[...]` but do not narrow the synthetic rows, so the
   tap's output stays comparable with `expected_records`.
-- CSV columns are not published. Headers are snake_case labels equal to the record keys; there is no
-  `experience_id` column (a file is per experience; the tap adds it from the partition). Files start
-  with a UTF-8 BOM, use LF line endings, ISO-8601 UTC timestamps with `Z`, `true`/`false`, money with
-  two decimals, JSON in `properties`, and empty cells for unknown values. Rows are in `created_at`
-  order.
+- Files (besides the reality above) start with a UTF-8 BOM, use LF line endings, ISO-8601 UTC
+  timestamps with `Z`, `true`/`false`, money with two decimals, JSON in `properties`, and empty
+  cells for unknown values. There is no `experience_id` column (a file is per experience; the tap
+  adds it from the partition). Rows are in `created_at` order.
 - `rows_per_type` is the number of *orders* per experience: `orders` and `order_reconciliation`
   have one row per order, `order_line_items` 1-3 rows per order (the order's `items_count`).
   Default: 40 orders per experience with data. Rows are a pure function of (seed, experience,
@@ -54,6 +126,7 @@ Design choices where the vendor docs are silent (each one is a guess made explic
   `download_cut_quote`) are decided when the export is created, like an S3 object's content:
   downloading the same URL again gives the same bad file, a new export gives a good one. Transport
   faults (`download_reset`, `download_short`) are decided per download, so a retry can succeed.
+  `new_column` adds a column no reality has (`utm_campaign`, `vendor`, `payment_gateway`).
 - Content-Length is exact and computed by rendering the file once without keeping it (then cached
   per file): S3 always sends a length, so the body is never chunked. `Range: bytes=` is honoured.
 - The S3 host refuses (400 `InvalidArgument`, "Only one auth mechanism allowed") any `Authorization`
@@ -66,6 +139,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import dataclasses
 import datetime as dt
 import hashlib
 import heapq
@@ -126,6 +200,13 @@ LONG_NOTE_CHARS = 100_000
 TEN_DIGITS = re.compile(r"^\d{10}$")
 RANGE_HEADER = re.compile(r"^bytes=(\d*)-(\d*)$")
 BAD_UTF8_MARKER = "\x1fBADUTF8\x1f"
+# Rate limits (NOTES.md): export burst 20; list/detail burst 50, refill 25 every 30 s. The export
+# bucket's refill is not published: a fast one keeps tests quick (a knob, `export_rate_per_second`).
+EXPORT_BURST = 20
+EXPORT_REFILL_PER_SECOND = 50.0
+API_BURST = 50
+API_REFILL_PER_SECOND = 25 / 30
+ANY_METHOD = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 CONTENT_FAULTS = ("empty_file", "header_only", "malformed_row", "bad_utf8", "new_column", "download_cut_quote")
 
 
@@ -208,6 +289,70 @@ class Dice:
 
     def uuid4(self) -> str:
         return str(uuid.UUID(bytes=self._take(16), version=4))
+
+
+# ------------------------------------------------------------------ identifiers
+
+ID_FORMATS = ("integer", "zero_padded", "prefixed", "alphanumeric", "uuid")
+ID_SPACE = 36**10
+ID_MULTIPLIER = 25_214_903_917  # coprime with 36, so n -> (n * M + salt) mod 36**10 is a bijection
+BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class IdFamily:
+    """How one kind of identifier is spelled in each format; its numbers `n` are unique in the family."""
+
+    integer_base: int  # integer: base + n, the sandbox's original spelling
+    width: int  # zero_padded: n with leading zeros to this width
+    prefix: str  # prefixed: this prefix and ten letters and digits
+
+
+ID_FAMILIES = {
+    "order": IdFamily(5_500_000_000_000, 14, "ord_"),
+    "line_item": IdFamily(13_000_000_000_000, 16, "li_"),
+    "order_number": IdFamily(1001, 12, "EU-"),
+    "visitor": IdFamily(10**12, 16, "vis_"),
+    "sku": IdFamily(0, 10, "SKU-"),
+    "discount_code": IdFamily(100_000, 8, "PROMO-"),
+}
+
+
+def base36(number: int, width: int = 10) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 36)
+        digits.append(BASE36[digit])
+    return "".join(reversed(digits))
+
+
+class IdFormat:
+    """Spells identifier number `n` of a family in one format, the same way every time.
+
+    Prefixed and alphanumeric ids are a seeded bijection of `n`, so they look random yet never
+    collide; UUIDs are a hash of (seed, family, n).
+    """
+
+    def __init__(self, seed: int, name: str) -> None:
+        if name not in ID_FORMATS:
+            raise ValueError(f"unknown id format {name!r}; known: {', '.join(ID_FORMATS)}")
+        self.seed = seed
+        self.name = name
+        self._salts = {
+            family: int.from_bytes(Dice(seed, "id-salt", family)._take(8), "big") % ID_SPACE for family in ID_FAMILIES
+        }
+
+    def __call__(self, family: str, number: int) -> str:
+        spelling = ID_FAMILIES[family]
+        if self.name == "integer":
+            return str(spelling.integer_base + number)
+        if self.name == "zero_padded":
+            return f"{number:0{spelling.width}d}"
+        if self.name == "uuid":
+            digest = hashlib.blake2b(f"{self.seed}|{family}|{number}".encode(), digest_size=16).digest()
+            return str(uuid.UUID(bytes=digest, version=4))
+        scrambled = base36((number * ID_MULTIPLIER + self._salts[family]) % ID_SPACE)
+        return spelling.prefix + scrambled if self.name == "prefixed" else scrambled
 
 
 # ------------------------------------------------------------------ experiences
@@ -559,6 +704,7 @@ LONG_NOTE = long_note()
 @dataclass(frozen=True, slots=True)
 class LineItem:
     line_item_id: str
+    number: int  # 1, 2, 3 within its order
     product: Product
     variant_id: str
     variant_title: str
@@ -568,18 +714,16 @@ class LineItem:
     discount: Decimal
     line_total: Decimal
     properties: dict | None
-
-    @property
-    def sku(self) -> str | None:
-        return None if self.product.title == "Gift Card" else f"SKU-{self.variant_id[-4:]}"  # gift cards have none
+    sku: str | None  # gift cards have none
 
 
 @dataclass(frozen=True, slots=True)
 class Order:
     """One synthetic order; every export type renders its rows from it. Money is in `currency`."""
 
+    index: int  # the order's slot in its experience
     order_id: str
-    order_number: int
+    order_name: str  # "#" and the order number
     created_at: dt.datetime
     variation: Variation
     visitor_id: str
@@ -617,14 +761,16 @@ class OrderSlot:
 class OrderFactory:
     """Builds an order from (seed, experience, slot): a pure function, so rows are never stored."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, ids: IdFormat) -> None:
         self.seed = seed
+        self.ids = ids
 
     def order(self, exp: Experience, slot: OrderSlot) -> Order:
         dice = Dice(self.seed, "order", exp.id, slot.index)
         variation = dice.choice(exp.variations)
         serial = exp.ordinal * 10**9 + slot.index
-        discount_code = dice.choice(("WELCOME10", None, None, None))
+        code_number = dice.choice((10, None, None, None))
+        discount_code = None if code_number is None else self.ids("discount_code", code_number)
         item_count = 1 if slot.single_item else dice.integer(1, 3)
         items = tuple(
             self._line_item(exp, variation, serial, number, discount_code, dice) for number in range(1, item_count + 1)
@@ -635,11 +781,12 @@ class OrderFactory:
         country_code = dice.choice(COUNTRIES)
         tax_rate = TAX_RATE_OF_COUNTRY.get(country_code or "")
         return Order(
-            order_id=str(5_500_000_000_000 + serial),
-            order_number=1001 + serial,
+            index=slot.index,
+            order_id=self.ids("order", serial),
+            order_name="#" + self.ids("order_number", serial),
             created_at=slot.created_at,
             variation=variation,
-            visitor_id=dice.uuid4(),
+            visitor_id=self.ids("visitor", uuid.UUID(dice.uuid4()).int % 10**12),
             device_type="mobile" if dice.chance(0.6) else "desktop",
             is_new_visitor=dice.chance(0.55),
             country_code=country_code,
@@ -664,9 +811,8 @@ class OrderFactory:
             return LONG_NOTE
         return dice.choice(SHORT_NOTES) if dice.chance(0.25) else None
 
-    @staticmethod
     def _line_item(
-        exp: Experience, variation: Variation, serial: int, number: int, discount_code: str | None, dice: Dice
+        self, exp: Experience, variation: Variation, serial: int, number: int, discount_code: str | None, dice: Dice
     ) -> LineItem:
         product = dice.choice(PRODUCTS)
         variant_id, variant_title, list_price = dice.choice(product.variants)
@@ -675,7 +821,8 @@ class OrderFactory:
         quantity = dice.integer(1, 3)
         discount = money(price * quantity * WELCOME_DISCOUNT) if discount_code else ZERO
         return LineItem(
-            line_item_id=str(13_000_000_000_000 + serial * 10 + number),
+            line_item_id=self.ids("line_item", serial * 10 + number),
+            number=number,
             product=product,
             variant_id=variant_id,
             variant_title=variant_title,
@@ -685,6 +832,7 @@ class OrderFactory:
             discount=discount,
             line_total=price * quantity - discount,
             properties=dice.choice(GIFT_PROPERTIES) if dice.chance(0.2) else None,
+            sku=None if product.title == "Gift Card" else self.ids("sku", int(variant_id) % 10**6),
         )
 
 
@@ -693,34 +841,33 @@ class OrderFactory:
 
 @dataclass(frozen=True)
 class CsvColumn:
-    """One CSV column: its header label (= the record key), its JSON kind and how a row gives its value."""
+    """One column the tap guessed: its record key, its kind and how a row gives its typed value."""
 
-    label: str
+    key: str
     kind: str  # string | integer | number | boolean | datetime | json
     value: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
 class ExportTable:
-    """One export type: its columns, the extra column of fault `new_column`, and rows per order."""
+    """One export type: its guessed columns, the extra column of fault `new_column`, and rows per order.
+
+    `position(row)` numbers a row within its experience (order index, plus the item number for line
+    items): messy cells and extra columns' values are chosen from it, so they never depend on the window.
+    """
 
     export_type: str
     columns: tuple[CsvColumn, ...]
     new_column: CsvColumn
     new_column_after: str
     rows_of: Callable[[Order], Iterable[Any]]
-
-    def header(self, with_new_column: bool) -> tuple[CsvColumn, ...]:
-        if not with_new_column:
-            return self.columns
-        position = [column.label for column in self.columns].index(self.new_column_after) + 1
-        return (*self.columns[:position], self.new_column, *self.columns[position:])
+    position: Callable[[Any], int]
 
 
 def _order_columns() -> tuple[CsvColumn, ...]:
     return (
         CsvColumn("order_id", "string", lambda o: o.order_id),
-        CsvColumn("order_name", "string", lambda o: f"#{o.order_number}"),
+        CsvColumn("order_name", "string", lambda o: o.order_name),
         CsvColumn("created_at", "datetime", lambda o: o.created_at),
         CsvColumn("variation_id", "string", lambda o: o.variation.id),
         CsvColumn("variation_name", "string", lambda o: o.variation.name),
@@ -770,7 +917,7 @@ def _line_item_columns() -> tuple[CsvColumn, ...]:
 def _reconciliation_columns() -> tuple[CsvColumn, ...]:
     return (
         CsvColumn("order_id", "string", lambda o: o.order_id),
-        CsvColumn("order_name", "string", lambda o: f"#{o.order_number}"),
+        CsvColumn("order_name", "string", lambda o: o.order_name),
         CsvColumn("created_at", "datetime", lambda o: o.created_at),
         CsvColumn("variation_id", "string", lambda o: o.variation.id),
         CsvColumn("variation_name", "string", lambda o: o.variation.name),
@@ -793,6 +940,7 @@ EXPORT_TABLES: dict[str, ExportTable] = {
         CsvColumn("utm_campaign", "string", lambda o: "spring_sale, v2"),
         "source_channel",
         lambda order: (order,),
+        lambda order: order.index,
     ),
     "order_line_items": ExportTable(
         "order_line_items",
@@ -800,6 +948,7 @@ EXPORT_TABLES: dict[str, ExportTable] = {
         CsvColumn("vendor", "string", lambda r: "Maison Été"),
         "product_title",
         lambda order: ((order, item) for item in order.items),
+        lambda row: row[0].index + row[1].number,
     ),
     "order_reconciliation": ExportTable(
         "order_reconciliation",
@@ -807,6 +956,7 @@ EXPORT_TABLES: dict[str, ExportTable] = {
         CsvColumn("payment_gateway", "string", lambda o: "shopify_payments"),
         "currency",
         lambda order: (order,),
+        lambda order: order.index,
     ),
 }
 
@@ -826,13 +976,246 @@ CELL_WRITERS: dict[str, Callable[[Any], str]] = {
 }
 
 
-def csv_cells(columns: tuple[CsvColumn, ...], row: Any) -> list[str]:
-    """A row's cells as the export writes them."""
-    cells = []
-    for column in columns:
+def cell_of(column: CsvColumn) -> Callable[[Any], str]:
+    """How the export writes a guessed column's value (None is an empty cell)."""
+    write = CELL_WRITERS[column.kind]
+
+    def cell(row: Any) -> str:
         value = column.value(row)
-        cells.append("" if value is None else CELL_WRITERS[column.kind](value))
-    return cells
+        return "" if value is None else write(value)
+
+    return cell
+
+
+# --------------------------------------------------------------------- realities
+
+# The realities are drawn from a hash of (seed, salt). This salt was picked so that the suite's seeds
+# (7, 11, 23, 42) between them cover every id format but the original integers, every header style
+# but snake_case, both readings of x-ratelimit-reset and both 429 bodies, with and without Retry-After.
+REALITY_SALT = "reality-11501"
+HEADER_STYLES = ("snake", "title", "upper", "sentence", "mixed")
+SINGLE_STYLES = HEADER_STYLES[:-1]
+ACRONYMS = {"id": "ID", "utm": "UTM", "sku": "SKU", "url": "URL"}
+RESET_MEANINGS = ("bucket_full", "next_token")
+TOO_MANY_REQUESTS_BODIES = ({"error": "Too Many Requests"}, {"message": "Too Many Requests"})
+
+#: Columns a file may have that the tap does not know, with the cells they hold (invented: the
+#: vendor publishes no columns). None of them is the `new_column` fault's column.
+EXTRA_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
+    "orders": {
+        "utm_source": ("google", "facebook", "klaviyo", "", "tiktok"),
+        "utm_medium": ("cpc", "email", "social", ""),
+        "browser": ("Chrome 120", "Safari 17.2", "Firefox 121", ""),
+        "customer_tags": ("vip, wholesale", "", "newsletter", 'b2b "net 30"'),
+    },
+    "order_line_items": {
+        "product_type": ("Candles", "Tea", "Home", ""),
+        "variant_options": ("Size: M / Color: Blue", "Default Title", ""),
+        "fulfillment_status": ("fulfilled", "unfulfilled", "partial"),
+        "vendor_name": ("Maison Été", "Tea & Co.", ""),
+    },
+    "order_reconciliation": {
+        "financial_status": ("paid", "refunded", "partially_refunded"),
+        "refunded_amount": ("0.00", "12.50", "", "007.10"),
+        "order_source": ("web", "pos", "shopify_draft_order"),
+        "attribution_window": ("24h", "7d", ""),
+    },
+}
+#: Guessed columns a seed may leave out: never a row's identity (its key, `created_at`, the parent
+#: `order_id`), a date, a column messy mode changes, nor `note`/`landing_page` (the long and quoted
+#: fields that test readers).
+OPTIONAL_COLUMNS = {
+    "orders": ("device_type", "source_channel", "variation_name", "discount_code"),
+    "order_line_items": ("sku", "compare_at_price", "variation_name", "currency"),
+    "order_reconciliation": ("order_name", "variation_name", "currency", "difference"),
+}
+
+
+def spelled(key: str, style: str) -> str:
+    """A header label in one style; `header_key` of it is `key` again (lower snake_case of the label)."""
+    words = key.split("_")
+    if style == "title":
+        return " ".join(ACRONYMS.get(word, word.capitalize()) for word in words)
+    if style == "upper":
+        return " ".join(words).upper()
+    if style == "sentence":
+        return " ".join(words).capitalize() + " "  # the trailing space some exporters leave
+    return key
+
+
+def _sample(dice: Dice, options: tuple[str, ...], count: int) -> tuple[str, ...]:
+    """`count` of `options`, kept in their order."""
+    ranked = sorted(options, key=lambda _: dice.fraction())
+    chosen = set(ranked[:count])
+    return tuple(option for option in options if option in chosen)
+
+
+@dataclass(frozen=True)
+class Reality:
+    """What the vendor leaves unpublished, as one seed has it (see the module docstring).
+
+    `columns[export_type]` is the file's record keys in file order: the guessed columns that are
+    present, and the extra ones, shuffled.
+    """
+
+    seed: int
+    id_format: str
+    header_style: str
+    columns: dict[str, tuple[str, ...]]
+    extra_columns: dict[str, tuple[str, ...]]
+    missing_columns: dict[str, tuple[str, ...]]
+    retry_after: bool  # a 429 also carries Retry-After (whole seconds)
+    reset_means: str  # x-ratelimit-reset: when the bucket is full again, or when its next token comes
+    too_many_requests: dict[str, str]  # the 429 body
+
+    @classmethod
+    def of_seed(cls, seed: int) -> Reality:
+        dice = Dice(seed, REALITY_SALT)
+        id_format, header_style = dice.choice(ID_FORMATS), dice.choice(HEADER_STYLES)
+        columns, extras, missing = {}, {}, {}
+        for export_type, table in EXPORT_TABLES.items():
+            extras[export_type] = _sample(dice, tuple(EXTRA_COLUMNS[export_type]), dice.integer(1, 3))
+            missing[export_type] = _sample(dice, OPTIONAL_COLUMNS[export_type], dice.integer(0, 2))
+            present = [column.key for column in table.columns if column.key not in missing[export_type]]
+            columns[export_type] = tuple(sorted([*present, *extras[export_type]], key=lambda _: dice.fraction()))
+        return cls(
+            seed=seed,
+            id_format=id_format,
+            header_style=header_style,
+            columns=columns,
+            extra_columns=extras,
+            missing_columns=missing,
+            retry_after=dice.chance(0.5),
+            reset_means=dice.choice(RESET_MEANINGS),
+            too_many_requests=dice.choice(TOO_MANY_REQUESTS_BODIES),
+        )
+
+    def without_extra_columns(self) -> Reality:
+        """This reality with only guessed columns: for suites that compare records with the discovery
+        catalog (the SDK's standard tests), which an unknown column would fail by design."""
+        columns = {
+            export_type: tuple(key for key in keys if key not in self.extra_columns[export_type])
+            for export_type, keys in self.columns.items()
+        }
+        return dataclasses.replace(
+            self, columns=columns, extra_columns={export_type: () for export_type in self.extra_columns}
+        )
+
+    def label(self, key: str) -> str:
+        """How this seed's files spell the header of the column with record key `key`."""
+        style = self.header_style
+        if style == "mixed":
+            style = Dice(self.seed, "spelling", key).choice(SINGLE_STYLES)
+        return spelled(key, style)
+
+
+# ------------------------------------------------------------------ messy cells
+
+MESSY_EVERY = 4  # each kind of mess is in every 4th row, each kind on other rows
+MESSY_NUMBER = "N/A"
+MESSY_JSON = "gift wrap: yes, ribbon {red}"
+MESSY_DATETIME_FORMAT = "%m/%d/%Y %I:%M %p"  # "01/15/2024 10:30 AM"
+
+
+@dataclass(frozen=True)
+class Mess:
+    """What messy-cells mode does to one export type's files (a kind the type lacks is None)."""
+
+    number: str  # "N/A" in some rows
+    boolean: str  # "yes"/"no" in some rows
+    json: str | None  # text that is not JSON in some rows
+    datetime: str | None  # another date-time format in some rows; never `created_at`
+    renamed: tuple[str, str]  # (guessed key, the key of the label the file has instead)
+
+
+MESSES = {
+    "orders": Mess("tax", "is_new_visitor", None, None, ("country_code", "ship_to_country")),
+    "order_line_items": Mess("price", "is_test_product", "properties", None, ("variant_title", "variant_name")),
+    "order_reconciliation": Mess(
+        "intelligems_total",
+        "included_in_analysis",
+        None,
+        "analytics_synced_at",
+        ("exclusion_reason", "reason_excluded"),
+    ),
+}
+
+
+def _messy_cell(column: CsvColumn, mess: Mess) -> Callable[[Any], str] | None:
+    """The messy writer of a column, if messy mode changes it: returns the text for the messy rows."""
+    key = column.key
+    if key == mess.number:
+        return lambda value: MESSY_NUMBER
+    if key == mess.boolean:
+        return lambda value: "" if value is None else ("yes" if value else "no")
+    if key == mess.json:
+        return lambda value: MESSY_JSON
+    if key == mess.datetime:
+        return lambda value: "" if value is None else value.strftime(MESSY_DATETIME_FORMAT)
+    return None
+
+
+def _messy_shift(column: CsvColumn, mess: Mess) -> int:
+    """Which rows (position % MESSY_EVERY) hold this column's mess: other rows for each kind."""
+    return {mess.number: 1, mess.boolean: 2}.get(column.key, 3)
+
+
+@dataclass(frozen=True)
+class FileColumn:
+    """One column of a file as written: record key, header label, a row's cell and its typed value."""
+
+    key: str
+    label: str
+    cell: Callable[[Any], str]
+    typed: Callable[[Any], Any]
+
+
+def _sometimes_messy(table: ExportTable, column: CsvColumn, mess: Mess) -> Callable[[Any], str]:
+    """A column's cells with its mess in every MESSY_EVERY-th row; as usual elsewhere."""
+    plain, messy_text = cell_of(column), _messy_cell(column, mess)
+    if messy_text is None:
+        return plain
+    shift, position, value = _messy_shift(column, mess), table.position, column.value
+
+    def cell(row: Any) -> str:
+        return messy_text(value(row)) if position(row) % MESSY_EVERY == shift else plain(row)
+
+    return cell
+
+
+def guessed_column(reality: Reality, table: ExportTable, column: CsvColumn, messy: bool) -> FileColumn:
+    key, cell = column.key, cell_of(column)
+    if messy:
+        mess = MESSES[table.export_type]
+        cell = _sometimes_messy(table, column, mess)
+        key = mess.renamed[1] if key == mess.renamed[0] else key
+    return FileColumn(key, reality.label(key), cell, lambda row: record_value(column.value(row)))
+
+
+def extra_column(reality: Reality, table: ExportTable, key: str) -> FileColumn:
+    values = EXTRA_COLUMNS[table.export_type][key]
+    offset = Dice(reality.seed, "extra", key).integer(0, 255)
+    position = table.position
+
+    def cell(row: Any) -> str:
+        return values[(position(row) * 7 + offset) % len(values)]
+
+    return FileColumn(key, reality.label(key), cell, lambda row: cell(row) or None)
+
+
+def file_columns(reality: Reality, table: ExportTable, *, messy: bool, new_column: bool) -> tuple[FileColumn, ...]:
+    """The columns of one export type's files, in file order, as this reality writes them."""
+    guessed = {column.key: column for column in table.columns}
+    columns = [
+        guessed_column(reality, table, guessed[key], messy) if key in guessed else extra_column(reality, table, key)
+        for key in reality.columns[table.export_type]
+    ]
+    if new_column:
+        added = guessed_column(reality, table, table.new_column, messy=False)
+        keys = [column.key for column in columns]
+        at = keys.index(table.new_column_after) + 1 if table.new_column_after in keys else len(columns)
+        columns.insert(at, added)
+    return tuple(columns)
 
 
 # ------------------------------------------------------------------------ slots
@@ -899,6 +1282,7 @@ class ExportFile:
     key: str
     experience: Experience
     table: ExportTable
+    columns: tuple[FileColumn, ...]  # as the file writes them, the fault's new column included
     start: dt.datetime
     end: dt.datetime
     visible_before: dt.datetime
@@ -939,13 +1323,13 @@ class CsvRenderer:
         faults = export.content_faults
         if "empty_file" in faults:
             return
-        columns = export.table.header(with_new_column="new_column" in faults)
+        columns = export.columns
         writer = CsvLineWriter()
         pending = bytearray(UTF8_BOM + writer.line([column.label for column in columns]))
         cut = False
         if "header_only" not in faults:
             for number, row in enumerate(self.rows(export), start=1):
-                line, cut = self._faulty_line(writer, csv_cells(columns, row), number, faults)
+                line, cut = self._faulty_line(writer, [column.cell(row) for column in columns], number, faults)
                 pending += line
                 if cut:
                     break
@@ -1073,25 +1457,32 @@ class IntelligemsEmulator:
     """The Intelligems External API (host `intelligems-api`) and its S3 export bucket (host `intelligems-s3`).
 
     Knobs, public attributes that tests may change at any time: `api_token`, `url_ttl_seconds` (900),
-    `export_rate_per_second` (50) and `export_burst` (20), `api_rate_per_second` (50) and
-    `api_burst` (100), `analytics_lag_seconds` (0), `clock` (a `time.time`-like "now").
+    `export_rate_per_second` (50) and `export_burst` (20), `api_rate_per_second` (25/30) and
+    `api_burst` (50), `analytics_lag_seconds` (0), `clock` (a `time.time`-like "now"), `messy_cells`
+    (False; read when an export is created). `reality` is the seed's `Reality`; it may be replaced
+    by `reality.without_extra_columns()` (the id format stays the seed's).
     What happened: `export_count`, `exports` (ExportCall list: requested and clamped ranges, filters,
     URL), `exports_for(experience_id)`, `downloads` (file bodies served).
     Data: `experiences()`, `experience(id)`, `experience_ids(status)`, `add_experiences(n)`,
-    `set_status(id, status, at)`, `add_rows(...)`, `expected_records(...)`.
+    `set_status(id, status, at)`, `add_rows(...)`, `expected_records(...)`, `raw_rows(...)`.
     """
 
-    def __init__(self, ctx: SandboxContext, *, seed: int = 7, rows_per_type: int | None = None) -> None:
+    def __init__(
+        self, ctx: SandboxContext, *, seed: int = 7, rows_per_type: int | None = None, messy_cells: bool = False
+    ) -> None:
         self.ctx = ctx
         self.seed = seed
+        self.reality = Reality.of_seed(seed)
+        #: Files that differ from the tap's type guesses (module docstring); read when an export is created.
+        self.messy_cells = messy_cells
         self.orders_per_experience = DEFAULT_ORDERS_PER_EXPERIENCE if rows_per_type is None else rows_per_type
         self.api_token = f"igat_sandbox_{Dice(seed, 'token').uuid4().replace('-', '')}"
         self.access_key_id = "ASIA" + Dice(seed, "access-key").uuid4().replace("-", "")[:16].upper()
         self.url_ttl_seconds = 900
         self.analytics_lag_seconds = 0.0
         self.clock: Callable[[], float] = time.time
-        self._export_bucket = TokenBucket(50.0, 20)
-        self._api_bucket = TokenBucket(50.0, 100)
+        self._export_bucket = TokenBucket(EXPORT_REFILL_PER_SECOND, EXPORT_BURST)
+        self._api_bucket = TokenBucket(API_REFILL_PER_SECOND, API_BURST)
         self.export_count = 0
         self.exports: list[ExportCall] = []
         self.downloads = 0
@@ -1107,7 +1498,7 @@ class IntelligemsEmulator:
         self._validator = SpecValidator(SPEC_FILE)
         self._signer = UrlSigner()  # per emulator: a URL from another emulator or run never verifies here
         self._json = ExperienceJson(seed, Dice(seed, "organization").uuid4())
-        self._orders = OrderFactory(seed)
+        self._orders = OrderFactory(seed, IdFormat(seed, self.reality.id_format))
         self._plan = SlotPlan(seed)
         self._renderer = CsvRenderer(self._orders, self._plan)
         self._uuid_pattern = re.compile(
@@ -1121,6 +1512,7 @@ class IntelligemsEmulator:
         self.api.route(f"{PREFIX}/experiences-list", ["GET"], self._list_experiences)
         self.api.route(f"{PREFIX}/experiences/<experience_id>", ["GET"], self._get_experience)
         self.api.route(f"{PREFIX}/analytics/experience/<experience_id>/export", ["POST"], self._export)
+        self.api.route("/<path:unknown>", ANY_METHOD, self._unknown_path)
         self.s3 = Host("intelligems-s3", ctx.log)
         self.s3.route("/<path:key>", ["GET"], self._download)
 
@@ -1307,26 +1699,53 @@ class IntelligemsEmulator:
         """The records the tap must emit, as exports can deliver them now (lifetime clamp, analytics lag).
 
         Export streams filter `start <= created_at < end`; `intelligems_experiences` is a full table
-        (start/end ignored) in the list endpoint's order.
+        (start/end ignored) in the list endpoint's order. Identifiers are the text the file has, extra
+        columns are text (None when empty), and a column this seed leaves out is not in the dicts.
+        With `messy_cells` on there is no typed truth to give: use `raw_rows`.
         """
         if stream_name == EXPERIENCES_STREAM:
             return [ExperienceJson.record(self._json.list_item(exp)) for exp in self.experiences()]
+        if self.messy_cells:
+            raise NotImplementedError("messy cells have no typed form: compare with raw_rows()")
+        return [
+            {**{column.key: column.typed(row) for column in columns}, "experience_id": exp.id}
+            for exp, columns, row in self._file_rows(stream_name, partition, start, end, messy=False)
+        ]
+
+    def raw_rows(
+        self,
+        stream_name: str,
+        partition: dict | None = None,
+        start: dt.datetime | str | None = None,
+        end: dt.datetime | str | None = None,
+    ) -> list[dict[str, str]]:
+        """The rows of `expected_records` as the files write them: each cell's text ('' when empty), by
+        record key (lower snake_case of its label), messy cells included; plus `experience_id`, which
+        the tap adds from the partition (the file has no such column)."""
+        return [
+            {**{column.key: column.cell(row) for column in columns}, "experience_id": exp.id}
+            for exp, columns, row in self._file_rows(stream_name, partition, start, end, messy=self.messy_cells)
+        ]
+
+    def _file_rows(
+        self,
+        stream_name: str,
+        partition: dict | None,
+        start: dt.datetime | str | None,
+        end: dt.datetime | str | None,
+        *,
+        messy: bool,
+    ) -> Iterator[tuple[Experience, tuple[FileColumn, ...], Any]]:
+        """(experience, file columns, row) of every row an export of [start, end) would hold now."""
         export_type = self._export_type(stream_name)
         chosen = [self._partition_experience(partition)] if partition else self.experiences()
-        records: list[dict] = []
         for exp in chosen:
             window = self._clamped_window(exp, as_utc(start), as_utc(end))
             if window is None:
                 continue
-            export = self._export_file("", exp, export_type, window, frozenset())
-            records += [self._record(exp, export.table, row) for row in self._renderer.rows(export)]
-        return records
-
-    @staticmethod
-    def _record(exp: Experience, table: ExportTable, row: Any) -> dict:
-        record = {column.label: record_value(column.value(row)) for column in table.columns}
-        record["experience_id"] = exp.id
-        return record
+            export = self._export_file("", exp, export_type, window, frozenset(), messy=messy)
+            for row in self._renderer.rows(export):
+                yield exp, export.columns, row
 
     @staticmethod
     def _export_type(stream_name: str) -> str:
@@ -1362,14 +1781,18 @@ class IntelligemsEmulator:
         export_type: str,
         window: tuple[dt.datetime, dt.datetime],
         content_faults: frozenset[str],
+        *,
+        messy: bool,
     ) -> ExportFile:
         now = self.now()
         with self._lock:
             batches = tuple(batch for batch in self._batches.get(exp.id, []) if batch.export_type == export_type)
+        table = EXPORT_TABLES[export_type]
         return ExportFile(
             key,
             exp,
-            EXPORT_TABLES[export_type],
+            table,
+            file_columns(self.reality, table, messy=messy, new_column="new_column" in content_faults),
             window[0],
             window[1],
             now - dt.timedelta(seconds=self.analytics_lag_seconds),
@@ -1387,18 +1810,40 @@ class IntelligemsEmulator:
         if token != self.api_token:
             response = json_response({"error": "Unauthorized"}, 401)
         elif not decision.allowed:
-            response = json_response({"error": "Too Many Requests"}, 429)
+            response = self._too_many_requests(decision)
         elif self.ctx.faults.fire("rate_limit"):
             decision = RateDecision(False, decision.limit, 0, 1.0, time.time() + 1.0)
-            response = json_response({"error": "Too Many Requests"}, 429)
+            response = self._too_many_requests(decision)
         elif self.ctx.faults.fire("server_error"):
             response = self._server_error()
         else:
             response = answer()
         response.headers["x-ratelimit-limit"] = str(decision.limit)
         response.headers["x-ratelimit-remaining"] = str(decision.remaining)
-        response.headers["x-ratelimit-reset"] = str(int(decision.reset_at_epoch * 1000))
+        response.headers["x-ratelimit-reset"] = str(int(self._reset_at(bucket, decision) * 1000))
         return response
+
+    def _too_many_requests(self, decision: RateDecision) -> Response:
+        response = json_response(self.reality.too_many_requests, 429)
+        if self.reality.retry_after:
+            response.headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after_seconds)))
+        return response
+
+    def _reset_at(self, bucket: TokenBucket, decision: RateDecision) -> float:
+        """x-ratelimit-reset in epoch seconds, as this seed reads "reset": bucket full, or next token."""
+        if self.reality.reset_means == "bucket_full":
+            return decision.reset_at_epoch
+        now = time.time()
+        if not decision.allowed:
+            return now + decision.retry_after_seconds
+        missing_tokens = max(0.0, decision.reset_at_epoch - now) * bucket.rate
+        return now + (missing_tokens % 1.0) / bucket.rate
+
+    def _unknown_path(self, request: Request, unknown: str) -> Response:
+        """Any other path: 404, still behind auth and the rate headers, like the API's other answers."""
+        return self._guarded(
+            request, self._api_bucket, lambda: json_response({"error": "Not Found", "message": "Not Found"}, 404)
+        )
 
     def _server_error(self) -> Response:
         with self._lock:
@@ -1559,7 +2004,7 @@ class IntelligemsEmulator:
             self._file_sequence += 1
             key = f"/{BUCKET}/exports/{exp.id}/{export_type}-{self._file_sequence}.csv"
         content_faults = frozenset(name for name in CONTENT_FAULTS if self.ctx.faults.fire(name))
-        export = self._export_file(key, exp, export_type, window, content_faults)
+        export = self._export_file(key, exp, export_type, window, content_faults, messy=self.messy_cells)
         with self._lock:
             self._files[key] = export
         issued = time.time()

@@ -1,16 +1,30 @@
 """Intelligems External API (beta): experience (A/B test) exports, one partition per experience.
 
-How Intelligems spells the lifecycle:
+How Intelligems spells the lifecycle (sources: NOTES.md "Intelligems External API" and the OpenAPI
+operation `POST /v25-10-beta/analytics/experience/{experienceId}/export`):
 - create: `POST /v25-10-beta/analytics/experience/{id}/export {exportType, startTs, endTs, filters}`
-  is synchronous and answers READY with a presigned S3 URL valid `expiresIn` seconds; `url: null`
-  ("Export timed out, please retry") counts as a failed export and is retried with backoff;
-- there is nothing to poll; an expired URL (403) is renewed by exporting again;
-- the S3 file is fetched with no API credentials (S3 refuses a second auth mechanism).
+  is synchronous (NOTES.md: "Synchronous") and answers READY with a presigned S3 URL valid
+  `expiresIn` seconds (NOTES.md: "valid 900 s (then 403)"); `url: null` ("Export timed out, please
+  retry", NOTES.md and the operation's description) counts as a failed export and is retried with
+  backoff;
+- there is nothing to poll; an expired URL (403) is renewed by exporting again (the operation's
+  description: "Call the endpoint again to generate a new URL");
+- the S3 file is fetched with no API credentials (NOTES.md, Singer SDK facts: S3 rejects a second
+  auth mechanism).
 
-Each experience is exported only inside its lifetime (start to end/pause, or now); an ended or
-paused experience whose bookmark reached its end makes no more calls. `startTs`/`endTs` are
-10-digit epoch seconds as strings; windows are whole seconds so `[start, end)` maps exactly.
-Experience ids are validated as UUIDs before they go into a path.
+Each experience is exported only inside its lifetime (NOTES.md: "Ranges are clamped to the
+experience's start and end/pause"): start to end/pause, or now; an ended or paused experience whose
+bookmark reached its end makes no more calls. `startTs`/`endTs` are 10-digit epoch seconds as strings
+(NOTES.md; the operation's schema types both as `string`); windows are whole seconds so
+`[start, end)` maps exactly. Experience ids are validated as UUIDs (the path parameter's published
+pattern) before they go into a path. Pacing follows the x-ratelimit-* headers (NOTES.md: token bucket;
+`x-ratelimit-reset` in epoch milliseconds; export burst 20, separate from the other calls).
+
+Columns: NOTES.md, "What nobody publishes": Intelligems publishes no CSV columns, so the export
+streams' `known_columns` are guesses. Identifier columns (`*_id`, `order_name`, `sku`,
+`discount_code`) are text, emitted exactly as the file writes them ("00042", "ord_9XkQ"); the file's
+header names its columns, so their order and spelling do not matter, an unknown column is kept as
+text and a guessed column the file lacks is absent from its records.
 """
 
 from __future__ import annotations

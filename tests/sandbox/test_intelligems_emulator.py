@@ -1,4 +1,10 @@
-"""The Intelligems emulator over real HTTP: auth, validation, lifecycle, exports, S3 URLs, limits, faults."""
+"""The Intelligems emulator over real HTTP: auth, validation, lifecycle, exports, S3 URLs, limits, faults,
+and the per-seed realities of what the vendor does not publish (id formats, columns, headers, 429s).
+
+The `emulator` fixture runs the seed of the test (TAP_SANDBOX_SEED, rotated by tests/conftest.py), so
+these tests assert behaviour that holds in every reality; tests about the realities themselves name
+their seeds.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import datetime as dt
 import io
 import json
 import re
+import textwrap
 import threading
 import time
 from functools import cache
@@ -16,9 +23,19 @@ import jsonschema
 import pytest
 import requests
 
+from tap_commerce_exports.engine.csv_records import header_key
 from tap_commerce_exports.openapi import load_spec
+from tap_commerce_exports.sandbox import intelligems as intelligems_module
 from tap_commerce_exports.sandbox.core import SandboxContext
-from tap_commerce_exports.sandbox.intelligems import EXPORT_TABLES, IntelligemsEmulator
+from tap_commerce_exports.sandbox.intelligems import (
+    EXPORT_TABLES,
+    EXTRA_COLUMNS,
+    MESSES,
+    OPTIONAL_COLUMNS,
+    IntelligemsEmulator,
+    Reality,
+)
+from tap_commerce_exports.sandbox.server import default_seed
 
 UTC = dt.timezone.utc
 PREFIX = "/v25-10-beta"
@@ -30,16 +47,30 @@ S3_URL = re.compile(
 )
 
 
-@pytest.fixture
-def emulator():
-    ctx = SandboxContext(export_latency_seconds=0.05)
-    running = IntelligemsEmulator(ctx)
+SUITE_SEEDS = (7, 11, 23, 42)
+EXPORT_STREAMS = tuple(f"intelligems_{export_type}" for export_type in EXPORT_TABLES)
+
+
+def started_emulator(seed: int | None = None, **options) -> IntelligemsEmulator:
+    running = IntelligemsEmulator(
+        SandboxContext(export_latency_seconds=0.05), seed=default_seed() if seed is None else seed, **options
+    )
     for host in running.hosts:
         host.start()
-    yield running
+    return running
+
+
+def stop(running: IntelligemsEmulator) -> None:
     for host in running.hosts:
         # Host.stop() waits out serve_forever's 0.5 s poll; nothing needs that to finish before the next test.
         threading.Thread(target=host.stop, daemon=True).start()
+
+
+@pytest.fixture
+def emulator():
+    running = started_emulator()
+    yield running
+    stop(running)
 
 
 class Client:
@@ -102,16 +133,24 @@ CASTS = {
 }
 
 
-def typed_records(body: bytes, export_type: str, experience_id: str) -> list[dict]:
+def file_cells(body: bytes) -> tuple[list[str], list[dict[str, str]]]:
+    """A file's header labels, and its rows as cell text by record key (the tap's `header_key`)."""
     assert body.startswith(BOM)
-    kinds = {column.label: column.kind for column in EXPORT_TABLES[export_type].columns}
-    rows = list(csv.DictReader(io.StringIO(body.decode("utf-8-sig"), newline=""), strict=True))
+    reader = csv.reader(io.StringIO(body.decode("utf-8-sig"), newline=""), strict=True)
+    labels = next(reader)
+    keys = [header_key(label) for label in labels]
+    return labels, [dict(zip(keys, row, strict=True)) for row in reader]
+
+
+def typed_records(body: bytes, export_type: str, experience_id: str) -> list[dict]:
+    """Rows typed by the guessed kinds; a column the tap does not know stays text (None when empty)."""
+    kinds = {column.key: column.kind for column in EXPORT_TABLES[export_type].columns}
     return [
         {
-            **{key: (CASTS[kinds[key]](cell) if cell != "" else None) for key, cell in row.items()},
+            **{key: (CASTS[kinds.get(key, "string")](cell) if cell != "" else None) for key, cell in row.items()},
             "experience_id": experience_id,
         }
-        for row in rows
+        for row in file_cells(body)[1]
     ]
 
 
@@ -271,6 +310,94 @@ def test_export_body_and_path_are_validated(emulator, api):
     assert emulator.export_count == 0
 
 
+def export_operation() -> dict:
+    return load_spec("intelligems-exports.openapi.json")["paths"][PREFIX + EXPORT_PATH]["post"]
+
+
+def formal_request_examples() -> list[dict]:
+    """Every request-body example the spec publishes in OpenAPI's own fields (media type and schema)."""
+    content = export_operation()["requestBody"]["content"]["application/json"]
+    examples = [content["example"]] if "example" in content else []
+    examples += [example["value"] for example in content.get("examples", {}).values() if "value" in example]
+    examples += list(content["schema"].get("examples", []))
+    return examples
+
+
+def markdown_table(description: str, heading: str) -> list[list[str]]:
+    """The data rows of the first table after `heading` in the operation's description, as cells."""
+    lines = [line.strip() for line in description.split(heading, 1)[1].splitlines()]
+    first = next(number for number, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[first + 2 :]:  # past the header row and the |---| rule
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def literals(text: str) -> list:
+    """The JSON literals the text quotes in backticks (`"mobile"`, `["US", "GB"]`)."""
+    found = []
+    for quoted in re.findall(r"`([^`]+)`", text):
+        try:
+            found.append(json.loads(quoted))
+        except ValueError:
+            continue
+    return found
+
+
+def documented_request_bodies() -> list[dict]:
+    """Bodies made of what the operation's description spells out: each export type, and each filter
+    with each literal value its table quotes (the spec has no formal examples for this endpoint)."""
+    description = export_operation()["description"]
+    export_types = [row[0].strip("`") for row in markdown_table(description, "### Export Types")]
+    bodies = [{"exportType": export_type} for export_type in export_types]
+    for field, kind, text in markdown_table(description, "### Filters"):
+        for value in literals(text):
+            if isinstance(value, list) == kind.endswith("[]"):
+                bodies.append({"exportType": "orders", "filters": {field.strip("`"): value}})
+    for field, _ in markdown_table(description, "#### `userBehavior` sub-fields"):
+        bodies.append({"exportType": "orders", "filters": {"userBehavior": {field.strip("`"): True}}})
+    return bodies
+
+
+def test_every_request_example_the_vendor_publishes_is_accepted(emulator, api):
+    experience_id = oldest_running(emulator)
+    formal = formal_request_examples()
+    documented = documented_request_bodies()
+    # The spec has no formal example today; if one is added it is posted too.
+    assert len(formal) == 0
+    assert {body["exportType"] for body in documented} == {"orders", "order_line_items", "order_reconciliation"}
+    assert {"deviceType": "mobile"} in [body.get("filters") for body in documented]
+    assert {"countryCodes": ["US", "GB"]} in [body.get("filters") for body in documented]
+    assert {"userBehavior": {"addedToCart": True}} in [body.get("filters") for body in documented]
+    seconds = {"startTs": epoch("2024-01-10"), "endTs": epoch("2024-02-10")}  # "10-digit epoch ... in seconds"
+    for body in [*formal, *documented, {**documented[0], **seconds}]:
+        answer = api.export(experience_id, body)
+        assert answer.status_code == 200, (body, answer.text)
+        assert_published_shape(answer.json(), EXPORT_PATH, "post")
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"exportType": "orders", "startTs": 1704844800}, "startTs"),  # the schema types it as a string
+        ({"exportType": "orders", "endTs": 1707523200}, "endTs"),
+        ({"exportType": "orders", "endTs": None}, "endTs"),
+        ({"exportType": "orders", "startTs": "1704844800000"}, "startTs"),  # milliseconds, not seconds
+        ({"exportType": "orders", "startTs": "2024-01-10T00:00:00Z"}, "startTs"),
+        ({"exportType": ["orders"]}, "exportType"),
+        ({"startTs": "1704844800"}, "exportType"),
+        ({"exportType": "orders", "filters": "mobile"}, "filters"),
+    ],
+)
+def test_what_the_schema_refuses_is_refused(emulator, api, body, field):
+    answer = api.export(oldest_running(emulator), body)
+    assert answer.status_code == 400
+    assert answer.json()["properties"][field]["errors"], answer.json()
+    assert emulator.export_count == 0
+
+
 def test_export_answer_follows_spec_and_file_matches_expected_records(emulator, api):
     experience_id = emulator.experience_ids("started")[-1]
     for export_type in ("orders", "order_line_items", "order_reconciliation"):
@@ -366,6 +493,255 @@ def test_added_rows_wait_for_the_analytics_lag(emulator, api):
     )
 
 
+# -------------------------------------------------------------------- realities
+
+ID_SHAPES = {
+    "integer": r"\d+",
+    "zero_padded": r"00\d+",
+    "alphanumeric": r"[0-9A-Z]{10}",
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+}
+ID_PREFIXES = {"order": "ord_", "line_item": "li_", "order_number": "EU-", "visitor": "vis_", "sku": "SKU-"}
+
+
+def id_shape(id_format: str, family: str) -> str:
+    if id_format == "prefixed":
+        return re.escape(ID_PREFIXES[family]) + ID_SHAPES["alphanumeric"]
+    return ID_SHAPES[id_format]
+
+
+def describe(reality: Reality) -> str:
+    """A reality in the words of the module docstring's list (compared with spaces collapsed)."""
+    retry_after = "with" if reality.retry_after else "without"
+    columns = "; ".join(
+        " ".join(
+            [export_type]
+            + [f"+{key}" for key in reality.extra_columns[export_type]]
+            + [f"-{key}" for key in reality.missing_columns[export_type]]
+        )
+        for export_type in EXPORT_TABLES
+    )
+    return (
+        f"seed {reality.seed}: ids {reality.id_format}, headers {reality.header_style}; 429 {retry_after} "
+        f"Retry-After, reset = {reality.reset_means}, body {json.dumps(reality.too_many_requests)}; {columns}."
+    )
+
+
+def collapsed(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("seed", SUITE_SEEDS)
+def test_each_suite_seed_s_reality_is_what_the_module_docstring_says(seed):
+    reality = Reality.of_seed(seed)
+    assert describe(reality) in collapsed(intelligems_module.__doc__), "\n" + textwrap.fill(describe(reality), 100)
+    assert reality == IntelligemsEmulator(SandboxContext(), seed=seed).reality == Reality.of_seed(seed)
+
+
+def test_each_suite_seed_is_another_combination_and_seed_7_is_not_the_old_shape():
+    realities = {seed: Reality.of_seed(seed) for seed in SUITE_SEEDS}
+    assert len({reality.id_format for reality in realities.values()}) == 4
+    assert len({reality.header_style for reality in realities.values()}) == 4
+    assert any(any(reality.missing_columns.values()) for reality in realities.values())
+    assert any(not any(reality.missing_columns.values()) for reality in realities.values())
+    default = realities[7]
+    assert default.id_format != "integer"  # the old ids were plain integers
+    for export_type, table in EXPORT_TABLES.items():
+        old_order = [column.key for column in table.columns]
+        assert [key for key in default.columns[export_type] if key in old_order] != old_order
+        for reality in realities.values():
+            assert reality.columns[export_type][: len(old_order)] != tuple(old_order)
+
+
+@pytest.mark.parametrize("seed", SUITE_SEEDS)
+def test_every_label_is_a_spelling_of_its_record_key(seed):
+    reality = Reality.of_seed(seed)
+    for export_type, table in EXPORT_TABLES.items():
+        for messy in (False, True):
+            for column in intelligems_module.file_columns(reality, table, messy=messy, new_column=True):
+                assert header_key(column.label) == column.key, (column.label, column.key)
+        keys = reality.columns[export_type]
+        assert set(keys) == {c.key for c in table.columns} - set(reality.missing_columns[export_type]) | set(
+            reality.extra_columns[export_type]
+        )
+        assert not set(reality.missing_columns[export_type]) - set(OPTIONAL_COLUMNS[export_type])
+        assert set(reality.extra_columns[export_type]) <= set(EXTRA_COLUMNS[export_type])
+    for style in intelligems_module.SINGLE_STYLES:
+        assert header_key(intelligems_module.spelled("order_number", style)) == "order_number"
+    assert intelligems_module.spelled("order_number", "sentence") == "Order number "
+
+
+def test_two_seeds_write_different_headers_naming_the_same_columns():
+    headers = {}
+    for seed in (7, 11):
+        running = started_emulator(seed)
+        try:
+            url = Client(running).export_url(oldest_running(running), "orders")
+            headers[seed] = file_cells(requests.get(url, timeout=10).content)[0]
+        finally:
+            stop(running)
+    assert headers[7] != headers[11]
+    keys = {seed: [header_key(label) for label in labels] for seed, labels in headers.items()}
+    assert keys[7] != keys[11]
+    guessed = {column.key for column in EXPORT_TABLES["orders"].columns}
+    for seed in (7, 11):
+        reality = Reality.of_seed(seed)
+        assert keys[seed] == list(reality.columns["orders"])
+        assert set(keys[seed]) == guessed - set(reality.missing_columns["orders"]) | set(
+            reality.extra_columns["orders"]
+        )
+
+
+def test_a_reality_without_extra_columns_writes_only_guessed_columns():
+    emulator = IntelligemsEmulator(SandboxContext(), seed=11)
+    assert any(emulator.reality.extra_columns.values())
+    emulator.reality = emulator.reality.without_extra_columns()
+    for stream in EXPORT_STREAMS:
+        guessed = {column.key for column in EXPORT_TABLES[stream.removeprefix("intelligems_")].columns}
+        records = emulator.expected_records(stream, {"experience_id": oldest_running(emulator)})
+        assert records and all(set(record) - {"experience_id"} <= guessed for record in records)
+
+
+@pytest.mark.parametrize("seed", SUITE_SEEDS)
+def test_identifiers_follow_the_seed_s_format_and_children_name_their_parents(seed):
+    emulator = IntelligemsEmulator(SandboxContext(), seed=seed)
+    shape = {family: id_shape(emulator.reality.id_format, family) for family in ID_PREFIXES}
+    for experience_id in emulator.experience_ids("started"):
+        partition = {"experience_id": experience_id}
+        orders = emulator.expected_records("intelligems_orders", partition)
+        items = emulator.expected_records("intelligems_order_line_items", partition)
+        reconciled = emulator.expected_records("intelligems_order_reconciliation", partition)
+        order_ids = [order["order_id"] for order in orders]
+        assert len(set(order_ids)) == len(order_ids) and all(re.fullmatch(shape["order"], i) for i in order_ids)
+        line_ids = [item["line_item_id"] for item in items]
+        assert len(set(line_ids)) == len(line_ids) and all(re.fullmatch(shape["line_item"], i) for i in line_ids)
+        per_order = {order_id: 0 for order_id in order_ids}
+        for item in items:
+            per_order[item["order_id"]] += 1  # a KeyError is a line item whose parent is not in the orders
+        assert per_order == {order["order_id"]: order["items_count"] for order in orders}
+        assert [row["order_id"] for row in reconciled] == order_ids
+        names = [row["order_name"] for row in orders]
+        assert "order_name" not in reconciled[0] or names == [row["order_name"] for row in reconciled]
+        assert all(re.fullmatch("#" + shape["order_number"], name) for name in names)
+        assert all(re.fullmatch(shape["visitor"], order["visitor_id"]) for order in orders)
+        skus = [item["sku"] for item in items if item.get("sku")]
+        assert all(re.fullmatch(shape["sku"], sku) for sku in skus)
+        assert all(isinstance(value, str) for row in orders + items for key, value in row.items() if "id" in key)
+
+
+@pytest.mark.parametrize("seed", SUITE_SEEDS)
+def test_records_have_the_seed_s_extra_columns_as_text_and_lack_its_missing_ones(seed):
+    emulator = IntelligemsEmulator(SandboxContext(), seed=seed)
+    reality = emulator.reality
+    for stream in EXPORT_STREAMS:
+        export_type = stream.removeprefix("intelligems_")
+        records = emulator.expected_records(stream, {"experience_id": oldest_running(emulator)})
+        assert records
+        for record in records:
+            assert set(record) == set(reality.columns[export_type]) | {"experience_id"}
+        for key in reality.extra_columns[export_type]:
+            values = {record[key] for record in records}
+            assert values <= set(EXTRA_COLUMNS[export_type][key]) - {""} | {None} and len(values) > 1
+
+
+def test_raw_rows_are_the_cells_of_the_downloaded_file_byte_for_byte(emulator, api):
+    experience_id = oldest_running(emulator)
+    for stream in EXPORT_STREAMS:
+        body = requests.get(api.export_url(experience_id, stream.removeprefix("intelligems_")), timeout=10).content
+        labels, rows = file_cells(body)
+        raw = emulator.raw_rows(stream, {"experience_id": experience_id})
+        assert all(row.pop("experience_id") == experience_id for row in raw)
+        assert rows == raw
+        keys = [header_key(label) for label in labels]
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(labels)
+        writer.writerows([row[key] for key in keys] for row in raw)
+        assert body == BOM + text.getvalue().encode("utf-8")
+
+
+def test_raw_rows_and_expected_records_are_the_same_rows(emulator):
+    experience_id = oldest_running(emulator)
+    start, end = dt.datetime(2024, 1, 20, tzinfo=UTC), dt.datetime(2024, 2, 3, tzinfo=UTC)
+    for stream in EXPORT_STREAMS:
+        records = emulator.expected_records(stream, {"experience_id": experience_id}, start, end)
+        raw = emulator.raw_rows(stream, {"experience_id": experience_id}, start, end)
+        assert len(raw) == len(records) > 5
+        for cells, record in zip(raw, records):
+            assert set(cells) == set(record)
+            assert all((cells[key] == "") == (record[key] is None) for key in record)
+    everything = emulator.raw_rows("intelligems_orders")
+    assert {row["experience_id"] for row in everything} == {
+        exp.id for exp in emulator.experiences() if exp.started_at is not None
+    }
+
+
+# ------------------------------------------------------------------ messy cells
+
+US_DATE_TIME = re.compile(r"\d\d/\d\d/\d{4} \d\d:\d\d [AP]M")
+
+
+def not_json(cell: str) -> bool:
+    try:
+        json.loads(cell)
+    except ValueError:
+        return True
+    return False
+
+
+def messy_rows(rows: list[dict[str, str]], key: str, is_messy) -> list[int]:
+    return [number for number, row in enumerate(rows, start=1) if is_messy(row[key])]
+
+
+def test_messy_files_break_every_kind_of_guess_across_the_file(emulator, api):
+    experience_id = oldest_running(emulator)
+    emulator.messy_cells = True
+    kinds_seen, first_messy = set(), []
+    for export_type, mess in MESSES.items():
+        stream = f"intelligems_{export_type}"
+        labels, rows = file_cells(requests.get(api.export_url(experience_id, export_type), timeout=10).content)
+        assert rows == [
+            {k: v for k, v in row.items() if k != "experience_id"}
+            for row in emulator.raw_rows(stream, {"experience_id": experience_id})
+        ]
+        keys = [header_key(label) for label in labels]
+        guessed, renamed = mess.renamed
+        assert renamed in keys and guessed not in keys  # the file calls a guessed column another name
+        checks = {
+            "number": (mess.number, lambda cell: cell == "N/A"),
+            "boolean": (mess.boolean, lambda cell: cell in ("yes", "no")),
+            "json": (mess.json, lambda cell: cell != "" and not_json(cell)),
+            "datetime": (mess.datetime, lambda cell: bool(US_DATE_TIME.fullmatch(cell))),
+        }
+        for kind, (key, is_messy) in checks.items():
+            if key is None:
+                continue
+            numbers = messy_rows(rows, key, is_messy)
+            # Spread over the whole file, not only its first rows.
+            assert len(numbers) >= len(rows) // 5 and numbers[-1] > len(rows) * 3 // 4, (export_type, kind, numbers)
+            first_messy.append(numbers[0])
+            assert len(numbers) < len(rows)  # the other rows are as guessed
+            kinds_seen.add(kind)
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["created_at"]) for row in rows)
+    assert kinds_seen == {"number", "boolean", "json", "datetime"}
+    assert max(first_messy) > 1  # some messes come after rows that fit the guesses
+    with pytest.raises(NotImplementedError):
+        emulator.expected_records("intelligems_orders", {"experience_id": experience_id})
+
+
+def test_messy_mode_is_decided_when_an_export_is_created(api, emulator):
+    experience_id = oldest_running(emulator)
+    tidy_url = api.export_url(experience_id, "order_reconciliation")
+    emulator.messy_cells = True
+    messy_url = api.export_url(experience_id, "order_reconciliation")
+    tidy, messy = (file_cells(requests.get(url, timeout=10).content)[1] for url in (tidy_url, messy_url))
+    assert not any(row["intelligems_total"] == "N/A" for row in tidy)
+    assert any(row["intelligems_total"] == "N/A" for row in messy)
+    emulator.messy_cells = False
+    assert file_cells(requests.get(messy_url, timeout=10).content)[1] == messy
+    assert IntelligemsEmulator(SandboxContext(), seed=7, messy_cells=True).messy_cells
+
+
 # ---------------------------------------------------------------------- S3 host
 
 
@@ -415,13 +791,115 @@ def test_short_ttl_expires_and_ranges_and_head(emulator, api):
 # ------------------------------------------------------------------ rate limits
 
 
+RATE_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+MISSING_ID = "6f1c2d3e-4b5a-4c6d-8e7f-001122334455"
+
+
+def assert_rate_headers(answer: requests.Response, limit: int) -> None:
+    """The documented headers (NOTES.md), names as documented, the reset a 13-digit epoch-ms time near now."""
+    assert set(RATE_HEADERS) <= set(answer.raw.headers.keys()), answer.raw.headers
+    assert answer.headers["x-ratelimit-limit"] == str(limit)
+    assert 0 <= int(answer.headers["x-ratelimit-remaining"]) <= limit
+    reset = answer.headers["x-ratelimit-reset"]
+    assert re.fullmatch(r"\d{13}", reset), reset
+    assert abs(int(reset) / 1000 - time.time()) < 60
+
+
+def test_every_api_answer_carries_the_three_rate_limit_headers(emulator, api):
+    running = emulator.experience_ids("started")[0]
+    answers = {
+        "list": (api.get("/experiences-list"), 50),
+        "detail": (api.get(f"/experiences/{running}"), 50),
+        "bad query": (api.get("/experiences-list", limit="ten"), 50),
+        "no such experience": (api.get(f"/experiences/{MISSING_ID}"), 50),
+        "no such path": (requests.get(f"{api.base}{PREFIX}/experiences", headers=api.headers, timeout=10), 50),
+        "no token": (requests.get(f"{api.base}{PREFIX}/experiences-list", timeout=10), 50),
+        "export": (api.export(running, {"exportType": "orders"}), 20),
+        "bad export": (api.export(running, {"exportType": "nope"}), 20),
+        "export of no such experience": (api.export(MISSING_ID, {"exportType": "orders"}), 20),
+    }
+    emulator.ctx.faults.arm("rate_limit")
+    answers["429"] = (api.export(running, {"exportType": "orders"}), 20)
+    emulator.ctx.faults.arm("server_error")
+    answers["500"] = (api.get("/experiences-list"), 50)
+    statuses = {name: answer.status_code for name, (answer, _) in answers.items()}
+    assert statuses == {
+        "list": 200,
+        "detail": 200,
+        "bad query": 400,
+        "no such experience": 404,
+        "no such path": 404,
+        "no token": 401,
+        "export": 200,
+        "bad export": 400,
+        "export of no such experience": 404,
+        "429": 429,
+        "500": 500,
+    }
+    for name, (answer, limit) in answers.items():
+        try:
+            assert_rate_headers(answer, limit)
+        except AssertionError as problem:
+            raise AssertionError(f"{name}: {problem}") from None
+
+
+def test_exports_and_the_other_calls_draw_on_separate_buckets_of_the_documented_size(emulator, api):
+    running = emulator.experience_ids("started")[0]
+    emulator.export_rate_per_second = emulator.api_rate_per_second = 0.01  # no refill while the test runs
+    exports = [api.export(running, {"exportType": "nope"}) for _ in range(21)]
+    lists = [api.get("/experiences-list", limit=1) for _ in range(51)]
+    assert [a.headers["x-ratelimit-remaining"] for a in exports[:3]] == ["19", "18", "17"]
+    assert [a.headers["x-ratelimit-remaining"] for a in lists[:3]] == ["49", "48", "47"]
+    assert [a.status_code for a in exports] == [400] * 20 + [429]  # export burst 20
+    assert [a.status_code for a in lists] == [200] * 50 + [429]  # list/detail burst 50
+
+
+def test_the_spec_promises_no_429_answer_so_retry_after_is_a_per_seed_guess():
+    for path, operations in load_spec("intelligems-exports.openapi.json")["paths"].items():
+        for method, operation in operations.items():
+            assert set(operation["responses"]) == {"200"}, (path, method)
+            assert "retry-after" not in {name.lower() for name in operation["responses"]["200"].get("headers", {})}
+
+
+@pytest.mark.parametrize("seed", SUITE_SEEDS)
+def test_a_429_differs_per_seed_only_where_the_docs_are_silent(seed):
+    running = started_emulator(seed)
+    try:
+        api, reality = Client(running), running.reality
+        running.export_rate_per_second = 0.5  # full again 40 s after empty; a token every 2 s
+        experience_id = running.experience_ids("started")[0]
+        limited = [api.export(experience_id, {"exportType": "nope"}) for _ in range(21)][-1]
+        assert limited.status_code == 429
+        assert_rate_headers(limited, 20)
+        assert limited.headers["x-ratelimit-remaining"] == "0"
+        assert limited.json() == reality.too_many_requests
+        reset_in = int(limited.headers["x-ratelimit-reset"]) / 1000 - time.time()
+        if reality.reset_means == "bucket_full":
+            assert 30 < reset_in <= 40.1
+        else:
+            assert 0 < reset_in <= 2.1
+        if reality.retry_after:
+            assert limited.headers["Retry-After"] in ("1", "2")
+        else:
+            assert "Retry-After" not in limited.headers
+    finally:
+        stop(running)
+
+
+def test_the_suite_seeds_cover_every_reading_of_a_429():
+    realities = [Reality.of_seed(seed) for seed in SUITE_SEEDS]
+    assert {reality.retry_after for reality in realities} == {True, False}
+    assert {reality.reset_means for reality in realities} == {"bucket_full", "next_token"}
+    assert len({json.dumps(reality.too_many_requests) for reality in realities}) == 2
+
+
 def test_export_bucket_bursts_twenty_then_429_with_headers(emulator, api):
     emulator.export_rate_per_second = 0.1
     experience_id = emulator.experience_ids("started")[0]
     answers = [api.export(experience_id, {"exportType": "nope"}) for _ in range(21)]
     assert [a.status_code for a in answers[:20]] == [400] * 20
     limited = answers[20]
-    assert limited.status_code == 429 and limited.json() == {"error": "Too Many Requests"}
+    assert limited.status_code == 429 and limited.json() == emulator.reality.too_many_requests
     assert limited.headers["x-ratelimit-limit"] == "20" and limited.headers["x-ratelimit-remaining"] == "0"
     reset_ms = int(limited.headers["x-ratelimit-reset"])
     assert time.time() * 1000 < reset_ms < (time.time() + 300) * 1000
@@ -476,7 +954,8 @@ def test_content_faults_are_fixed_in_the_file(emulator, api):
         return body.content
 
     assert faulty("empty_file") == b""
-    assert faulty("header_only").decode("utf-8-sig").startswith("order_id,") and faulty("header_only").count(b"\n") == 1
+    labels, rows = file_cells(faulty("header_only"))
+    assert [header_key(label) for label in labels] == list(emulator.reality.columns["orders"]) and rows == []
 
     rows = list(csv.reader(io.StringIO(faulty("malformed_row").decode("utf-8-sig"), newline="")))
     assert len(rows[1]) == len(rows[0]) + 1 and all(len(row) == len(rows[0]) for row in rows[2:])
@@ -484,8 +963,9 @@ def test_content_faults_are_fixed_in_the_file(emulator, api):
     with pytest.raises(UnicodeDecodeError):
         faulty("bad_utf8").decode("utf-8")
 
-    rows = list(csv.reader(io.StringIO(faulty("new_column").decode("utf-8-sig"), newline="")))
-    assert "utm_campaign" in rows[0] and {len(row) for row in rows} == {len(rows[0])}
+    labels, rows = file_cells(faulty("new_column"))
+    assert "utm_campaign" in [header_key(label) for label in labels] and rows
+    assert all(row["utm_campaign"] == "spring_sale, v2" for row in rows)
 
     cut = faulty("download_cut_quote").decode("utf-8-sig")
     with pytest.raises(csv.Error):
