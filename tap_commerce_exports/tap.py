@@ -246,7 +246,7 @@ class TapCommerceExports(Tap):
             self._state_writer.write_state(self.state)
         export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
         for stream in export_streams:
-            stream.load_text_columns_from_state()
+            stream.prepare_sync()
         self._fail_fast_on_bad_credentials()
         try:
             with collector_tuned_for_rows() as frozen:
@@ -324,6 +324,7 @@ class TapCommerceExports(Tap):
         except Exception as exc:
             self.record_failure(stream.name, None, exc)
         if isinstance(stream, ExportStream):
+            stream.release_schema()  # a stream that had no file to read still announces its schema
             stream.totals.finished = time.monotonic()
         stream.finalize_state_progress_markers()
         stream.log_sync_costs()

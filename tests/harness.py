@@ -47,7 +47,23 @@ class SingerOutput:
         return cls(messages, log_text, error)
 
     def records(self, stream: str) -> list[dict]:
-        return [m["record"] for m in self.messages if m["type"] == "RECORD" and m["stream"] == stream]
+        """The stream's records as a target reads them: an empty JSON cell is left out of its record
+        (so targets store SQL NULL, not the JSON literal null), which reads as None here."""
+        records = [m["record"] for m in self.messages if m["type"] == "RECORD" and m["stream"] == stream]
+        json_keys = self.json_columns(stream)
+        for record in records:
+            for key in json_keys:
+                record.setdefault(key, None)
+        return records
+
+    def json_columns(self, stream: str) -> set[str]:
+        columns: set[str] = set()
+        for schema in self.schemas(stream):
+            for key, prop in schema.get("properties", {}).items():
+                types = prop.get("type", [])
+                if types == ["object", "array", "null"]:  # the JSON kind of csv_records.py
+                    columns.add(key)
+        return columns
 
     def streams_with_records(self) -> set[str]:
         return {m["stream"] for m in self.messages if m["type"] == "RECORD"}

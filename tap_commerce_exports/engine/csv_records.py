@@ -247,11 +247,14 @@ def _next_rows(rows: Iterator[list[str]], count: int) -> tuple[list[list[str]], 
 
 
 RecordBuilder = Callable[[list[Sequence[Any]]], list[Any]]
-#: Makes a file's RecordBuilder from its keys and the values every record carries.
-BuilderFactory = Callable[[list[str], dict[str, Any]], RecordBuilder]
+#: Makes a file's RecordBuilder from its keys, the values every record carries, and the keys left out
+#: of a record where their value is null (see `CsvRecordReader.layout`).
+BuilderFactory = Callable[..., RecordBuilder]
 
 
-def dict_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
+def dict_builder(
+    keys: list[str], constants: dict[str, Any], omit_if_null: frozenset[str] = frozenset()
+) -> RecordBuilder:
     """Cast columns -> one dict per row, plus `constants` (a partition's keys) in every record."""
 
     def build(columns: list[Sequence[Any]]) -> list[Any]:
@@ -259,24 +262,38 @@ def dict_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
         if constants:
             for record in records:
                 record.update(constants)
+        for key in omit_if_null:
+            for record in records:
+                if record[key] is None:
+                    del record[key]
         return records
 
     return build
 
 
-def struct_builder(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
+def struct_builder(
+    keys: list[str], constants: dict[str, Any], omit_if_null: frozenset[str] = frozenset()
+) -> RecordBuilder:
     """Cast columns -> one msgspec Struct per row: built in C from the columns and encoded to the
     same JSON object as the dict (keys in the same order), at a fraction of a dict's cost. For
     records only ever encoded (the RECORD fast path, BATCH files), never handed to the SDK."""
     if set(constants) & set(keys):
-        return dict_builder(keys, constants)  # a partition key that is also a column replaces it
-    fields: list[Any] = [(f"f{i}", Any) for i in range(len(keys))]
-    fields += [(f"c{i}", Any, value) for i, value in enumerate(constants.values())]
+        return dict_builder(keys, constants, omit_if_null)  # a partition key that is also a column replaces it
     names = {f"f{i}": key for i, key in enumerate(keys)} | {f"c{i}": key for i, key in enumerate(constants)}
     # gc=False: values come from CSV cells and decoded JSON, which cannot refer back to the record,
     # so the collector need not track millions of short-lived records.
-    record_type = msgspec.defstruct("ExportRecord", fields, rename=names, gc=False)
-    return lambda columns: list(map(record_type, *columns))
+    if not omit_if_null:
+        fields: list[Any] = [(f"f{i}", Any) for i in range(len(keys))]
+        fields += [(f"c{i}", Any, value) for i, value in enumerate(constants.values())]
+        record_type = msgspec.defstruct("ExportRecord", fields, rename=names, gc=False)
+        return lambda columns: list(map(record_type, *columns))
+    # msgspec leaves out a field equal to its default: None for the keys to omit, and for every other
+    # field a default no value equals (UNSET), so only those are left out. Constants are passed too.
+    fields = [(f"f{i}", Any, None if key in omit_if_null else msgspec.UNSET) for i, key in enumerate(keys)]
+    fields += [(f"c{i}", Any, msgspec.UNSET) for i in range(len(constants))]
+    record_type = msgspec.defstruct("ExportRecord", fields, rename=names, gc=False, omit_defaults=True)
+    constant_columns = [repeat(value) for value in constants.values()]
+    return lambda columns: list(map(record_type, *columns, *constant_columns))
 
 
 @dataclass
@@ -361,7 +378,14 @@ class CsvRecordReader:
         kinds = ["string" if key in self.text_columns else self._kind_of(key) for key in keys]
         casters = [None if kind == "string" else caster_for(kind, self.naive_zone) for kind in kinds]
         missing = [key for key in self.row_key_columns if key not in keys and key not in self.constants]
-        build = self.builder(keys + missing, self.constants)
+        # An empty JSON cell is left out of the record rather than sent as null: targets store a JSON
+        # null as the JSON literal 'null', which `IS NULL` does not find.
+        json_keys = frozenset(key for key, kind in zip(keys, kinds) if kind == "json")
+        build = (
+            self.builder(keys + missing, self.constants, json_keys)
+            if json_keys
+            else self.builder(keys + missing, self.constants)
+        )
         return CsvLayout(keys, casters, unknown, build, missing)
 
     def read(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[dict]:
@@ -526,5 +550,7 @@ def row_fingerprint(row: list[str]) -> str:
     return "row-sha1:" + hashlib.sha1("\x1f".join(row).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _no_records(keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
+def _no_records(
+    keys: list[str], constants: dict[str, Any], omit_if_null: frozenset[str] = frozenset()
+) -> RecordBuilder:
     return lambda columns: []

@@ -61,13 +61,15 @@ class FastRecordWriter:
         #: Called after each block reaches stdout: a safe point to stop (the tap's check_stop).
         self.after_block: Callable[[], None] = lambda: None
 
-    def record_builder(self, keys: list[str], constants: dict[str, Any]) -> RecordBuilder:
+    def record_builder(
+        self, keys: list[str], constants: dict[str, Any], omit_if_null: frozenset[str] = frozenset()
+    ) -> RecordBuilder:
         """Structs (cheaper to build and encode) for a file whose keys all reach the output; dicts,
         filtered here, when the catalog drops some of them."""
         allowed = self.allowed_keys
         if allowed is None or allowed.issuperset([*keys, *constants]):
-            return struct_builder(keys, constants)
-        return dict_builder(keys, constants)
+            return struct_builder(keys, constants, omit_if_null)
+        return dict_builder(keys, constants, omit_if_null)
 
     def write_block(self, records: list[Any]) -> None:
         if not records:

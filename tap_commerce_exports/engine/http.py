@@ -1,21 +1,48 @@
 """Where we retry API calls: one client for every API, with rate limits, timeouts and redaction.
 
 API calls go through `ApiClient`, which carries the API's credentials, paces itself under the
-documented rate limit, honours the API's own "wait this long" headers on 429, and retries bursts of
-5xx and dropped connections with exponential backoff. It never puts a secret in an error message:
-errors name the method and the path, not the query string or the headers.
+limits the API documents and reports, honours the API's own "wait until" headers on 429, and
+retries bursts of 5xx and dropped connections with exponential backoff. It never puts a secret in
+an error message: errors name the method and the path, not the query string or the headers.
+
+What each API documents (NOTES.md, /work/shared/reference/):
+- Voucherify (guides/limits): every response carries `X-Rate-Limit-Limit`,
+  `X-Rate-Limit-Remaining` and `X-Rate-Limit-Retry` = the Unix time, in seconds, at which the
+  next request may be made (a time, not a delay); `Retry-After` (seconds) is optional;
+  `X-Rate-Limit-Type` (optional) names the limit hit: `api_calls`, `bulk_api_calls`,
+  `api_calls_cycle` (the billing-cycle quota), `webhook_calls`. Plans count per minute (Business
+  100/min), per hour (a Sandbox project 100/h) and per billing cycle (100,000).
+- Intelligems: `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset` (epoch
+  milliseconds); export POSTs have their own bucket.
+- Next Commerce: 4 requests/second per token; over it, 429 with `Retry-After: 1`.
+
+Choices:
+- A 429 is waited out as the headers say (`rate_limit_wait`); a billing-cycle quota
+  (`api_calls_cycle`) is not: no wait within a run can help, so `QuotaExhausted` is raised at once
+  and later calls of that client are refused without being sent. A single wait longer than
+  `max_rate_limit_wait_seconds` raises `RateLimitWaitTooLong` instead of holding the run up for
+  it; `max_rate_limited_seconds` still caps the total waited on 429s by one call.
+- The budget an API reports on every answer is spent down by the pacer (`RequestPacer`), so a
+  100/minute plan meets its limit as a pause, not as a storm of 429s.
+- Every wait (429, pacer, backoff between retries) ends when `stopping` is set (the pacer's within
+  `PACER_WAIT_SLICE`), with `ApiError("... not sent: the run is stopping")`. The `backoff` library
+  gives the retry schedule only: its decorators sleep with `time.sleep`, which nothing can cut short.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
+import itertools
 import logging
+import math
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import backoff
@@ -24,7 +51,18 @@ import requests.adapters
 
 TIMEOUT = (10.0, 120.0)  # connect, read: every request has both
 RETRIABLE_STATUSES = {500, 502, 503, 504}
+#: Many exports share one budget and the API's hint can be a few ms: a floor keeps workers from stampeding.
 MIN_RATE_LIMIT_WAIT = 0.25
+#: A 429 that says nothing about when to come back.
+DEFAULT_RATE_LIMIT_WAIT = 1.0
+#: Voucherify's X-Rate-Limit-Type for the billing-cycle quota (NOTES.md): no wait in a run helps.
+CYCLE_QUOTA_TYPES = frozenset({"api_calls_cycle"})
+#: Below this share of the reported limit, the remaining requests are spread until the reset.
+LOW_BUDGET_FRACTION = 0.10
+#: The pacer's key of a budget that counts every kind of call.
+SHARED_BUDGET = "*"
+#: Longest single sleep of a pacer wait: how soon it notices that the run is stopping.
+PACER_WAIT_SLICE = 0.25
 
 
 class ApiError(RuntimeError):
@@ -39,15 +77,188 @@ class ApiTimeout(ApiError):
     """The API did not answer within the read timeout the caller chose (a synchronous export)."""
 
 
+class QuotaExhausted(ApiError):
+    """The API's billing-cycle quota is used up (Voucherify `X-Rate-Limit-Type: api_calls_cycle`).
+
+    NOTES.md (Voucherify, guides/limits): "Exceeding a limit blocks the API until it resets"; the
+    cycle quota resets with the billing cycle, so the source should stop, not wait.
+    """
+
+    def __init__(self, api_name: str, limit_type: str, resets_at: datetime | None) -> None:
+        when = f"it resets at {iso_utc(resets_at)}" if resets_at else "the API did not say when it resets"
+        super().__init__(
+            f"{api_name}: the API's billing-cycle quota is used up (X-Rate-Limit-Type: {limit_type}); {when}. "
+            "Waiting is pointless: the source stops; the next run resumes from its bookmarks",
+            429,
+        )
+        self.api_name = api_name
+        self.limit_type = limit_type
+        self.resets_at = resets_at
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable despite its own constructor
+        return type(self), (self.api_name, self.limit_type, self.resets_at)
+
+
+class RateLimitWaitTooLong(ApiError):
+    """A 429 asked for a wait longer than `ApiClient.max_rate_limit_wait_seconds`: not waited."""
+
+    def __init__(self, api_name: str, where: str, limit: RateLimitAnswer, until: datetime, setting: float) -> None:
+        super().__init__(
+            f"{api_name}: {where} is rate limited{limit.type_note}: the API asked to wait {limit.wait_seconds:.1f}s, "
+            f"until {iso_utc(until)}; that is longer than max_rate_limit_wait_seconds ({setting:g}s), so the call "
+            "is given up instead: raise that setting to wait it out",
+            429,
+        )
+        self.api_name = api_name
+        self.wait_seconds = limit.wait_seconds
+        self.until = until
+        self.limit_type = limit.limit_type
+        self._args = (api_name, where, limit, until, setting)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), self._args
+
+
 class _RateLimited(Exception):
-    def __init__(self, wait_seconds: float) -> None:
-        self.wait_seconds = wait_seconds
+    def __init__(self, answer: RateLimitAnswer) -> None:
+        self.answer = answer
 
 
 class _Retriable(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
 
+
+def iso_utc(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utc(epoch_seconds: float) -> datetime:
+    # To the millisecond: `now + (retry_at - now)` must not print a second before the header's time.
+    try:
+        return datetime.fromtimestamp(round(epoch_seconds, 3), tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):  # a header out of datetime's range is no reason to crash
+        return datetime.max.replace(tzinfo=timezone.utc)
+
+
+# ------------------------------------------------------------- rate limit headers
+
+
+def _number(headers: Any, name: str) -> float | None:
+    """A header's value as a finite number, or None when absent or not a number."""
+    value = headers.get(name)
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _whole_number(headers: Any, name: str) -> int | None:
+    number = _number(headers, name)
+    return int(number) if number is not None else None
+
+
+def _retry_after(value: str, now: float) -> float | None:
+    """RFC 9110 Retry-After: delay-seconds or an HTTP date; None when it is neither."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": the RFC's "UTC, source zone unknown"
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp() - now
+
+
+@dataclass(frozen=True)
+class RateLimitAnswer:
+    """What a 429 said: how long to wait (floored), by which header, and which limit was hit."""
+
+    wait_seconds: float
+    resume_at: datetime  # now + wait_seconds: exact when a header named the moment
+    header: str | None  # None: no header said how long
+    limit_type: str | None
+    #: Voucherify's X-Rate-Limit-Retry, the moment the API takes requests again, if sent.
+    retry_at: datetime | None
+
+    @property
+    def type_note(self) -> str:
+        return f" ({self.limit_type})" if self.limit_type else ""
+
+
+def rate_limit_wait(headers: Any, now: float | None = None) -> tuple[float, str] | None:
+    """Seconds the API asked us to wait on a 429, and the header that said it; None if none did.
+
+    In this order (NOTES.md): `Retry-After` (seconds or an HTTP date; Voucherify's is optional,
+    Next Commerce sends `Retry-After: 1`), Voucherify's `X-Rate-Limit-Retry` (the Unix time in
+    seconds at which the next request may be made: the wait is that time minus now), then
+    Intelligems' `x-ratelimit-reset` (epoch milliseconds). May be negative (a time already past).
+    """
+    now = time.time() if now is None else now
+    if (value := headers.get("Retry-After")) is not None and (seconds := _retry_after(value.strip(), now)) is not None:
+        return seconds, "Retry-After"
+    if (retry_at := _number(headers, "X-Rate-Limit-Retry")) is not None:
+        return retry_at - now, "X-Rate-Limit-Retry"
+    if (reset_ms := _number(headers, "x-ratelimit-reset")) is not None:
+        return reset_ms / 1000.0 - now, "x-ratelimit-reset"
+    return None
+
+
+def rate_limit_answer(headers: Any, now: float | None = None) -> RateLimitAnswer:
+    """A 429's headers read as NOTES.md documents them (see `rate_limit_wait`), wait floored."""
+    now = time.time() if now is None else now
+    asked = rate_limit_wait(headers, now)
+    wait, header = asked if asked is not None else (DEFAULT_RATE_LIMIT_WAIT, None)
+    wait = max(MIN_RATE_LIMIT_WAIT, wait)
+    retry_at = _number(headers, "X-Rate-Limit-Retry")
+    limit_type = (headers.get("X-Rate-Limit-Type") or "").strip() or None
+    return RateLimitAnswer(wait, _utc(now + wait), header, limit_type, _utc(retry_at) if retry_at is not None else None)
+
+
+class Budget(NamedTuple):
+    """The request budget an answer reported: requests left, seconds to its reset, the limit."""
+
+    remaining: int | None = None
+    reset_in: float | None = None  # None: the answer did not say when the budget resets
+    limit: int | None = None
+    shared: bool = False  # one budget for every kind of call (Voucherify's plan), not one per kind
+
+
+def reported_budget(response: requests.Response | None, now: float | None = None) -> Budget:
+    """The budget an answer reports, from whichever API's headers it carries.
+
+    Intelligems (NOTES.md): `x-ratelimit-remaining`, `x-ratelimit-limit`, `x-ratelimit-reset` in
+    epoch ms. Voucherify (NOTES.md, guides/limits): `X-Rate-Limit-Remaining`, `X-Rate-Limit-Limit`,
+    and `X-Rate-Limit-Retry` (Unix seconds), taken as the reset only when it lies in the future.
+    When it does not, the docs do not say when the window ends (a minute on most plans, an hour on
+    a Sandbox project): the reset is left unknown rather than guessed, and the pacer then lets one
+    request at a time through at zero budget, whose answer renews the budget or, as a 429, carries
+    the exact moment to come back. One refused request per window, not a storm, and no guess.
+    Voucherify's limits are per plan, whatever the endpoint (NOTES.md), so its budget is `shared`;
+    Intelligems documents separate buckets (exports apart from the rest), so its budget is per kind.
+    """
+    if response is None:
+        return Budget()
+    headers = response.headers
+    now = time.time() if now is None else now
+    if (remaining := _whole_number(headers, "x-ratelimit-remaining")) is not None:
+        reset_ms = _number(headers, "x-ratelimit-reset")
+        reset_in = max(0.0, reset_ms / 1000.0 - now) if reset_ms is not None else None
+        return Budget(remaining, reset_in, _whole_number(headers, "x-ratelimit-limit"))
+    if (remaining := _whole_number(headers, "X-Rate-Limit-Remaining")) is not None:
+        retry_at = _number(headers, "X-Rate-Limit-Retry")
+        reset_in = retry_at - now if retry_at is not None and retry_at > now else None
+        return Budget(remaining, reset_in, _whole_number(headers, "X-Rate-Limit-Limit"), shared=True)
+    return Budget()
+
+
+# ------------------------------------------------------------------ sessions, logs
 
 POOL_CONNECTIONS = 64  # above any sensible max_concurrent_exports: workers never queue for a socket
 
@@ -90,99 +301,185 @@ def install_log_redaction() -> None:
         logger.addFilter(QueryStringRedactor())
 
 
-def retry_after_seconds(response: requests.Response, default: float = 1.0) -> float:
-    """How long the API asked us to wait, from whichever header it uses.
-
-    Retry-After (seconds or an HTTP date), Voucherify's X-Rate-Limit-Retry (seconds) and
-    Intelligems' x-ratelimit-reset (epoch milliseconds).
-    """
-    headers = response.headers
-    if value := headers.get("Retry-After"):
-        if value.strip().replace(".", "", 1).isdigit():
-            return float(value)
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    if value := headers.get("X-Rate-Limit-Retry"):
-        return float(value)
-    if value := headers.get("x-ratelimit-reset"):
-        return max(0.0, float(value) / 1000.0 - time.time())
-    return default
+# ------------------------------------------------------------------------- pacing
 
 
-def reported_budget(response: requests.Response | None) -> tuple[int | None, float | None]:
-    """(requests left, seconds to reset) from x-ratelimit-remaining / x-ratelimit-reset, if sent."""
-    if response is None:
-        return None, None
-    remaining = response.headers.get("x-ratelimit-remaining")
-    reset = response.headers.get("x-ratelimit-reset")
-    if remaining is None or reset is None or not remaining.strip().isdigit():
-        return None, None
-    return int(remaining), max(0.0, float(reset) / 1000.0 - time.time())
+@dataclass
+class _Budget:
+    reported: int  # requests left as the API reported them (see `RequestPacer._renew`)
+    limit: int | None
+    reset_at: float | None  # on the pacer's clock; None: the API did not say
+    ticket: int  # the turn whose answer reported it
+    next_at: float = 0.0  # spreading a low budget: the earliest next request
+    fresh: bool = False  # past its reset: the next answer's count replaces it, whatever it says
 
 
 class RequestPacer:
     """Keeps one API's callers, across threads, inside its rate limits.
 
     Two limits, either may be absent: a client-side token bucket for a documented requests per
-    second (Next Commerce's 4/s), and the budget the API reports itself (Intelligems'
-    x-ratelimit-remaining / x-ratelimit-reset). The reported budget is reduced by the requests
-    still in flight, which the API had not counted when it answered; at zero, callers wait for the
-    reset instead of sending a request bound to be refused. Budgets are kept per `kind` of call
-    (the export endpoint and the others have separate buckets).
+    second (Next Commerce's 4/s, NOTES.md), and the budget the API reports itself (Intelligems'
+    x-ratelimit-*, Voucherify's X-Rate-Limit-*; see `reported_budget`). What is left of a budget
+    is its reported count less the requests in flight, which the API may not have counted yet. At
+    zero, callers wait for the reset instead of sending a request bound to be refused; under
+    `LOW_BUDGET_FRACTION` of the limit, the requests left are spread evenly over the time to the
+    reset, so the last one goes out as the budget renews. Budgets are kept per `kind` of call
+    (Intelligems' export POSTs have their own bucket), or for all kinds together when the API
+    says its budget is `shared` (Voucherify's plan). A 429 pauses every caller (`pause_for`).
+
+    `clock` (monotonic seconds) is injectable so tests can drive `try_turn` deterministically.
+    `done` must come from the thread that took the turn: it is how an answer is matched to its turn.
     """
 
-    def __init__(self, per_second: float | None, burst: int = 1) -> None:
+    def __init__(self, per_second: float | None, burst: int = 1, *, clock: Callable[[], float] = time.monotonic):
         self.per_second = per_second
         self.burst = burst
+        self._clock = clock
         self._lock = threading.Lock()
         self._tokens = float(burst)
-        self._last = time.monotonic()
+        self._last = clock()
         self._paused_until = 0.0
-        self._budgets: dict[str, tuple[int, float]] = {}  # kind -> (requests left, reset time)
+        self._budgets: dict[str, _Budget] = {}
         self._in_flight: dict[str, int] = {}
+        self._answered = threading.Condition(self._lock)  # an answer may free a turn before the wait is over
+        self._tickets = itertools.count(1)
+        self._turn = threading.local()  # the ticket of the turn this thread took
+        self._alone: dict[str, int | None] = {}  # per budget key: the turn in flight with no other, if any
 
-    def wait_turn(self, kind: str = "") -> None:
-        while True:
-            with self._lock:
-                wait = self._wait_needed(kind, time.monotonic())
+    def wait_turn(self, kind: str = "", stopping: threading.Event | None = None) -> bool:
+        """Wait for a turn to send; False (no turn taken) within PACER_WAIT_SLICE of `stopping` being set."""
+        with self._answered:
+            while stopping is None or not stopping.is_set():
+                wait = self._take_turn(kind)
                 if wait <= 0:
-                    self._in_flight[kind] = self._in_flight.get(kind, 0) + 1
-                    return
-            time.sleep(wait)
+                    return True
+                self._answered.wait(min(wait, PACER_WAIT_SLICE))
+        return False
+
+    def try_turn(self, kind: str = "") -> float:
+        """0 and the turn is taken (the caller sends, then calls `done`), or seconds to wait."""
+        with self._lock:
+            return self._take_turn(kind)
+
+    def _take_turn(self, kind: str) -> float:
+        wait = self._wait_needed(kind, self._clock())
+        if wait <= 0:
+            ticket = self._turn.ticket = next(self._tickets)
+            for key in (kind, SHARED_BUDGET):
+                self._alone[key] = ticket if self._in_flight_of(key) == 0 else None
+            self._in_flight[kind] = self._in_flight.get(kind, 0) + 1
+        return wait
 
     def _wait_needed(self, kind: str, now: float) -> float:
-        """0 and the turn is taken, or how long to wait. Call with the lock held."""
+        """0 and the turn may be taken, or how long to wait. Call with the lock held."""
         if self._paused_until > now:
             return self._paused_until - now
-        left, reset = self._budgets.get(kind, (1, 0.0))
-        if left <= 0 and reset > now:
-            return reset - now
+        budgets = [(key, b) for key in (kind, SHARED_BUDGET) if (b := self._live_budget(key, now)) is not None]
+        if (wait := max((self._budget_wait(key, budget, now) for key, budget in budgets), default=0.0)) > 0:
+            return wait
         if self.per_second is not None:
             self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.per_second)
             self._last = now
             if self._tokens < 1.0:
                 return (1.0 - self._tokens) / self.per_second
             self._tokens -= 1.0
-        if kind in self._budgets:
-            self._budgets[kind] = (left - 1, reset) if reset > now else (1, 0.0)
+        for key, budget in budgets:
+            self._spread(budget, self._left(key, budget), now)
         return 0.0
 
-    def done(self, kind: str = "", remaining: int | None = None, reset_in: float | None = None) -> None:
-        """A request answered; `remaining`/`reset_in` are the budget the API reported, if any."""
+    def _live_budget(self, key: str, now: float) -> _Budget | None:
+        budget = self._budgets.get(key)
+        if budget is not None and budget.reset_at is not None and budget.reset_at <= now:
+            # Past its reset the budget is at least what was left, but by how much more depends on
+            # what "reset" means (a full bucket or the next token: Intelligems does not say): keep
+            # the count, forget the reset. Spent, it lets one request through to learn the new one,
+            # whatever that says. (Not when unspent: a Voucherify "now" in milliseconds can lie a
+            # hair ahead, and is no window's end.)
+            budget.fresh = self._left(key, budget) <= 0
+            budget.reset_at, budget.next_at = None, 0.0
+        return budget
+
+    def _in_flight_of(self, key: str) -> int:
+        return sum(self._in_flight.values()) if key == SHARED_BUDGET else self._in_flight.get(key, 0)
+
+    def _left(self, key: str, budget: _Budget) -> int:
+        return budget.reported - self._in_flight_of(key)
+
+    def _budget_wait(self, key: str, budget: _Budget, now: float) -> float:
+        if self._left(key, budget) > 0:
+            return max(0.0, budget.next_at - now)
+        if budget.reset_at is not None:
+            return budget.reset_at - now
+        # Spent, reset unknown (see reported_budget): one request at a time until an answer tells.
+        return PACER_WAIT_SLICE if self._in_flight_of(key) > 0 else 0.0
+
+    @staticmethod
+    def _spread(budget: _Budget, left: int, now: float) -> None:
+        low = budget.limit is not None and left < LOW_BUDGET_FRACTION * budget.limit
+        if low and left > 0 and budget.reset_at is not None:
+            budget.next_at = now + (budget.reset_at - now) / left
+
+    def done(
+        self,
+        kind: str = "",
+        remaining: int | None = None,
+        reset_in: float | None = None,
+        *,
+        limit: int | None = None,
+        shared: bool = False,
+    ) -> None:
+        """A request answered; `remaining`/`reset_in`/`limit` are the budget the API reported, if any,
+        `shared` when it counts every kind of call."""
         with self._lock:
             self._in_flight[kind] = max(0, self._in_flight.get(kind, 1) - 1)
-            if remaining is not None and reset_in is not None:
-                self._budgets[kind] = (remaining - self._in_flight[kind], time.monotonic() + reset_in)
+            ticket, self._turn.ticket = getattr(self._turn, "ticket", None), None
+            if remaining is not None:
+                key = SHARED_BUDGET if shared else kind
+                reset_at = self._clock() + reset_in if reset_in is not None else None
+                self._renew(key, _Budget(remaining, limit, reset_at, ticket or 0), shared, ticket)
+            self._answered.notify_all()
+
+    def _renew(self, key: str, report: _Budget, shared: bool, ticket: int | None) -> None:
+        """Answers overtake each other, so the newest count is not simply the last one to arrive.
+
+        Voucherify counts calls in fixed windows (a minute, an hour: NOTES.md), where the count only
+        falls: within a window the lowest report is the newest. A report is taken as it is when the
+        window is new (past the reset, or a later reset) or when its request was the only one in
+        flight. Intelligems' buckets refill as time passes: the report of the latest turn wins.
+        """
+        previous = self._budgets.get(key)
+        if previous is not None and not previous.fresh:
+            if shared and not self._new_window(previous, report, ticket, key):
+                if self._as_new(previous, report):
+                    return
+            elif not shared and ticket is not None and ticket < previous.ticket:
+                return
+        if previous is not None:
+            report.next_at = previous.next_at  # each answer renews the count, not the spacing
+        self._budgets[key] = report
+
+    @staticmethod
+    def _as_new(previous: _Budget, report: _Budget) -> bool:
+        """In one window: the lower count is the newer; of equal ones, the one that knows the reset."""
+        return (previous.reported, previous.reset_at is None) <= (report.reported, report.reset_at is None)
+
+    def _new_window(self, previous: _Budget, report: _Budget, ticket: int | None, key: str) -> bool:
+        if ticket is not None and self._alone.get(key) == ticket:
+            return True
+        return report.reset_at is not None and previous.reset_at is not None and report.reset_at > previous.reset_at + 1
 
     def pause_for(self, seconds: float) -> None:
         """Everyone waits: the API answered 429."""
         with self._lock:
-            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+
+# ------------------------------------------------------------------------- client
 
 
 @dataclass
 class ApiClient:
-    """Calls one API: base URL, credential headers, pacing and retries."""
+    """Calls one API: base URL, credential headers, pacing and retries (see the module docstring)."""
 
     api_name: str
     base_url: str
@@ -192,10 +489,16 @@ class ApiClient:
     extra_headers: dict[str, str] = field(default_factory=dict)
     max_tries: int = 8
     max_backoff_seconds: float = 10.0
+    #: Backoff between retries of 5xx / dropped connections: backoff.expo(factor), then `retry_jitter`.
+    retry_backoff_factor: float = 0.5
+    retry_jitter: Callable[[float], float] = backoff.full_jitter
+    #: Cap on the total one call waits on 429s.
     max_rate_limited_seconds: float = 900.0
+    #: A single 429 wait longer than this is not waited: RateLimitWaitTooLong (tap setting of that name).
+    max_rate_limit_wait_seconds: float = 900.0
     calls: int = 0
     session: requests.Session = field(default_factory=pooled_session)
-    #: Set when the run is stopping: no further attempt is made (retries would outlive the run).
+    #: Set when the run is stopping: no further attempt is made and every wait ends.
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -203,6 +506,8 @@ class ApiClient:
         self.session.headers.update(self.extra_headers)
         self.session.headers.update(self.credential_headers)
         self._calls_lock = threading.Lock()
+        self._quota_spent: QuotaExhausted | None = None
+        self._blocked: RateLimitAnswer | None = None  # a 429 whose wait was too long, until it passes
 
     def url(self, path: str) -> str:
         if path.startswith(("http://", "https://")):
@@ -235,58 +540,80 @@ class ApiClient:
     def _send_with_retries(
         self, method: str, url: str, params: dict | None, body: Any, read_timeout: float | None
     ) -> requests.Response:
-        send = backoff.on_exception(
-            backoff.expo,
-            _Retriable,
-            max_tries=self.max_tries,
-            max_value=self.max_backoff_seconds,
-            factor=0.5,
-            on_backoff=lambda d: self.logger.warning(
-                "%s: %s %s failed (%s), retry %d of %d in %.1fs",
-                self.api_name,
-                method,
-                without_query(url),
-                d["exception"].reason,
-                d["tries"],
-                self.max_tries - 1,
-                d["wait"],
-            ),
-            on_giveup=lambda d: self._give_up(method, url, d["exception"]),
-        )(
-            backoff.on_exception(
-                backoff.runtime,
-                _RateLimited,
-                # Many exports share one budget: the API's hint can be a few ms, so a floor keeps
-                # workers from stampeding, and the limit is a time, not a count of tries.
-                value=lambda exc: max(MIN_RATE_LIMIT_WAIT, exc.wait_seconds),
-                jitter=None,
-                max_time=self.max_rate_limited_seconds,
-                on_backoff=lambda d: self.logger.info(
-                    "%s: rate limited, waiting %.1fs as the API asked", self.api_name, d["wait"]
-                ),
-                on_giveup=lambda d: self._give_up(method, url, d["exception"]),
-            )(self._send_once)
-        )
-        return send(method, url, params, body, read_timeout)
+        """429s are waited out apart from the `max_tries` count, which is for 5xx and dropped connections."""
+        where = f"{method} {without_query(url)}"
+        delays = self._backoff_delays()
+        failures = 0
+        rate_limited = 0.0
+        while True:
+            try:
+                return self._send_once(method, url, params, body, read_timeout)
+            except _RateLimited as limited:
+                rate_limited += self._wait_out(limited.answer, where, rate_limited)
+            except _Retriable as failure:
+                failures += 1
+                if failures >= self.max_tries:
+                    raise ApiError(
+                        f"{self.api_name}: {where} failed after {self.max_tries} tries: {failure.reason}"
+                    ) from None
+                self._back_off(where, failure.reason, failures, next(delays))
 
-    def _give_up(self, method: str, url: str, exc: Exception) -> None:
-        if isinstance(exc, _RateLimited):
-            raise ApiError(
-                f"{self.api_name}: {method} {without_query(url)} was still rate limited after "
-                f"{self.max_rate_limited_seconds:.0f}s of waiting as the API asked"
-            )
-        raise ApiError(
-            f"{self.api_name}: {method} {without_query(url)} failed after {self.max_tries} tries: "
-            f"{getattr(exc, 'reason', exc)}"
+    def _backoff_delays(self) -> Iterator[float]:
+        delays = backoff.expo(factor=self.retry_backoff_factor, max_value=self.max_backoff_seconds)
+        next(delays)  # backoff's wait generators open with a value for the decorator's priming send
+        return delays
+
+    def _back_off(self, where: str, reason: str, failures: int, delay: float) -> None:
+        wait = self.retry_jitter(delay)
+        tries = self.max_tries - 1
+        self.logger.warning(
+            "%s: %s failed (%s), retry %d of %d in %.1fs", self.api_name, where, reason, failures, tries, wait
         )
+        self._sleep(wait, where)
+
+    def _wait_out(self, answer: RateLimitAnswer, where: str, waited_before: float) -> float:
+        """Wait as a 429 asked (NOTES.md, see `rate_limit_wait`), within both caps; the seconds waited."""
+        wait, until = answer.wait_seconds, answer.resume_at
+        if wait > self.max_rate_limit_wait_seconds:
+            self._blocked = answer
+            raise RateLimitWaitTooLong(self.api_name, where, answer, until, self.max_rate_limit_wait_seconds)
+        if waited_before + wait > self.max_rate_limited_seconds:
+            raise ApiError(
+                f"{self.api_name}: {where} was still rate limited after {waited_before:.0f}s of waiting as the API "
+                f"asked, and asked for {wait:.1f}s more (max_rate_limited_seconds: {self.max_rate_limited_seconds:g})",
+                429,
+            )
+        asked = "as the API asked" if answer.header else "(the API did not say how long)"
+        self.logger.info(
+            "%s: rate limited%s, waiting %.1fs %s, until %s",
+            self.api_name,
+            answer.type_note,
+            wait,
+            asked,
+            until.strftime("%H:%M:%SZ"),
+        )
+        self.pacer.pause_for(wait)
+        self._sleep(wait, where)
+        return wait
+
+    def _sleep(self, seconds: float, where: str) -> None:
+        if self.stopping.wait(seconds):
+            self._raise_stopping(where)
+
+    def _raise_stopping(self, where: str) -> None:
+        raise ApiError(f"{self.api_name}: {where} not sent: the run is stopping")
 
     def _send_once(
         self, method: str, url: str, params: dict | None, body: Any, read_timeout: float | None
     ) -> requests.Response:
+        where = f"{method} {without_query(url)}"
         if self.stopping.is_set():
-            raise ApiError(f"{self.api_name}: {method} {without_query(url)} not sent: the run is stopping")
+            self._raise_stopping(where)
+        self._refuse_if_quota_spent()
+        self._raise_if_blocked()
         kind = method  # Intelligems' export bucket is its POSTs; reads have another
-        self.pacer.wait_turn(kind)
+        if not self.pacer.wait_turn(kind, stopping=self.stopping):
+            self._raise_stopping(where)
         with self._calls_lock:
             self.calls += 1
         timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT
@@ -295,20 +622,46 @@ class ApiClient:
             response = self.session.request(method, url, params=params, json=body, timeout=timeout)
         except requests.ReadTimeout:
             if read_timeout:
-                where = without_query(url)
-                raise ApiTimeout(f"{self.api_name}: {method} {where} gave no answer in {read_timeout:g}s") from None
+                raise ApiTimeout(f"{self.api_name}: {where} gave no answer in {read_timeout:g}s") from None
             raise _Retriable("ReadTimeout") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Retriable(type(exc).__name__) from None
         finally:
-            self.pacer.done(kind, *reported_budget(response))
+            budget = reported_budget(response)
+            self.pacer.done(kind, budget.remaining, budget.reset_in, limit=budget.limit, shared=budget.shared)
         if response.status_code == 429:
-            wait = retry_after_seconds(response)
-            self.pacer.pause_for(wait)
-            raise _RateLimited(wait)
+            self._raise_rate_limited(rate_limit_answer(response.headers))
         if response.status_code in RETRIABLE_STATUSES:
             raise _Retriable(f"HTTP {response.status_code}")
         return response
+
+    def _raise_rate_limited(self, answer: RateLimitAnswer) -> None:
+        """NOTES.md (Voucherify): `X-Rate-Limit-Type: api_calls_cycle` is the billing-cycle quota."""
+        if (answer.limit_type or "").lower() in CYCLE_QUOTA_TYPES:
+            self._quota_spent = QuotaExhausted(self.api_name, answer.limit_type or "", answer.retry_at)
+            self._refuse_if_quota_spent()
+        raise _RateLimited(answer)
+
+    def _raise_if_blocked(self) -> None:
+        """Until a too-long wait has passed, calls are not sent: the API said it would refuse them."""
+        blocked = self._blocked
+        if blocked is None:
+            return
+        left = blocked.resume_at.timestamp() - time.time()
+        if left <= 0:
+            self._blocked = None
+            return
+        raise _RateLimited(dataclasses.replace(blocked, wait_seconds=max(MIN_RATE_LIMIT_WAIT, left)))
+
+    def _refuse_if_quota_spent(self) -> None:
+        """Once the cycle quota is spent, no call of this client is sent until its reset passes."""
+        spent = self._quota_spent
+        if spent is None:
+            return
+        if spent.resets_at is not None and spent.resets_at.timestamp() <= time.time():
+            self._quota_spent = None
+            return
+        raise QuotaExhausted(spent.api_name, spent.limit_type, spent.resets_at)
 
     def _describe_failure(self, method: str, path: str, response: requests.Response) -> str:
         detail = response.text[:300].strip() if response.content else ""

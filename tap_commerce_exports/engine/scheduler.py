@@ -112,6 +112,29 @@ class ExportQueue:
             self._failure = self._failure or exc
             raise
 
+    def allow_lookahead(self, lookahead: int) -> None:
+        """Let more exports run ahead of the reader (a stream starts every partition's first export
+        before any partition's second)."""
+        self._lookahead = max(1, lookahead)
+        self.top_up()
+
+    def head(self, timeout: float, while_waiting: Callable[[], None] = lambda: None) -> ReadyExport | None:
+        """The next export in order once it is ready, without taking it; None if it failed, or is not
+        ready within `timeout` seconds."""
+        self.top_up()
+        if not self._running:
+            return None
+        future = self._running[0][1]
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline:
+            try:
+                future.exception(timeout=min(WAIT_TICK_SECONDS, max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                while_waiting()
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        return future.result()
+
     @property
     def head_done(self) -> bool:
         """Whether the next export in order is settled (ready or failed): reading it will not wait."""

@@ -34,6 +34,9 @@ from tap_commerce_exports.engine.parallel_batches import SlicedBatchWriter
 from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
 
+#: How long a stream with guessed kinds waits for its other partitions' first files before its first
+#: record, to learn the columns' real types from them too; one not ready by then is scouted when read.
+FIRST_FILES_WAIT_SECONDS = 60.0
 UNKNOWN_COLUMN_SCHEMA = {"type": ["string", "null"], "description": "Column not known to the tap; kept as text."}
 EXPORTS_IN_FLIGHT = "exports_in_flight"
 #: Stream state key: columns loaded as text since a cell did not fit their kind. They stay text in later
@@ -113,6 +116,11 @@ class ExportStream(Stream):
         self._sliced_writer: SlicedBatchWriter | None = None
         self.totals = StreamTotals()
         self._fingerprint_warned: set[str] = set()
+        #: Guessed kinds: the stream's SCHEMA waits until its first file was scouted for misfits, so a
+        #: target creates each table with the columns' real types (a later type change makes some
+        #: targets keep the old column beside a new one).
+        self._hold_schema = False  # set when a sync starts (prepare_sync)
+        self._schema_held = False
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
 
@@ -251,9 +259,11 @@ class ExportStream(Stream):
         self.totals.started = time.monotonic()
         for context in self.partitions or [{}]:
             try:
-                self._queue_for(context or None)
+                self._queue_for(context or None, lookahead=1)  # first windows of every partition first
             except Exception as exc:  # reported by get_records, which meets the same error per partition
                 self.logger.debug("%s %s: exports not started early: %s", self.name, context, exc)
+        for queue in list(self._queues.values()):
+            queue.allow_lookahead(self.runtime.scheduler.max_concurrent_exports)
 
     def first_export_settled(self) -> bool:
         """Whether syncing this stream now would start with rows, not a wait: its first partition's
@@ -265,7 +275,7 @@ class ExportStream(Stream):
         queue = self._queues.get(key)
         return queue is None or queue.head_done
 
-    def _queue_for(self, context: dict | None) -> ExportQueue:
+    def _queue_for(self, context: dict | None, lookahead: int | None = None) -> ExportQueue:
         key = tuple(sorted((context or {}).items()))
         if key not in self._queues:
             runtime = self.runtime
@@ -273,7 +283,7 @@ class ExportStream(Stream):
                 runtime.scheduler,
                 runtime.runner.prepare,
                 self.export_requests(context),
-                lookahead=runtime.scheduler.max_concurrent_exports,
+                lookahead=lookahead or runtime.scheduler.max_concurrent_exports,
             )
         return self._queues[key]
 
@@ -354,8 +364,29 @@ class ExportStream(Stream):
     def _blocks_of(self, ready: ReadyExport, context: dict | None, builder: BuilderFactory) -> Iterator[Any]:
         """The file's blocks of records; in BATCH mode with worker processes, a large file's
         batch files instead (WrittenFiles: parallel_batches.py)."""
+        started = time.monotonic()
+        try:
+            if not self.column_kinds_documented:
+                self._widen_before_reading(ready, context)
+            reader = self._reader_for(ready, context, builder)
+            if self._sliced_writer is not None:
+                yield from self._sliced_writer.pieces(ready.file.path, reader, self._accept_layout)
+            else:
+                yield from reader.read_file(ready.file.path, self._accept_layout)
+        finally:
+            ready.file.remove()
+        self._count(ready, reader.rows_read, time.monotonic() - started)
+        self.logger.info(
+            "%s: emitted %d rows (%d bytes) in %.1fs",
+            reader.describe,
+            reader.rows_read,
+            ready.file.size_bytes,
+            time.monotonic() - started,
+        )
+
+    def _reader_for(self, ready: ReadyExport, context: dict | None, builder: BuilderFactory) -> CsvRecordReader:
         describe = f"{ready.request.describe()} export {ready.handle.export_id}"
-        reader = CsvRecordReader(
+        return CsvRecordReader(
             self._columns_by_key(),
             describe=describe,
             naive_zone=self.runtime.naive_zone,
@@ -366,24 +397,31 @@ class ExportStream(Stream):
             on_misfit=lambda misfit: self._load_as_text(misfit, describe),
             row_key_columns=self.primary_keys or (),
         )
-        started = time.monotonic()
-        try:
-            if not self.column_kinds_documented:
-                reader.report_misfits(reader.find_misfits(ready.file.path))
-            if self._sliced_writer is not None:
-                yield from self._sliced_writer.pieces(ready.file.path, reader, self._accept_layout)
-            else:
-                yield from reader.read_file(ready.file.path, self._accept_layout)
-        finally:
-            ready.file.remove()
-        self._count(ready, reader.rows_read, time.monotonic() - started)
-        self.logger.info(
-            "%s: emitted %d rows (%d bytes) in %.1fs",
-            describe,
-            reader.rows_read,
-            ready.file.size_bytes,
-            time.monotonic() - started,
-        )
+
+    def _widen_before_reading(self, ready: ReadyExport, context: dict | None) -> None:
+        """Guessed kinds: widen the columns this file does not fit before any of its records. Before
+        the stream's first record (its SCHEMA held until now), the first file of every partition is
+        scouted too, so a target creates each table with the types the files really have."""
+        files = [(ready, context)]
+        if self._hold_schema:
+            files += self._first_files_of_other_partitions(context)
+        for file_ready, file_context in files:
+            reader = self._reader_for(file_ready, file_context, dict_builder)
+            for misfit in reader.find_misfits(file_ready.file.path):
+                self._load_as_text(misfit, reader.describe)
+        self.release_schema()
+
+    def _first_files_of_other_partitions(self, context: dict | None) -> list[tuple[ReadyExport, dict | None]]:
+        current = tuple(sorted((context or {}).items()))
+        coordinator: Any = self._tap
+        found = []
+        deadline = time.monotonic() + FIRST_FILES_WAIT_SECONDS
+        for key, queue in list(self._queues.items()):
+            if key != current:
+                ready = queue.head(max(0.0, deadline - time.monotonic()), coordinator.note_exports_in_flight)
+                if ready is not None:
+                    found.append((ready, dict(key) or None))
+        return found
 
     # ------------------------------------------------------------- fast output
 
@@ -514,6 +552,19 @@ class ExportStream(Stream):
         if self._fast_writer is not None and self._fast_writer.allowed_keys is not None:
             self._fast_writer.allowed_keys.update(new_keys)
 
+    def _write_schema_message(self) -> None:
+        if self._hold_schema:
+            self._schema_held = True
+            return
+        super()._write_schema_message()
+
+    def release_schema(self) -> None:
+        """The SCHEMA held until the first file was scouted (or until the stream turned out to have no file)."""
+        self._hold_schema = False
+        if self._schema_held:
+            self._schema_held = False
+            self._write_schema_message()
+
     def _warn_of_fingerprinted_keys(self, layout: CsvLayout) -> None:
         """Once per run and column: the file lacks a key column, so its records carry fingerprints."""
         missing = [key for key in layout.fingerprinted_keys if key not in self._fingerprint_warned]
@@ -574,7 +625,13 @@ class ExportStream(Stream):
         self.stream_state[TEXT_COLUMNS] = sorted(self._text_columns() | {misfit.key})
         self._change_properties({misfit.key: text_column_schema(misfit.kind)})
 
-    def load_text_columns_from_state(self) -> None:
+    def prepare_sync(self) -> None:
+        """Before the sync: columns an earlier run widened stay text, and a stream with guessed kinds
+        holds its SCHEMA until its first files were scouted."""
+        self._load_text_columns_from_state()
+        self._hold_schema = not self.column_kinds_documented
+
+    def _load_text_columns_from_state(self) -> None:
         """Columns an earlier run widened to text stay text: their SCHEMA says so from the start."""
         kinds = self._columns_by_key()
         widened = {
