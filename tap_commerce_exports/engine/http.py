@@ -84,6 +84,9 @@ class QuotaExhausted(ApiError):
     cycle quota resets with the billing cycle, so the source should stop, not wait.
     """
 
+    #: Every export of this API stops for the rest of the run (engine/export_job.py: stops_source).
+    stops_source = True
+
     def __init__(self, api_name: str, limit_type: str, resets_at: datetime | None) -> None:
         when = f"it resets at {iso_utc(resets_at)}" if resets_at else "the API did not say when it resets"
         super().__init__(
@@ -101,6 +104,9 @@ class QuotaExhausted(ApiError):
 
 class RateLimitWaitTooLong(ApiError):
     """A 429 asked for a wait longer than `ApiClient.max_rate_limit_wait_seconds`: not waited."""
+
+    #: The client refuses further calls until then, so the source's other exports stop too.
+    stops_source = True
 
     def __init__(self, api_name: str, where: str, limit: RateLimitAnswer, until: datetime, setting: float) -> None:
         super().__init__(
