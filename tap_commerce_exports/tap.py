@@ -20,7 +20,7 @@ from singer_sdk.configuration._dict_config import parse_environment_config
 
 from tap_commerce_exports.engine.collector import collector_tuned_for_rows
 from tap_commerce_exports.engine.download import FileDownloader
-from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy
+from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy, stops_source
 from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
 from tap_commerce_exports.engine.http import install_log_redaction
 from tap_commerce_exports.engine.parallel_batches import DEFAULT_MAX_WORKERS, BatchWorkerPool, usable_cpus
@@ -247,7 +247,6 @@ class TapCommerceExports(Tap):
         export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
         for stream in export_streams:
             stream.prepare_sync()
-        self._fail_fast_on_bad_credentials()
         try:
             with collector_tuned_for_rows() as frozen:
                 self.logger.debug(
@@ -256,8 +255,8 @@ class TapCommerceExports(Tap):
                     gc.get_threshold()[0],
                 )
                 self.check_stop()
-                self._start_exports(export_streams)
                 waiting = [stream for stream in self.streams.values() if stream.selected]
+                self._start_sources(waiting)
                 while waiting:
                     stream = self._next_stream_to_sync(waiting)
                     waiting.remove(stream)
@@ -271,25 +270,50 @@ class TapCommerceExports(Tap):
         if self.failures:
             raise SyncFailures(self.failures)
 
-    def _fail_fast_on_bad_credentials(self) -> None:
-        """One cheap call per source before any export is created: a wrong token fails in seconds."""
-        for name, ok, detail in self.check_connections():
-            if ok:
-                self.logger.info("Connection to %s: ok (%s)", name, detail)
-            elif "HTTP 401" in detail or "HTTP 403" in detail:
-                raise ConfigError(f"{name} refused the credentials: {detail}")
-            else:
-                self.logger.warning("Connection check of %s failed (%s); trying the exports anyway", name, detail)
-
-    def _start_exports(self, streams: list[ExportStream]) -> None:
-        """Each source lists its partitions and starts its first exports on a thread of its own, so a
-        source that waits (a rate limit, a slow listing) holds up neither the others nor the output."""
+    def _start_sources(self, streams: list) -> None:
+        """Each source, on a thread of its own: one cheap call to check its credentials (refused ones fail
+        its streams before any export is created), then its streams' partitions are listed and their
+        first exports started. A source that waits (a rate limit, a slow listing) holds up neither the
+        other sources nor the output of their rows."""
         self._starters = {
             name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"start-{name}") for name in self._runtimes
         }
+        checks = {name: starter.submit(self._check_source, name) for name, starter in self._starters.items()}
         self._stream_starts: dict[str, Future[None]] = {}
         for stream in streams:
-            self._stream_starts[stream.name] = self._starters[stream.runtime.api.name].submit(stream.start_exports)
+            source = stream.runtime.api.name
+            self._stream_starts[stream.name] = self._starters[source].submit(self._start_stream, checks[source], stream)
+
+    def _check_source(self, name: str) -> None:
+        source = next(source for source in SOURCES if source.name == name)
+        runtime = self._runtimes[name]
+        if source.check_connection is None:
+            return
+        try:
+            self.logger.info("Connection to %s: ok (%s)", name, source.check_connection(runtime.api))
+        except Exception as exc:
+            detail = str(exc).removeprefix(f"{name}: ")
+            if "HTTP 401" in detail or "HTTP 403" in detail:
+                raise CredentialsRefused(f"{name} refused the credentials: {detail}") from None
+            if stops_source(exc):
+                runtime.runner.halt(exc)
+                raise
+            self.logger.warning("Connection check of %s failed (%s); trying the exports anyway", name, detail)
+
+    def _start_stream(self, source_check: Future[None], stream: Any) -> None:
+        source_check.result()  # its error is each of the source's streams' error
+        runner = stream.runtime.runner
+        if runner.halted_by is not None:
+            raise runner.halted_by
+        try:
+            if isinstance(stream, ExportStream):
+                stream.start_exports()
+            elif hasattr(stream, "prefetch"):
+                stream.prefetch()
+        except Exception as exc:
+            if stops_source(exc):
+                runner.halt(exc)
+            raise
 
     def _next_stream_to_sync(self, waiting: list) -> Any:
         """The first stream, in catalog order, that can write rows now; while none can, wait, writing
@@ -306,17 +330,17 @@ class TapCommerceExports(Tap):
                 last_note = time.monotonic()
 
     def _can_sync_now(self, stream: Any) -> bool:
-        if not isinstance(stream, ExportStream):
-            return True
         start = self._stream_starts.get(stream.name)
         if start is not None and not start.done():
             return False
-        return start is None or start.exception() is not None or stream.first_export_settled()
+        if start is None or start.exception() is not None or not isinstance(stream, ExportStream):
+            return True
+        return stream.first_export_settled()
 
     def _sync_one(self, stream) -> None:
         start = getattr(self, "_stream_starts", {}).get(stream.name)
         if start is not None and start.exception() is not None:
-            # It could not even list its partitions: nothing of it can run.
+            # Its source refused the credentials or stopped, or it could not list its partitions.
             self.record_failure(stream.name, None, start.exception())
             return
         try:
@@ -434,6 +458,10 @@ def exit_soon(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class CredentialsRefused(RuntimeError):
+    """A source answered its connection check with 401 or 403: none of its exports is created."""
 
 
 class ConnectionTestFailed(RuntimeError):

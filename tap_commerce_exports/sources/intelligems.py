@@ -243,10 +243,17 @@ class ExperiencesStream(Stream):
 
     def __init__(self, tap: Any, runtime: Any) -> None:
         self.runtime = runtime
+        self._items: list[dict] | None = None
         super().__init__(tap=tap, schema=experiences_schema())
 
+    def prefetch(self) -> None:
+        """List the experiences on the source's own thread (tap.py), so a rate-limited listing holds up
+        no other source's rows on the thread that writes them."""
+        self._items = self.runtime.api.experience_items()
+
     def get_records(self, context: Mapping[str, Any] | None) -> Iterable[dict]:
-        for item in self.runtime.api.experience_items():
+        items, self._items = self._items, None
+        for item in items if items is not None else self.runtime.api.experience_items():
             record = {}
             for name, value in item.items():
                 if name.endswith("Ts"):
