@@ -550,3 +550,12 @@ def test_files_unlike_the_guesses_load_every_row_and_cell_into_duckdb(meltano, s
     pipeline.run("target-duckdb", end_date=END)
     for name, stream in streams.items():
         assert check_every_cell_loaded(pipeline, sandbox, stream, END) & widened[name] == widened[name], name
+
+
+def test_the_sdks_own_settings_reach_the_tap_from_the_environment(meltano, sandbox):
+    """`batch_config` and the other SDK settings are declared, so Meltano passes them on."""
+    batch = {"encoding": {"format": "jsonl", "compression": "gzip"}, "storage": {"root": "file:///tmp/b"}}
+    settings = {**sandbox.tap_config(), "batch_config": batch, "flattening_enabled": True}
+    result = meltano("config", "print", "tap-commerce-exports", env=tap_environment(settings))
+    config = json.loads(result.stdout)
+    assert config["batch_config"] == batch and config["flattening_enabled"] is True

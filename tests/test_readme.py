@@ -26,5 +26,7 @@ def test_every_tap_setting_is_declared_in_meltano_yml():
     # The tap's own settings; Meltano adds the SDK's built-in ones (stream_maps, ...) from capabilities.
     own = [*COMMON_SETTINGS, *(setting for source in SOURCES for setting in source.settings)]
     assert {s.name for s in own} <= declared, f"declare in meltano.yml: {sorted({s.name for s in own} - declared)}"
+    # The SDK's built-in settings users set (TAP_COMMERCE_EXPORTS_BATCH_CONFIG was ignored without this).
+    assert {"batch_config", "stream_maps", "stream_map_config", "flattening_enabled"} <= declared
     secrets = {s.name for s in own if s.to_dict()[s.name].get("secret")}
     assert secrets == {s["name"] for s in extractor["settings"] if s.get("sensitive")}

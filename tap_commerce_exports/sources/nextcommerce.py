@@ -409,8 +409,8 @@ SOURCE = SourceDefinition(
             "nextcommerce_export_row_cap",
             th.IntegerType,
             default=100000,
-            description="Rows at which Next Commerce truncates an export; a window at the cap is split "
-            "and exported again.",
+            description="Rows at which Next Commerce caps an export; a window whose file holds the cap, or "
+            "whose export the API refuses as too large, is split and exported again.",
         ),
     ],
     credential_settings=("nextcommerce_api_token",),
