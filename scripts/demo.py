@@ -2,7 +2,8 @@
 
 Starts the sandbox (all three emulated APIs) on free 127.0.0.1 ports, hands its URLs and
 credentials to Meltano through the extractor's environment variables, runs
-`meltano run tap-commerce-exports target-duckdb`, then prints every loaded table and its rows.
+`meltano --environment sandbox run tap-commerce-exports target-duckdb` (the sandbox environment keeps
+its bookmarks apart from real runs), then prints every loaded table and its rows.
 Run it with `make demo` (which installs everything first).
 """
 
@@ -63,11 +64,19 @@ def main() -> int:
         }
         env = {**os.environ, **tap_environment(settings), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false"}
         meltano = str(Path(sys.executable).parent / "meltano")
-        print("Running: meltano run --full-refresh tap-commerce-exports target-duckdb (against the sandbox)")
+        # The sandbox environment keeps the demo's bookmarks apart from a real run's (environment dev).
+        command = [
+            meltano,
+            "--environment",
+            "sandbox",
+            "run",
+            "--full-refresh",
+            "tap-commerce-exports",
+            "target-duckdb",
+        ]
+        print(f"Running: {' '.join(command[1:])} (against the sandbox)")
         started = time.monotonic()
-        result = subprocess.run(
-            [meltano, "run", "--full-refresh", "tap-commerce-exports", "target-duckdb"], cwd=ROOT, env=env
-        )
+        result = subprocess.run(command, cwd=ROOT, env=env)
         elapsed = time.monotonic() - started
     if result.returncode != 0:
         print(f"meltano run failed with exit code {result.returncode}", file=sys.stderr)
