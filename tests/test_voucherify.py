@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import re
 import signal
 import time
 
 import pytest
+import requests
+from werkzeug.wrappers import Response
 
+from tap_commerce_exports.engine.export_job import ExportFailed, ExportRequest
+from tap_commerce_exports.sandbox.core import Host
+from tap_commerce_exports.sandbox.voucherify import next_cycle_start
 from tap_commerce_exports.sources import voucherify
 from tests.harness import by_key, run_tap, start_tap_process
 
@@ -61,15 +68,22 @@ def test_full_sync_emits_every_stream_exactly_with_typed_values(voucherify_sandb
     assert isinstance(transaction["details"], dict) and transaction["campaign_id"]
 
 
-def test_request_bodies_match_the_published_schemas(voucherify_sandbox):
+def test_request_bodies_match_the_published_schemas_and_write_dates_as_the_examples_do(voucherify_sandbox):
     run_tap(voucherify_sandbox.voucherify.tap_config())
     refused = [e for e in voucherify_sandbox.log.entries(host="voucherify-api") if e.status == 400]
     assert refused == []
     creates = voucherify_sandbox.log.entries(host="voucherify-api", method="POST")
     order_export = next(e for e in creates if e.path == "/v1/orders/export")
-    conditions = order_export.body["parameters"]["filters"]["updated_at"]["conditions"]
-    assert set(conditions) == {"$after", "$before"}
     assert "metadata.payment_mean" in order_export.body["parameters"]["fields"]
+    windowed = [e for e in creates if e.body["parameters"].get("filters")]
+    assert {e.path.split("/")[2] for e in windowed} == {"orders", "campaigns", "exports"}
+    for entry in windowed:
+        filters = {k: v for k, v in entry.body["parameters"]["filters"].items() if k != "junction"}
+        ((_, clause),) = filters.items()
+        assert set(clause["conditions"]) == {"$after", "$before"}
+        # NOTES.md: every vendor request example writes them as one-element arrays.
+        for value in clause["conditions"].values():
+            assert isinstance(value, list) and len(value) == 1 and value[0].endswith("Z"), (entry.path, value)
 
 
 def test_each_window_moves_the_bookmark_and_a_second_run_exports_only_new_windows(voucherify_sandbox):
@@ -100,7 +114,7 @@ def test_each_window_moves_the_bookmark_and_a_second_run_exports_only_new_window
     )
 
     created = voucherify_sandbox.log.entries(host="voucherify-api", method="POST", path_pattern="orders/export")
-    afters = [e.body["parameters"]["filters"]["updated_at"]["conditions"]["$after"] for e in created]
+    afters = [e.body["parameters"]["filters"]["updated_at"]["conditions"]["$after"][0] for e in created]
     assert afters and min(afters) >= "2024-01-31T23:59:59.999Z"
     start = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
     assert emitted(second, "voucherify_orders") == expected(
@@ -204,8 +218,10 @@ def test_streams_are_discovered_only_when_credentials_are_set(voucherify_sandbox
 
     with_credentials = TapCommerceExports(config={**FAST_SETTINGS, **voucherify_sandbox.voucherify.tap_config()})
     assert set(STREAMS) <= set(with_credentials.streams)
-    without = TapCommerceExports(config=FAST_SETTINGS)
-    assert not any(name.startswith("voucherify_") for name in without.streams)
+    # Another source alone (a tap with no source at all is a configuration error).
+    other_source = {**FAST_SETTINGS, "intelligems_api_token": "token"}
+    without = TapCommerceExports(config=other_source, parse_env_config=False)
+    assert without.streams and not any(name.startswith("voucherify_") for name in without.streams)
 
 
 def test_plain_http_is_refused_for_hosts_other_than_loopback():
@@ -254,7 +270,7 @@ def test_exports_started_but_not_read_are_remembered_in_state_and_resumed(vouche
     }
     created_starts = {
         dt.datetime.fromisoformat(
-            e.body["parameters"]["filters"]["updated_at"]["conditions"]["$after"].replace("Z", "+00:00")
+            e.body["parameters"]["filters"]["updated_at"]["conditions"]["$after"][0].replace("Z", "+00:00")
         )
         + dt.timedelta(milliseconds=1)
         for e in voucherify_sandbox.log.entries(host="voucherify-api", method="POST")
@@ -263,3 +279,167 @@ def test_exports_started_but_not_read_are_remembered_in_state_and_resumed(vouche
     assert emitted(second, "voucherify_orders") == expected(
         emulator, "voucherify_orders", start=middle["bookmarks"]["voucherify_orders"]["replication_key_value"]
     )
+
+
+# ------------------------------------------------- rate limits (NOTES.md, guides/limits)
+
+ONE_WINDOW = 60  # days: the whole data period in one export, so API calls come one after another
+WAIT_LOGGED = re.compile(r"voucherify: rate limited[^\n]*?, waiting (\d+(?:\.\d+)?)s as the API asked")
+
+
+def test_a_429_without_retry_after_is_waited_until_the_unix_time_x_rate_limit_retry_names(voucherify_sandbox):
+    """X-Rate-Limit-Retry is the Unix time of the next allowed call, not a delay; Retry-After is optional."""
+    emulator = voucherify_sandbox.voucherify
+    emulator.sends_retry_after = False
+    voucherify_sandbox.faults.arm("rate_limit", 2, value=1.2)  # blocks the API 1.2 s from each 429
+    output = run_tap({**emulator.tap_config(), "export_window_days": ONE_WINDOW}, streams={"voucherify_orders"})
+
+    assert output.error is None, output.error
+    assert emitted(output, "voucherify_orders") == expected(emulator, "voucherify_orders")
+    # A call made before the named time would meet the block and be refused again.
+    assert [e.status for e in voucherify_sandbox.log.entries(host="voucherify-api")].count(429) == 2
+    waits = [float(wait) for wait in WAIT_LOGGED.findall(output.log_text)]
+    assert len(waits) == 2 and all(1.0 <= wait <= 2.5 for wait in waits), waits
+
+
+def test_a_per_minute_plan_limit_is_met_by_pacing_not_by_a_storm_of_429s(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    emulator.requests_per_minute = 10  # a Business plan's 100/minute, shrunk to fit a test
+    emulator.rate_window_seconds = 2.0
+    streams = {"voucherify_orders", "voucherify_vouchers", "voucherify_customers"}
+    output = run_tap(emulator.tap_config(), streams=streams)
+
+    assert output.error is None, output.error
+    for stream in streams:
+        assert emitted(output, stream) == expected(emulator, stream), stream
+    admitted = [e for e in voucherify_sandbox.log.entries(host="voucherify-api") if e.status != 429]
+    assert len(admitted) > 2 * emulator.requests_per_minute, "the run fit in two windows: nothing needed pacing"
+    assert emulator.rate_limited <= 3, f"{emulator.rate_limited} calls were answered 429"
+
+
+def test_a_spent_billing_cycle_quota_ends_the_run_at_once_instead_of_waiting_for_next_month(voucherify_sandbox):
+    emulator = voucherify_sandbox.voucherify
+    voucherify_sandbox.faults.arm("quota_exhausted")
+    started = time.monotonic()
+    output = run_tap(emulator.tap_config(), streams={"voucherify_orders"})
+
+    assert output.error is not None
+    assert time.monotonic() - started < 30
+    assert 1 <= emulator.rate_limited <= 3, f"{emulator.rate_limited} calls were answered 429"
+    text = f"{output.error}\n{output.log_text}"
+    reset = dt.datetime.fromtimestamp(next_cycle_start(time.time()), dt.timezone.utc)
+    assert reset.strftime("%Y-%m-%dT%H:%M") in text, "the error does not say when the quota resets"
+    if emulator.sends_rate_limit_type:
+        assert "api_calls_cycle" in text
+    assert output.records("voucherify_orders") == []
+
+
+# ------------------------------------------- credentials go only to Voucherify's hosts
+
+
+def _refusal(api_url: str, file_url: str) -> str | None:
+    """What the tap does with a DONE export whose result.url is `file_url`: None, or its error."""
+    api = voucherify.build_api(
+        {"voucherify_api_url": api_url, "voucherify_app_id": "app", "voucherify_app_token": "secret"},
+        logging.getLogger("test"),
+    )
+    request = ExportRequest("voucherify_orders", "order", None)
+    try:
+        handle = api._handle(request, {"id": "exp_1", "status": "DONE", "result": {"url": file_url}})
+        assert api.file_url(request, handle) == file_url
+    except ExportFailed as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("api_url", "file_url"),
+    [
+        ("https://api.voucherify.io", "https://download.voucherify.io/v1/exports/exp_1?token=t"),
+        ("https://us1.api.voucherify.io", "https://us1.download.voucherify.io/v1/exports/exp_1?token=t"),
+        ("https://as1.api.voucherify.io", "https://as1.download.voucherify.io/v1/exports/exp_1?token=t"),
+        ("https://api.voucherify.io", "https://API.voucherify.io./v1/exports/exp_1?token=t"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:6000/v1/exports/exp_1?token=t"),
+        ("http://127.0.0.1:5000", "http://localhost:6000/v1/exports/exp_1?token=t"),
+        ("http://127.0.0.1:5000", "http://127.0.0.2:6000/v1/exports/exp_1?token=t"),
+    ],
+)
+def test_file_urls_on_the_clusters_own_hosts_are_accepted(api_url, file_url):
+    assert _refusal(api_url, file_url) is None
+
+
+@pytest.mark.parametrize(
+    ("api_url", "file_url", "host"),
+    [
+        ("https://us1.api.voucherify.io", "https://download.voucherify.io/v1/exports/exp_1?token=t", "download"),
+        ("https://api.voucherify.io", "http://download.voucherify.io/v1/exports/exp_1?token=t", "download"),
+        ("https://api.voucherify.io", "https://download.voucherify.io.evil.example/x?token=t", "evil.example"),
+        ("https://api.voucherify.io", "https://download.voucherify.io@evil.example/x?token=t", "evil.example"),
+        ("https://api.voucherify.io", "https://evil.example\\@download.voucherify.io/x?token=t", "evil.example"),
+        ("https://api.voucherify.io", "https://bucket.s3.amazonaws.com/f.csv?X-Amz-Signature=t", "s3.amazonaws"),
+        ("https://api.voucherify.io", "/v1/exports/exp_1?token=t", "none"),
+        ("http://127.0.0.1:5000", "https://download.voucherify.io/v1/exports/exp_1?token=t", "download"),
+    ],
+)
+def test_file_urls_on_any_other_host_are_refused_before_any_credential_is_sent(api_url, file_url, host):
+    refusal = _refusal(api_url, file_url)
+    assert refusal is not None and host in refusal
+    assert "no credentials were sent" in refusal and "exp_1" in refusal and "voucherify_orders" in refusal
+    assert "token=" not in refusal and "X-Amz" not in refusal and "secret" not in refusal
+
+
+FOREIGN = "http://files.example.invalid"  # never resolves (RFC 6761); the trap below answers for it
+
+
+@pytest.fixture
+def foreign_trap(voucherify_sandbox, monkeypatch):
+    """Every request to a host but 127.0.0.1 goes to this "proxy", which logs it with its headers
+    (as host "trap"): had the tap sent anything to a foreign host, the log shows it, and nothing
+    leaves the machine either way."""
+    trap = Host("trap", voucherify_sandbox.log)
+    trap.route("/<path:anything>", ["GET"], lambda request, anything: Response("a,b\r\n", mimetype="text/plain"))
+    trap.start()
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, trap.base_url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    assert requests.get(f"{FOREIGN}/probe", timeout=5).text == "a,b\r\n"  # the trap works
+    voucherify_sandbox.log.clear()
+    yield trap
+    trap.stop()
+
+
+def hosts_that_got_credentials(sandbox) -> set[str]:
+    return {e.host for e in sandbox.log.entries() if "x-app-token" in e.headers or "x-app-id" in e.headers}
+
+
+def test_a_done_export_whose_url_names_another_host_fails_its_window_and_gets_no_credentials(
+    voucherify_sandbox, foreign_trap
+):
+    emulator = voucherify_sandbox.voucherify
+    voucherify_sandbox.faults.arm("foreign_download_host", -1, value=FOREIGN)
+    output = run_tap({**emulator.tap_config(), "export_window_days": ONE_WINDOW}, streams={"voucherify_orders"})
+
+    assert output.error is not None
+    text = f"{output.error}\n{output.log_text}"
+    assert "'files.example.invalid'" in text and "no credentials were sent" in text
+    assert "token=" not in text
+    assert output.records("voucherify_orders") == []
+    assert voucherify_sandbox.log.entries(host="trap") == []
+    assert voucherify_sandbox.log.entries(host="voucherify-download") == []
+    assert hosts_that_got_credentials(voucherify_sandbox) == {"voucherify-api"}
+
+
+def test_a_download_redirected_to_another_host_takes_no_credentials_there(voucherify_sandbox, foreign_trap):
+    """requests keeps custom headers across hosts (it strips only Authorization): the downloader does not
+    follow a redirect of a file host that needs the API's credentials."""
+    emulator = voucherify_sandbox.voucherify
+    voucherify_sandbox.faults.arm("download_redirect", 1, value=FOREIGN)
+    output = run_tap({**emulator.tap_config(), "export_window_days": ONE_WINDOW}, streams={"voucherify_orders"})
+
+    assert voucherify_sandbox.faults.fired["download_redirect"] == 1
+    assert hosts_that_got_credentials(voucherify_sandbox) <= {"voucherify-api", "voucherify-download"}
+    assert voucherify_sandbox.log.entries(host="trap") == []
+    assert "redirected to" in output.log_text and "not followed" in output.log_text
+    # The redirect was one download's: the export is created again and every row still arrives.
+    assert len(output.records("voucherify_orders")) == len(emulator.expected_records("voucherify_orders"))

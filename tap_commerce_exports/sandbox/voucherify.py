@@ -19,24 +19,37 @@ What it emulates (from voucherify-exports.openapi.json and ../shared/reference/N
   otherwise), `DELETE /v1/exports/{id}` answers 204. Unknown ids answer 404.
 - The download host serves `text/plain` CSV for a valid, unexpired token of that export; an
   expired and a tampered token both answer the same 403, so a client cannot tell them apart.
+- Rate limits (NOTES.md, guides/limits): every JSON answer of the API host (401, 400, 404 and 500
+  included) carries `X-Rate-Limit-Limit`, `X-Rate-Limit-Remaining` and `X-Rate-Limit-Retry`, the
+  Unix time in seconds at which the next request may be made: now while calls are left, the end
+  of the window when none is. A 429 has the error body `{code, key, message, details,
+  request_id}`, `Remaining: 0`, `Retry` at the moment the API takes calls again, and, as the seed
+  says, `X-Rate-Limit-Type` and `Retry-After` (both optional in the docs). Limits, set by
+  constructor keyword or attribute:
+  - `requests_per_minute` (None: unmetered; the headers then describe a window of 1,000,000) per
+    `rate_window_seconds` (60; tests shorten it): a fixed window aligned to multiples of its
+    length in Unix time; over it, 429 `api_calls` until the window ends.
+  - `requests_per_cycle` (None: none): over it, 429 `api_calls_cycle` until the first instant of
+    next month (UTC), the cycle's reset here; `reset_cycle()` starts a new cycle.
+  "Exceeding a limit blocks the API until it resets": calls during a block are refused too, and
+  refused calls count toward no limit (`rate_limited` counts them).
 
 Where the vendor docs are silent or contradict themselves, this emulator chooses:
 
-- The published schema has one defect that refuses valid requests: `Any`, the value type of
-  FieldConditions (voucher_transactions and points_expiration filters), is a oneOf of three string
-  variants that every string matches, so oneOf refuses every string. Validation reads it as anyOf
-  (`repaired_spec`); everything else is validated exactly as published.
+- The published schema has two defects that refuse valid requests (`repaired_spec`): `Any`, the
+  value type of FieldConditions (voucher_transactions and points_expiration filters), is a oneOf
+  of string variants that every string matches, so oneOf refuses every string: it is read as
+  anyOf; and campaign transaction date conditions are typed as strings while the operation's own
+  example sends a list (see Filters). Everything else is validated exactly as published.
 - Download tokens are `<expiry>.<nonce>.<HMAC>` over the file path, nonce and expiry (core's
   UrlSigner). The nonce makes each read's token new; the expiry has one-second resolution, so a TTL
   of 0 issues tokens that are expired at once.
 - Credentials are random UUIDs per instance (Voucherify's application ids and keys look like that).
-- Rate limits: a token bucket per application id (`rate_per_second`, `burst`). Every
-  authenticated API answer carries `X-Rate-Limit-Limit` (the burst) and `X-Rate-Limit-Remaining`;
-  a 429 adds `X-Rate-Limit-Retry` in seconds, with decimals (`0.02`) so tests need not sleep whole
-  seconds. The download host is not rate limited, and a 401 (no known application) carries no
-  rate headers.
-- Order of checks on the API host: credentials, the `server_error` fault, the `rate_limit`
-  fault and the bucket, then the request itself (404s, 400s).
+- The download host is not rate limited and carries no rate headers; neither do the gateway's
+  HTML 502 and 503 pages. A 401 reports the budget without counting the call.
+- Order of checks on the API host: credentials, the `server_error` fault, an ongoing block, the
+  `quota_exhausted` and `rate_limit` faults, the cycle quota, the window, then the request itself
+  (404s, 400s).
 - Error keys: `unauthorized`, `invalid_payload`, `not_found`, `forbidden`, `too_many_requests`,
   `internal_server_error`. The `server_error` fault answers 500 (JSON error body), then 502 and
   503 with small HTML bodies, as a gateway in front of the API would.
@@ -49,15 +62,20 @@ Where the vendor docs are silent or contradict themselves, this emulator chooses
   `status` (no documented meaning for transactions) as an empty column. Campaign transaction
   exports use the voucher_transactions defaults.
 - Filters: `{junction, <field>: {conditions: {...}}}`. Date conditions `$after`/`$before` are
-  strict (`>` and `<`) ISO-8601 date-times. A condition value may be a string or a one-element
-  list (the docs' examples use lists), as far as the schema lets it: campaign transaction filters
-  are typed as strings (FilterConditionsDateTime), so lists are refused there; voucher_transactions
-  and points_expiration filters are typed as lists (FieldConditions); the other types' filters are
-  untyped objects. Date filter fields: order, voucher, customer:
-  `updated_at`, `created_at`; redemption and publication: `created_at` (exported as `date`);
-  transactions: `created_at`; points_expiration: none (the tap exports it whole). Any exported
-  field also takes `$is`, `$is_not`, `$in`, `$not_in` (on the cell text). Other fields and
-  conditions answer 400 naming them: the sandbox does not pretend to filter when it cannot.
+  strict (`>` and `<`) ISO-8601 date-times. Every request example the spec publishes for the
+  export endpoints is accepted and applied (a test posts each). Condition values may be a
+  string or a one-element list, as the schemas allow: voucher_transactions and points_expiration
+  filters are typed as lists (FieldConditions); campaign transaction filters as strings
+  (FilterConditionsDateTime) while the same operations' example sends a list, so both are
+  accepted there (`repaired_spec`); the other types' filters are untyped objects. Whatever else
+  a schema refuses is refused. Date filter fields: order, voucher, customer: `updated_at`,
+  `created_at`; redemption and publication: `created_at` (exported as `date`); transactions:
+  `created_at`; points_expiration: none (the tap exports it whole). Any exported field also
+  takes `$is`, `$is_not`, `$in`, `$not_in` (on the cell text) and, when it holds numbers,
+  `$more_than`, `$more_than_equal`, `$less_than`, `$less_than_equal` (the orders example filters
+  `discount_amount: {$more_than: 100000}`). Other fields and conditions (such as
+  FilterConditionsDateTime's "days ago" `$more_than`) answer 400 naming them: the sandbox does
+  not pretend to filter when it cannot.
 - `order` (sort) is honoured; when absent, rows come oldest first on the type's own timeline
   (`updated_at`, `created_at`, `date`, or `expires_at`). Campaign transaction bodies may also
   carry `order` at the top level, as the docs' example does; `parameters.order` wins.
@@ -69,27 +87,59 @@ Where the vendor docs are silent or contradict themselves, this emulator chooses
 - `parameters` are echoed as sent; campaign transaction exports add the
   `campaign_id: {conditions: {$in: [id]}}` filter, as the docs' response example shows. An
   export that ends in ERROR keeps `result: null`.
-- Files: UTF-8 with a BOM, CRLF line endings, a header row of human labels in the order of the
+- Files: UTF-8 (BOM and line ending as the seed says), a header row of human labels in the order of the
   requested fields (`source_id` -> "Source ID", `metadata.payment_mean` -> "Metadata Payment
   Mean"; "Id", "Url", "Qr" are upper-cased), ISO-8601 UTC dates with milliseconds and `Z`, plain
   dates for `expires_at`/`birthdate`/`birthday`, integer amounts in cents, voucher `value` with
   two decimals for money (`2000.00`, as the documented example shows) and whole points for loyalty
   cards, JSON objects in `details`/`metadata` cells, `true`/`false`, and empty cells for nulls.
-- Content-Length is exact and computed without holding the file: the body is generated twice (once
-  to count, once to send); the count is cached per export, so only the first download pays it.
+- Content-Length (on seeds that send it) is exact and computed without holding the file: the body
+  is generated twice (once to count, once to send); the count is cached per export, so only the
+  first download pays it.
 - An export's rows are fixed when it is created: rows added later (`add_rows`) are not in it.
 
+What each seed varies (the docs leave it open and the tap relies on it; attributes of the
+emulator, which tests read and may set; seeds outside the table draw each choice from their hash):
+
+| seed | Retry-After | X-Rate-Limit-Type | X-Rate-Limit-Retry | more in `result` | BOM | lines | Content-Length |
+|:--|:--|:--|:--|:--|:--|:--|:--|
+| 7  | no  | yes | whole seconds | no  | yes | CRLF | yes |
+| 11 | yes | no  | milliseconds  | yes | no  | LF   | no (chunked) |
+| 23 | no  | no  | whole seconds | yes | yes | LF   | yes |
+| 42 | yes | yes | milliseconds  | no  | no  | CRLF | no (chunked) |
+
+- `sends_retry_after`: 429s carry `Retry-After` in whole seconds, rounded up (never earlier than
+  X-Rate-Limit-Retry). `sends_rate_limit_type`: 429s name the limit (`api_calls`,
+  `api_calls_cycle`); without it, a spent cycle quota shows only as an X-Rate-Limit-Retry weeks
+  ahead. `retry_with_milliseconds`: X-Rate-Limit-Retry as `1733480000.250` or `1733480001` (a
+  moment ahead is rounded up, "now" down).
+- `result_extra_fields`: a DONE export's `result` also holds `file_name` and `expires_at` (the
+  token's expiry); the schema leaves `result` open, and the tap must read only `url`.
+- `file_bom`, `file_line_ending`: the docs' file example lost its line breaks; fixed per export
+  when it is created. `sends_content_length`: without it the body is chunked, so only a whole
+  chunked stream (and whole quoting) tells a complete file.
+- Not varied: header labels, dates with milliseconds and `Z`, `true`/`false`, cents (documented
+  by the field tables and examples); the download token's lifetime (`download_token_ttl_seconds`,
+  900; tests shorten it, and the tap renews a refused token by reading the export again). Answers
+  of unknown paths (core's 404 and 405) carry no rate headers: they never reach the emulator.
+
 Faults (armed on `ctx.faults`):
-- API requests: `rate_limit` (429; its value, else `rate_limit_fault_retry_seconds`, is the
-  X-Rate-Limit-Retry), `server_error` (500, then 502, then 503).
+- API requests: `rate_limit` (429 `api_calls`, and a block for its value in seconds, else
+  `rate_limit_fault_retry_seconds` = 1; X-Rate-Limit-Retry says when it ends),
+  `quota_exhausted` (the billing-cycle quota is spent: 429 `api_calls_cycle` on this and every
+  later call until `reset_cycle()`), `server_error` (500, then 502, then 503).
+- Issuing a file URL: `foreign_download_host` (the URL names another host: the fault's value, a
+  base URL, else `https://files.example.invalid`, which never resolves), `url_expired`.
 - Decided when an export is created: `export_error` (ends in ERROR), `export_stuck` (stays
   IN_PROGRESS), `export_latency` (value: seconds until ready). File content, one per export and
   baked into its file (downloading again gives the same file; only a new export helps):
   `empty_file` (0 bytes), `header_only`, `new_column` ("Loyalty Tier" after the last column),
   `malformed_row` and `bad_utf8` (the third data row, or the last when there are fewer, gets an
   extra field, or the bytes FF FE at the start of its first cell).
-- Issuing a token: `url_expired` (already expired).
-- The next download: `download_reset` (half the declared bytes, then the connection drops),
+- The next download: `download_redirect` (302 to another host: the fault's value, a base URL,
+  else `https://files.example.invalid`; Voucherify documents no redirect, but a client that
+  follows one must not take the X-App headers along), `download_reset` (half the file's bytes,
+  then the connection drops),
   `download_short` (Content-Length larger than the body, then the connection closes),
   `download_cut_quote` (an honest Content-Length for a file that ends inside a quoted field),
   `download_slow` (value: seconds of pause before each 64 KiB chunk; default 0.2).
@@ -133,7 +183,6 @@ from tap_commerce_exports.sandbox.core import (
     Host,
     SandboxContext,
     SpecValidator,
-    TokenBucket,
     UrlSigner,
     chunked,
     json_response,
@@ -169,10 +218,19 @@ NEW_COLUMN_LABEL = "Loyalty Tier"
 NEW_COLUMN_VALUES = ("Bronze", "Silver", "Gold")
 LONG_FIELD_VOUCHER_INDEX = 2
 LONG_FIELD_CHARS = 100_000
+#: Where the foreign_download_host fault points by default: a name that never resolves (RFC 6761).
+FOREIGN_DOWNLOAD_BASE = "https://files.example.invalid"
 CONTENT_FAULTS = ("empty_file", "header_only", "new_column", "malformed_row", "bad_utf8")
 SERVER_ERROR_STATUSES = (500, 502, 503)
 TEXT_CONDITIONS = ("$is", "$is_not", "$in", "$not_in")
 DATE_CONDITIONS = ("$after", "$before")
+#: Comparisons of a number cell with a number (the orders example filters `discount_amount`).
+NUMBER_CONDITIONS = {
+    "$more_than": lambda cell, operand: cell > operand,
+    "$more_than_equal": lambda cell, operand: cell >= operand,
+    "$less_than": lambda cell, operand: cell < operand,
+    "$less_than_equal": lambda cell, operand: cell <= operand,
+}
 
 ALPHANUMERIC = string.ascii_letters + string.digits
 # base64 minus its two symbols: ids stay alphanumeric (the slight bias toward "A" and "B" is harmless).
@@ -268,16 +326,24 @@ KINDS: dict[str, KindSpec] = {
 
 @lru_cache(maxsize=1)
 def repaired_spec() -> dict:
-    """The published document with one defect repaired, in a copy (the loaded one is shared).
+    """The published document with two defects repaired, in a copy (the loaded one is shared).
 
-    `Any`, the value of every FieldConditions condition (voucher_transactions and points_expiration
-    filters), is a oneOf of `string`, `string` + format date and `string` + format date-time: every
-    string matches all three, so oneOf refuses every string, even the docs' own examples. The
-    branches are alternatives, so they are read as anyOf.
+    - `Any`, the value of every FieldConditions condition (voucher_transactions and
+      points_expiration filters), is a oneOf of `string`, `string` + format date and `string` +
+      format date-time: every string matches all three, so oneOf refuses every string, even the
+      docs' own examples. The branches are alternatives, so they are read as anyOf.
+    - FilterConditionsDateTime (campaign transaction filters) types `$after`/`$before` as a string,
+      yet the request example of the same operations sends `{"$after": ["2024-10-01T00:00:00.000Z"]}`
+      (NOTES.md: every vendor request example writes one-element arrays). Both are accepted.
     """
     spec = copy.deepcopy(load_spec(SPEC_FILE))
-    items = spec["components"]["schemas"]["Any"]["items"]
+    schemas = spec["components"]["schemas"]
+    items = schemas["Any"]["items"]
     items["anyOf"] = items.pop("oneOf")
+    for operator in DATE_CONDITIONS:
+        published = schemas["FilterConditionsDateTime"]["properties"][operator]
+        as_list = {"type": "array", "items": {"type": "string", "format": "date-time"}, "minItems": 1}
+        schemas["FilterConditionsDateTime"]["properties"][operator] = {"anyOf": [published, as_list]}
     return spec
 
 
@@ -1080,11 +1146,11 @@ def field_getter(field_name: str, kind: KindSpec) -> Callable[[dict], Any]:
 
 
 class LineWriter:
-    """One CSV line at a time (CRLF, minimal quoting), without keeping what was written."""
+    """One CSV line at a time (minimal quoting), without keeping what was written."""
 
-    def __init__(self) -> None:
+    def __init__(self, line_ending: str = "\r\n") -> None:
         self._buffer = io.StringIO()
-        self._writer = csv.writer(self._buffer, lineterminator="\r\n")
+        self._writer = csv.writer(self._buffer, lineterminator=line_ending)
 
     def line(self, cells: list[str]) -> str:
         self._buffer.seek(0)
@@ -1113,6 +1179,9 @@ class Condition:
             if moment is None:
                 return False
             return moment > self.operand if self.operator == "$after" else moment < self.operand
+        if self.operator in NUMBER_CONDITIONS:
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return is_number and NUMBER_CONDITIONS[self.operator](value, self.operand)
         text = cell_text(value)
         if self.operator in ("$is", "$in"):
             return text in self.operand
@@ -1158,6 +1227,16 @@ def _instant_operand(operand: Any, where: str) -> int:
         raise InvalidPayload(f"{where}: {value!r} is not an ISO 8601 date-time") from None
 
 
+def _number_operand(operand: Any, where: str) -> float:
+    value = _single_operand(operand, where)
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        return float(value)
+    except ValueError:
+        raise InvalidPayload(f"{where}: {value!r} is not a number") from None
+
+
 def _text_operand(operator: str, operand: Any, where: str) -> tuple[str, ...]:
     values = (
         operand if isinstance(operand, list) and operator in ("$in", "$not_in") else [_single_operand(operand, where)]
@@ -1200,8 +1279,13 @@ def _clause_conditions(kind: KindSpec, name: str, clause: Any, filterable: set[s
             conditions.append(Condition(row_field, operator, _instant_operand(operand, at)))
         elif operator in TEXT_CONDITIONS:
             conditions.append(Condition(row_field, operator, _text_operand(operator, operand, at)))
+        elif operator in NUMBER_CONDITIONS and name not in kind.date_filters:
+            conditions.append(Condition(row_field, operator, _number_operand(operand, at)))
         else:
-            supported = ", ".join((*DATE_CONDITIONS, *TEXT_CONDITIONS))
+            supported = (
+                f"{', '.join(DATE_CONDITIONS)} on date fields; {', '.join((*TEXT_CONDITIONS, *NUMBER_CONDITIONS))} "
+                "on the others"
+            )
             raise InvalidPayload(f"{at}: condition not emulated by the sandbox (supported: {supported})")
     return conditions
 
@@ -1236,6 +1320,9 @@ class ExportJob:
     latency_seconds: float
     outcome: str  # DONE, ERROR, or STUCK (never finishes)
     content_fault: str | None
+    # The file's format is fixed when the export is created: downloading again gives the same bytes.
+    bom: bool = True
+    line_ending: str = "\r\n"
     sizes: dict[str, int] = field(default_factory=dict)
 
     def status(self, now: float) -> str:
@@ -1291,23 +1378,174 @@ def _reset_after(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
     raise ConnectionResetError("sandbox fault download_reset: connection closed mid-body")
 
 
+# ----------------------------------------------------------- what seeds vary
+
+
+@dataclass(frozen=True)
+class UnpublishedShape:
+    """One plausible reality for what Voucherify leaves open (see the module docstring's table)."""
+
+    retry_after: bool  # 429s also carry Retry-After (whole seconds)
+    rate_limit_type: bool  # 429s carry X-Rate-Limit-Type
+    retry_milliseconds: bool  # X-Rate-Limit-Retry as "1733480000.250" instead of "1733480001"
+    result_extras: bool  # a DONE export's `result` also has `file_name` and `expires_at`
+    bom: bool  # files start with a UTF-8 BOM
+    line_ending: str  # "\r\n" or "\n"
+    content_length: bool  # downloads declare Content-Length (else chunked transfer)
+
+
+SEED_SHAPES = {
+    7: UnpublishedShape(False, True, False, False, True, "\r\n", True),
+    11: UnpublishedShape(True, False, True, True, False, "\n", False),
+    23: UnpublishedShape(False, False, False, True, True, "\n", True),
+    42: UnpublishedShape(True, True, True, False, False, "\r\n", False),
+}
+
+
+def shape_for(seed: int) -> UnpublishedShape:
+    """The table's shape for the suite's seeds; any other seed draws each choice from its hash."""
+    if seed in SEED_SHAPES:
+        return SEED_SHAPES[seed]
+    dice = Dice(seed, "unpublished shape")
+    retry_after, rate_limit_type, milliseconds, extras, bom, crlf, length = (dice.randrange(2) == 1 for _ in range(7))
+    return UnpublishedShape(retry_after, rate_limit_type, milliseconds, extras, bom, "\r\n" if crlf else "\n", length)
+
+
+# ------------------------------------------------------------------ rate limits
+
+#: The limit headers describe when no per-minute limit is set: no test comes near it.
+UNMETERED_REQUESTS_PER_WINDOW = 1_000_000
+#: The Business plan's billing-cycle quota (NOTES.md), reported when the quota_exhausted fault
+#: spends a quota that was not configured.
+PLAN_REQUESTS_PER_CYCLE = 100_000
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The limiter's answer to one request, and what the X-Rate-Limit-* headers say about it."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_at: float  # Unix time at which the next request may be made
+    limit_type: str = "api_calls"
+
+
+def next_cycle_start(now: float) -> float:
+    """The first instant of next month (UTC): when a billing-cycle quota resets here."""
+    today = dt.datetime.fromtimestamp(now, UTC)
+    year, month = (today.year + 1, 1) if today.month == 12 else (today.year, today.month + 1)
+    return dt.datetime(year, month, 1, tzinfo=UTC).timestamp()
+
+
+class RateMeter:
+    """Counts API calls in fixed windows (aligned to multiples of the window in Unix time) and in
+    the billing cycle; a block (a 429 fault) holds every call off until it ends, as the docs say
+    exceeding a limit blocks the API until it resets. Refused calls count toward nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._window = -1
+        self._used_in_window = 0
+        self._used_in_cycle = 0
+        self._cycle_spent = False
+        self._block: Admission | None = None
+        self.refused = 0
+
+    def view(self, now: float, limit: int, window_seconds: float) -> Admission:
+        """The current budget, counting nothing (answers that are not admitted calls)."""
+        with self._lock:
+            used = self._used_in_window if self._window == self._window_of(now, window_seconds) else 0
+        remaining = max(0, limit - used)
+        retry_at = now if remaining else self._window_end(now, window_seconds)
+        return Admission(True, limit, remaining, retry_at)
+
+    def take(self, now: float, limit: int, window_seconds: float, cycle_limit: int | None) -> Admission:
+        with self._lock:
+            if self._block is not None and now < self._block.retry_at:
+                return self._refuse(self._block)
+            window = self._window_of(now, window_seconds)
+            if window != self._window:
+                self._window, self._used_in_window = window, 0
+            if self._cycle_spent or (cycle_limit is not None and self._used_in_cycle >= cycle_limit):
+                quota = cycle_limit if cycle_limit is not None else PLAN_REQUESTS_PER_CYCLE
+                return self._refuse(Admission(False, quota, 0, next_cycle_start(now), "api_calls_cycle"))
+            if self._used_in_window >= limit:
+                return self._refuse(Admission(False, limit, 0, self._window_end(now, window_seconds)))
+            self._used_in_window += 1
+            self._used_in_cycle += 1
+            remaining = limit - self._used_in_window
+        return Admission(True, limit, remaining, now if remaining else self._window_end(now, window_seconds))
+
+    def blocked(self, now: float) -> bool:
+        with self._lock:
+            return self._block is not None and now < self._block.retry_at
+
+    def block(self, until: float, limit: int) -> Admission:
+        """Refuse every call until `until` (the rate_limit fault): the 429 that starts the block."""
+        with self._lock:
+            self._block = Admission(False, limit, 0, until)
+            return self._refuse(self._block)
+
+    def spend_cycle(self) -> None:
+        """The billing-cycle quota is used up until the cycle resets (the quota_exhausted fault)."""
+        with self._lock:
+            self._cycle_spent = True
+
+    def reset_cycle(self) -> None:
+        with self._lock:
+            self._cycle_spent, self._used_in_cycle = False, 0
+
+    def _refuse(self, admission: Admission) -> Admission:
+        self.refused += 1
+        return admission
+
+    @staticmethod
+    def _window_of(now: float, window_seconds: float) -> int:
+        return math.floor(now / window_seconds)
+
+    @classmethod
+    def _window_end(cls, now: float, window_seconds: float) -> float:
+        return (cls._window_of(now, window_seconds) + 1) * window_seconds
+
+
+def unix_time_text(moment: float, milliseconds: bool) -> str:
+    """X-Rate-Limit-Retry: a moment still ahead is rounded up (never invites a call too early)."""
+    if milliseconds:
+        return f"{math.ceil(moment * 1000) / 1000:.3f}"
+    return str(math.ceil(moment) if moment > time.time() else math.floor(moment))
+
+
 # -------------------------------------------------------------------- emulator
 
 
 class VoucherifyEmulator:
     """Voucherify's export API and download host (see the module docstring)."""
 
-    def __init__(self, ctx: SandboxContext, *, seed: int = 7, rows_per_type: int | None = None) -> None:
+    def __init__(
+        self,
+        ctx: SandboxContext,
+        *,
+        seed: int = 7,
+        rows_per_type: int | None = None,
+        requests_per_minute: int | None = None,
+        rate_window_seconds: float = 60.0,
+        requests_per_cycle: int | None = None,
+    ) -> None:
         self.ctx = ctx
         self.seed = seed
         self.rows_per_type = rows_per_type
         self.app_id = str(uuid.uuid4())
         self.app_token = str(uuid.uuid4())
         self.download_token_ttl_seconds: float = 900
-        self.rate_limit_fault_retry_seconds: float = 0.1
-        self._rate_per_second: float = 50.0
-        self._burst = 50
-        self._bucket = TokenBucket(self._rate_per_second, self._burst)
+        self.rate_limit_fault_retry_seconds: float = 1.0
+        #: A plan's limit per window (None: unmetered) and the window; tests shorten the minute.
+        self.requests_per_minute = requests_per_minute
+        self.rate_window_seconds = rate_window_seconds
+        #: The billing-cycle quota (None: none); the quota_exhausted fault spends it at once.
+        self.requests_per_cycle = requests_per_cycle
+        self.meter = RateMeter()
+        self._set_shape(shape_for(seed))
         self.data = SyntheticData(seed, rows_per_type)
         self.validator = RepairedSpecValidator()
         self._signer = UrlSigner()
@@ -1322,27 +1560,28 @@ class VoucherifyEmulator:
         self._route()
 
     # -- knobs
-    @property
-    def rate_per_second(self) -> float:
-        return self._rate_per_second
-
-    @rate_per_second.setter
-    def rate_per_second(self, value: float) -> None:
-        self._rate_per_second = value
-        self._bucket = TokenBucket(value, self._burst)
-
-    @property
-    def burst(self) -> int:
-        return self._burst
-
-    @burst.setter
-    def burst(self, value: int) -> None:
-        self._burst = value
-        self._bucket = TokenBucket(self._rate_per_second, value)
+    def _set_shape(self, shape: UnpublishedShape) -> None:
+        """The seed's answers to what the docs leave open, as attributes tests read (and may set)."""
+        self.sends_retry_after = shape.retry_after
+        self.sends_rate_limit_type = shape.rate_limit_type
+        self.retry_with_milliseconds = shape.retry_milliseconds
+        self.result_extra_fields = shape.result_extras
+        self.file_bom = shape.bom
+        self.file_line_ending = shape.line_ending
+        self.sends_content_length = shape.content_length
 
     @property
     def faults(self):
         return self.ctx.faults
+
+    @property
+    def rate_limited(self) -> int:
+        """API calls answered 429 so far."""
+        return self.meter.refused
+
+    def reset_cycle(self) -> None:
+        """A new billing cycle: the spent quota (requests_per_cycle or quota_exhausted) is back."""
+        self.meter.reset_cycle()
 
     # -- what the tap and tests use
     def tap_config(self) -> dict[str, Any]:
@@ -1388,17 +1627,30 @@ class VoucherifyEmulator:
     ) -> list[dict]:
         """Rows of a tap stream with start <= replication key < end, typed and keyed as the tap emits them."""
         stream = STREAMS[stream_name]
+        to_record = self._recorder(stream.fields(), KINDS[stream.kind])
+        return [to_record(row) for row in self._stream_rows(stream, partition, start, end)]
+
+    def raw_rows(
+        self, stream_name: str, partition: dict | None = None, start: Any = None, end: Any = None
+    ) -> list[dict[str, str]]:
+        """The rows `expected_records` gives, as the cell text the CSV holds ('' for empty), keyed
+        like the tap's records: comparisons that depend on no guess about types. The partition key
+        (`campaign_id`), which campaign files do not hold, is its id."""
+        stream = STREAMS[stream_name]
+        kind = KINDS[stream.kind]
+        keyed = [(record_key(name), field_getter(name, kind)) for name in stream.fields()]
+        rows = self._stream_rows(stream, partition, start, end)
+        return [{key: cell_text(get(row)) for key, get in keyed} for row in rows]
+
+    def _stream_rows(self, stream: StreamSpec, partition: dict | None, start: Any, end: Any) -> Iterator[dict]:
         kind = KINDS[stream.kind]
         after = before = None
         if stream.replication_key is not None:
             after = None if start is None else to_ms(parse_instant(start)) - 1
             before = None if end is None else to_ms(parse_instant(end))
         sources = self._stream_sources(stream, partition)
-        rows = self._select_rows(
-            kind, sources, tuple(len(s.added) for s in sources), RowFilter(), (kind.primary_field, False), after, before
-        )
-        to_record = self._recorder(stream.fields(), kind)
-        return [to_record(row) for row in rows]
+        added = tuple(len(s.added) for s in sources)
+        return self._select_rows(kind, sources, added, RowFilter(), (kind.primary_field, False), after, before)
 
     def add_rows(self, stream_name: str, count: int, start: Any, end: Any, partition: dict | None = None) -> list[dict]:
         """Add `count` rows evenly spread over [start, end) on the stream's timeline; returns their records."""
@@ -1440,33 +1692,52 @@ class VoucherifyEmulator:
         self.download_host.route("/v1/exports/<export_id>", ["GET"], self._download)
 
     def _guarded(self, handler: Callable[..., Response]) -> Callable[..., Response]:
-        """An API handler behind credentials, the server_error fault and the rate limit."""
+        """An API handler behind credentials, the server_error fault and the rate limits."""
 
         def guarded(request: Request, **values: Any) -> Response:
             refusal = self._refuse_unauthorized(request)
+            if refusal is None and self.faults.fire("server_error"):
+                refusal = self._server_error()
             if refusal is not None:
-                return refusal
-            if self.faults.fire("server_error"):
-                return self._server_error()
-            decision = self._bucket.take(self.app_id)
-            rate_headers = {
-                "X-Rate-Limit-Limit": str(decision.limit),
-                "X-Rate-Limit-Remaining": str(decision.remaining),
-            }
-            if self.faults.fire("rate_limit"):
-                retry = self.faults.value("rate_limit", self.rate_limit_fault_retry_seconds)
-                return self._too_many_requests(rate_headers, retry)
-            if not decision.allowed:
-                return self._too_many_requests(rate_headers, decision.retry_after_seconds)
+                return self._with_rate_headers(refusal, self._budget_view())
+            admission = self._admit()
+            if not admission.allowed:
+                return self._too_many_requests(admission)
             try:
                 response = handler(request, **values)
             except InvalidPayload as exc:
                 response = self._error(400, "invalid_payload", "Invalid payload", str(exc))
-            response.headers.update(rate_headers)
-            return response
+            return self._with_rate_headers(response, admission)
 
         guarded.__qualname__ = handler.__qualname__
         return guarded
+
+    # -- rate limits
+    def _window_limit(self) -> int:
+        return UNMETERED_REQUESTS_PER_WINDOW if self.requests_per_minute is None else self.requests_per_minute
+
+    def _budget_view(self) -> Admission:
+        return self.meter.view(time.time(), self._window_limit(), self.rate_window_seconds)
+
+    def _admit(self) -> Admission:
+        """Count the call, or refuse it: an ongoing block, then the faults, then the cycle and window."""
+        now = time.time()
+        # Calls during a block are refused without taking a fault's shot.
+        if not self.meter.blocked(now):
+            if self.faults.fire("quota_exhausted"):
+                self.meter.spend_cycle()
+            elif self.faults.fire("rate_limit"):
+                seconds = float(self.faults.value("rate_limit", self.rate_limit_fault_retry_seconds))
+                return self.meter.block(now + seconds, self._window_limit())
+        return self.meter.take(now, self._window_limit(), self.rate_window_seconds, self.requests_per_cycle)
+
+    def _with_rate_headers(self, response: Response, admission: Admission) -> Response:
+        """guides/limits: every answer carries the limit, what is left, and when the next call may come."""
+        if response.mimetype == "application/json":  # not the gateway's HTML pages (502, 503)
+            response.headers["X-Rate-Limit-Limit"] = str(admission.limit)
+            response.headers["X-Rate-Limit-Remaining"] = str(admission.remaining)
+            response.headers["X-Rate-Limit-Retry"] = unix_time_text(admission.retry_at, self.retry_with_milliseconds)
+        return response
 
     # -- refusals
     @staticmethod
@@ -1498,19 +1769,22 @@ class VoucherifyEmulator:
             mimetype="text/html",
         )
 
-    def _too_many_requests(self, rate_headers: dict[str, str], retry_seconds: float) -> Response:
-        headers = {
-            **rate_headers,
-            "X-Rate-Limit-Remaining": "0",
-            "X-Rate-Limit-Retry": f"{math.ceil(max(retry_seconds, 0.001) * 1000) / 1000:g}",
-        }
-        return self._error(
-            429,
-            "too_many_requests",
-            "Too many requests",
-            "Rate limit exceeded, retry after X-Rate-Limit-Retry seconds",
-            headers,
-        )
+    def _too_many_requests(self, admission: Admission) -> Response:
+        """429 as guides/limits documents it; the seed decides the optional headers."""
+        headers = {}
+        if self.sends_rate_limit_type:
+            headers["X-Rate-Limit-Type"] = admission.limit_type
+        if self.sends_retry_after:
+            # From the moment X-Rate-Limit-Retry states (rounded up), so neither header invites a call
+            # earlier than the other.
+            retry_at = float(unix_time_text(admission.retry_at, self.retry_with_milliseconds))
+            headers["Retry-After"] = str(max(1, math.ceil(retry_at - time.time())))
+        if admission.limit_type == "api_calls_cycle":
+            details = f"The limit of {admission.limit} API calls in this billing cycle has been reached"
+        else:
+            details = f"The limit of {admission.limit} API calls per window has been reached"
+        response = self._error(429, "too_many_requests", "Too many requests", details, headers)
+        return self._with_rate_headers(response, admission)
 
     def _not_found(self, resource_type: str, resource_id: str) -> Response:
         return self._error(
@@ -1662,6 +1936,8 @@ class VoucherifyEmulator:
                 latency_seconds=float(self.faults.value("export_latency", self.ctx.export_latency_seconds)),
                 outcome=self._decide_outcome(),
                 content_fault=self._decide_content_fault(),
+                bom=self.file_bom,
+                line_ending=self.file_line_ending,
             )
             self._jobs[job.id] = job
         return json_response(self._export_json(job))
@@ -1683,7 +1959,6 @@ class VoucherifyEmulator:
 
     def _export_json(self, job: ExportJob) -> dict:
         status = job.status(time.monotonic())
-        result = {"url": self._file_url(job)} if status == "DONE" else None
         return {
             "id": job.id,
             "object": "export",
@@ -1692,15 +1967,25 @@ class VoucherifyEmulator:
             "channel": "API",
             "exported_object": job.kind.name,
             "parameters": job.parameters,
-            "result": result,
+            "result": self._result(job) if status == "DONE" else None,
             "user_id": None,
         }
 
-    def _file_url(self, job: ExportJob) -> str:
-        """A fresh download URL: `token=<expiry>.<nonce>.<signature>`, signing the file path, nonce and expiry.
+    def _result(self, job: ExportJob) -> dict:
+        """`result` of a DONE export: the documented `url`, and on some seeds fields nobody documents."""
+        url, expires = self._file_url(job)
+        if not self.result_extra_fields:
+            return {"url": url}
+        expiry = dt.datetime.fromtimestamp(expires, UTC)
+        return {"url": url, "file_name": f"{job.kind.name}-{job.id}.csv", "expires_at": iso_ms(expiry)}
+
+    def _file_url(self, job: ExportJob) -> tuple[str, int]:
+        """A fresh download URL and its expiry: `token=<expiry>.<nonce>.<signature>`, signing the
+        file path, nonce and expiry.
 
         The nonce makes every token new, even two issued in the same second. The expiry has
-        one-second resolution (it is already past when the url_expired fault fires).
+        one-second resolution (it is already past when the url_expired fault fires). The
+        foreign_download_host fault writes another host (its value, a base URL) in front of the path.
         """
         expires = int(time.time() + self.download_token_ttl_seconds)
         if self.faults.fire("url_expired"):
@@ -1708,7 +1993,10 @@ class VoucherifyEmulator:
         nonce = secrets.token_hex(8)
         path = f"/v1/exports/{job.id}"
         signature = self._signer.sign(_signed_path(path, nonce), expires)
-        return f"{self.download_host.base_url}{path}?token={expires}.{nonce}.{signature}"
+        base = self.download_host.base_url
+        if self.faults.fire("foreign_download_host"):
+            base = str(self.faults.value("foreign_download_host", FOREIGN_DOWNLOAD_BASE)).rstrip("/")
+        return f"{base}{path}?token={expires}.{nonce}.{signature}", expires
 
     def _get_export(self, request: Request, export_id: str) -> Response:
         job = self._job(export_id)
@@ -1755,27 +2043,36 @@ class VoucherifyEmulator:
         job = self._job(export_id)
         if job is None:
             return self._not_found("export", export_id)
+        if self.faults.fire("download_redirect"):
+            base = str(self.faults.value("download_redirect", FOREIGN_DOWNLOAD_BASE)).rstrip("/")
+            return Response(status=302, headers={"Location": f"{base}/v1/exports/{export_id}.csv"})
         return self._file_response(job)
 
     def _file_response(self, job: ExportJob) -> Response:
-        """The CSV, streamed; transport faults change what is sent, never what the export holds."""
+        """The CSV, streamed; transport faults change what is sent, never what the export holds.
+
+        Seeds without Content-Length send the body chunked (werkzeug does so for HTTP/1.1 when no
+        length is declared); download_short always declares one, since the fault is that lie.
+        """
         headers = {"Content-Disposition": f'attachment; filename="{job.kind.name}-{job.id}.csv"'}
+        declared = self.sends_content_length
         if self.faults.fire("download_reset"):
             size = self._file_size(job, "whole")
             body: Iterable[bytes] = _reset_after(self._file_chunks(job, "whole"), size // 2)
         elif self.faults.fire("download_short"):
             whole = self._file_size(job, "whole")
-            size = whole + max(64, whole // 10)
+            size, declared = whole + max(64, whole // 10), True
             body = self._file_chunks(job, "whole")
         elif self.faults.fire("download_cut_quote"):
-            size = self._file_size(job, "cut_quote")
             body = self._file_chunks(job, "cut_quote")
+            size = self._file_size(job, "cut_quote") if declared else 0
         else:
-            size = self._file_size(job, "whole")
             body = self._file_chunks(job, "whole")
+            size = self._file_size(job, "whole") if declared else 0
         if self.faults.fire("download_slow"):
             body = _slowly(body, float(self.faults.value("download_slow", 0.2)))
-        headers["Content-Length"] = str(size)
+        if declared:
+            headers["Content-Length"] = str(size)
         return Response(body, status=200, headers=headers, mimetype="text/plain", direct_passthrough=True)
 
     def _file_size(self, job: ExportJob, variant: str) -> int:
@@ -1799,17 +2096,17 @@ class VoucherifyEmulator:
         fault = job.content_fault
         if fault == "empty_file":
             return
-        writer = LineWriter()
+        writer = LineWriter(job.line_ending)
         labels = [header_label(name) for name in job.fields]
         extra = fault == "new_column"
-        yield BOM + writer.line([*labels, NEW_COLUMN_LABEL] if extra else labels).encode()
+        yield (BOM if job.bom else b"") + writer.line([*labels, NEW_COLUMN_LABEL] if extra else labels).encode()
         if fault == "header_only":
             return
         for number, (cells, damaged) in enumerate(_flag_target(self._job_cells(job), FAULT_ROW_NUMBER)):
             if extra:
                 cells.append(NEW_COLUMN_VALUES[number % len(NEW_COLUMN_VALUES)])
             line = writer.line(cells).encode()
-            yield _damage(line, fault) if damaged else line
+            yield _damage(line, fault, job.line_ending) if damaged else line
 
     def _job_cells(self, job: ExportJob) -> Iterator[list[str]]:
         after, before = job.row_filter.bounds(job.kind.primary_field)
@@ -1894,10 +2191,10 @@ def _signed_path(path: str, nonce: str) -> str:
     return f"{path}\n{nonce}"
 
 
-def _damage(line: bytes, fault: str | None) -> bytes:
+def _damage(line: bytes, fault: str | None, line_ending: str) -> bytes:
     """One data row broken the way a row-level fault says."""
     if fault == "malformed_row":
-        return line.rstrip(b"\r\n") + b',"unexpected, extra field"\r\n'
+        return line.rstrip(b"\r\n") + b',"unexpected, extra field"' + line_ending.encode()
     if fault == "bad_utf8":
         at = 1 if line.startswith(b'"') else 0
         return line[:at] + b"\xff\xfe" + line[at:]

@@ -1,16 +1,33 @@
 """Voucherify: asynchronous CSV exports of orders, campaign transactions and other export objects.
 
-How Voucherify spells the lifecycle:
+How Voucherify spells the lifecycle (NOTES.md, Voucherify; voucherify-exports.openapi.yaml):
 - create: `POST /v1/orders/export`, `POST /v1/campaigns/{id}/transactions/export` or
   `POST /v1/exports` with `parameters: {order, fields, filters}`;
 - poll: `GET /v1/exports/{id}` until `DONE` (`ERROR` re-creates the export, a bounded number of times);
 - file: `result.url` of the DONE export, on the download host, which needs the X-App headers too;
-  an expired token is renewed by reading the export again (no new export).
+  an expired token is renewed by reading the export again (no new export). Only `result.url` is
+  read: anything else `result` may hold is undocumented.
 
 Windows filter on a date field with `$after`/`$before`, which are strict: the window's start is
 sent 1 ms early so `[start, end)` is covered exactly (Voucherify timestamps have millisecond
-precision). CSV headers are human labels ("Source ID") in the order of the requested fields, so
+precision). Both are written as one-element arrays, `{"$after": ["2024-01-01T00:00:00.000Z"]}`,
+because every request example the vendor publishes writes them so (NOTES.md: "Date conditions");
+the campaign-transactions schema also allows a string, the others leave filters untyped or want
+lists. CSV headers are human labels ("Source ID") in the order of the requested fields, so
 records are keyed by the requested field names.
+
+Credentials go only to Voucherify. The download host needs the X-App headers (NOTES.md), so a
+`result.url` decides where our secret goes; it is checked where the API's answer becomes an
+`ExportHandle` (`VoucherifyApi._handle`, and again in `file_url`), so no file URL reaches the
+downloader, or a refreshed one its retries, without passing. Accepted hosts: the configured API
+host, and its cluster's download host as NOTES.md documents them (`api.voucherify.io` ->
+`download.voucherify.io`, `us1.api...` -> `us1.download...`, `as1.api...` -> `as1.download...`);
+for an API on a loopback host (the sandbox), any loopback host. Only https outside loopback. The
+host is the one requests would connect to (urllib3's reading of the URL); a URL with user info,
+or that another parser reads as another host, is refused. Anything else fails its window with
+`ExportFailed` naming the host (never the query string, which holds the download token) and
+saying that no credentials were sent. An unknown cluster (an API host not in the list) accepts
+only its own host: the pairing of API and download hosts is documented for these three only.
 """
 
 from __future__ import annotations
@@ -18,15 +35,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import urllib3.util
 from singer_sdk import typing as th
 
 from tap_commerce_exports.engine.csv_records import Column, columns_from_spec, header_key
-from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.engine.export_job import ExportApi, ExportFailed, ExportHandle, ExportRequest, ExportState
 from tap_commerce_exports.engine.http import ApiClient, ApiError
 from tap_commerce_exports.engine.stream import ExportStream
-from tap_commerce_exports.sources.base import SourceDefinition, checked_base_url, pacer, string_list
+
+# The same loopback rule as checked_base_url's: plain http and any loopback file host go together.
+from tap_commerce_exports.sources.base import SourceDefinition, _is_loopback, checked_base_url, pacer, string_list
 
 STATES = {
     "SCHEDULED": ExportState.PENDING,
@@ -36,10 +56,53 @@ STATES = {
 }
 TRANSACTION_CAMPAIGN_TYPES = ("GIFT_VOUCHERS", "LOYALTY_PROGRAM")
 CAMPAIGN_PAGE_SIZE = 100
+#: NOTES.md (Voucherify): each cluster's API host and the host its `result.url` files are on.
+DOWNLOAD_HOSTS = {
+    "api.voucherify.io": "download.voucherify.io",
+    "us1.api.voucherify.io": "us1.download.voucherify.io",
+    "as1.api.voucherify.io": "as1.download.voucherify.io",
+}
 
 
 def _voucherify_time(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _date_condition(moment: dt.datetime) -> list[str]:
+    """NOTES.md: every vendor request example writes `$after`/`$before` as one-element arrays."""
+    return [_voucherify_time(moment)]
+
+
+def _host_name(host: str | None) -> str:
+    return (host or "").strip("[]").rstrip(".").lower()
+
+
+def vendor_file_hosts(api_url: str) -> frozenset[str] | None:
+    """Hosts a file URL may name to receive the X-App headers; None: any loopback host (the API is
+    on loopback: the sandbox)."""
+    api_host = _host_name(urlsplit(api_url).hostname)
+    if _is_loopback(api_host):
+        return None
+    return frozenset(host for host in (api_host, DOWNLOAD_HOSTS.get(api_host)) if host)
+
+
+def foreign_file_url(url: str, allowed: frozenset[str] | None) -> str | None:
+    """Why `url` must not get our credentials (naming its host, never its query), or None."""
+    try:
+        parts = urllib3.util.parse_url(url)
+    except ValueError:
+        return "the file URL cannot be read"
+    host = _host_name(parts.host)
+    if not host or parts.auth is not None or host != _host_name(urlsplit(url).hostname):
+        return f"the file URL's host {host or '(none)'!r} is ambiguous"
+    if allowed is None:
+        return None if _is_loopback(host) else f"the file URL is on {host!r}, not on a loopback host like the API"
+    if host not in allowed:
+        hosts = ", ".join(sorted(allowed))
+        return f"the file URL is on {host!r}, which is not a Voucherify host of this cluster ({hosts})"
+    if parts.scheme != "https":
+        return f"the file URL on {host!r} is not https"
+    return None
 
 
 class VoucherifyApi(ExportApi):
@@ -49,6 +112,7 @@ class VoucherifyApi(ExportApi):
 
     def __init__(self, client: ApiClient) -> None:
         self.client = client
+        self.file_hosts = vendor_file_hosts(client.base_url)
 
     # -- create
     def create(self, request: ExportRequest) -> ExportHandle:
@@ -61,13 +125,13 @@ class VoucherifyApi(ExportApi):
                 "junction": "and",
                 stream.filter_field: {
                     "conditions": {
-                        "$after": _voucherify_time(request.window.start - dt.timedelta(milliseconds=1)),
-                        "$before": _voucherify_time(request.window.end),
+                        "$after": _date_condition(request.window.start - dt.timedelta(milliseconds=1)),
+                        "$before": _date_condition(request.window.end),
                     }
                 },
             }
         path, body = self._create_call(request, parameters)
-        return self._handle(self.client.post(path, body=body))
+        return self._handle(request, self.client.post(path, body=body))
 
     @staticmethod
     def _create_call(request: ExportRequest, parameters: dict) -> tuple[str, dict]:
@@ -80,28 +144,45 @@ class VoucherifyApi(ExportApi):
 
     # -- poll and file
     def poll(self, request: ExportRequest, handle: ExportHandle) -> ExportHandle:
-        return self._handle(self.client.get(f"/v1/exports/{quote(handle.export_id, safe='')}"))
+        return self._handle(request, self.client.get(f"/v1/exports/{quote(handle.export_id, safe='')}"))
+
+    def file_url(self, request: ExportRequest, handle: ExportHandle) -> str:
+        return self._vendor_url(request, handle.export_id, super().file_url(request, handle))
 
     def fresh_file_url(self, request: ExportRequest, handle: ExportHandle) -> str | None:
-        # Each read of a DONE export carries a new download token.
+        # Each read of a DONE export carries a new download token (checked in `_handle`).
         return self.poll(request, handle).file_url
 
     def file_headers(self) -> dict[str, str]:
+        """NOTES.md: the download host wants the X-App headers; `_vendor_url` keeps them on Voucherify."""
         return dict(self.client.credential_headers)
 
     def resume(self, request: ExportRequest, export_id: str) -> ExportHandle | None:
         try:
-            return self._handle(self.client.get(f"/v1/exports/{quote(export_id, safe='')}"))
+            return self._handle(request, self.client.get(f"/v1/exports/{quote(export_id, safe='')}"))
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    @staticmethod
-    def _handle(export: dict) -> ExportHandle:
+    def _handle(self, request: ExportRequest, export: dict) -> ExportHandle:
+        """GET /v1/exports/{exportId}: `status`, and `result.url` once DONE (checked before anyone sees it)."""
+        export_id = str(export["id"])
         status = str(export.get("status") or "")
         url = (export.get("result") or {}).get("url")
-        return ExportHandle(str(export["id"]), status, STATES.get(status, ExportState.PENDING), url)
+        if url is not None:
+            url = self._vendor_url(request, export_id, str(url))
+        return ExportHandle(export_id, status, STATES.get(status, ExportState.PENDING), url)
+
+    def _vendor_url(self, request: ExportRequest, export_id: str, url: str) -> str:
+        """`url`, if the X-App headers may go there (see the module docstring); ExportFailed if not."""
+        problem = foreign_file_url(url, self.file_hosts)
+        if problem:
+            raise ExportFailed(
+                f"{request.describe()}: export {export_id} is refused: {problem}; "
+                "its file was not downloaded and no credentials were sent to that host"
+            )
+        return url
 
     # -- partitions
     def transaction_campaign_ids(self) -> list[str]:

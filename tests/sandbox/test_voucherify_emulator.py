@@ -1,16 +1,23 @@
-"""The Voucherify emulator over real HTTP: auth, validation, export lifecycle, files, limits and faults."""
+"""The Voucherify emulator over real HTTP: auth, validation, export lifecycle, files, limits and faults.
+
+The emulator runs with the suite's seed (TAP_SANDBOX_SEED, rotated by conftest): tests of what the
+seed varies read the emulator's attributes rather than assume one reality.
+"""
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as dt
 import decimal
 import http.client
 import io
 import json
+import math
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,14 +25,18 @@ import jsonschema
 import pytest
 import requests
 
+import tap_commerce_exports
 from tap_commerce_exports.sandbox.core import SandboxContext, load_spec
+from tap_commerce_exports.sandbox.server import default_seed
 from tap_commerce_exports.sandbox.voucherify import (
     KINDS,
+    SEED_SHAPES,
     SPEC_FILE,
     STREAMS,
     VoucherifyEmulator,
     campaign_transaction_fields,
     header_label,
+    next_cycle_start,
     record_key,
 )
 
@@ -49,9 +60,13 @@ def stop_in_background(emulator: VoucherifyEmulator) -> None:
         threading.Thread(target=host.stop, daemon=True).start()
 
 
+def new_emulator(**knobs: Any) -> VoucherifyEmulator:
+    return VoucherifyEmulator(SandboxContext(export_latency_seconds=LATENCY), seed=default_seed(), **knobs)
+
+
 @pytest.fixture
 def emulator():
-    emulator = started(VoucherifyEmulator(SandboxContext(export_latency_seconds=LATENCY)))
+    emulator = started(new_emulator())
     yield emulator
     stop_in_background(emulator)
 
@@ -98,6 +113,14 @@ def client(emulator) -> Client:
 
 def csv_rows(content: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(content.decode("utf-8-sig"), newline=""), strict=True))
+
+
+def declared_length(response: requests.Response) -> int:
+    """Content-Length when the seed sends it; else the body came chunked and its length is what came."""
+    if "Content-Length" in response.headers:
+        return int(response.headers["Content-Length"])
+    assert response.headers.get("Transfer-Encoding") == "chunked"
+    return len(response.content)
 
 
 def voucherify_time(moment: dt.datetime) -> str:
@@ -240,8 +263,18 @@ def test_campaign_paths_take_names_and_loyalty_path_takes_only_loyalty(client, e
         ),
         (
             "/v1/orders/export",
-            {"parameters": {"filters": {"amount": {"conditions": {"$more_than": 100}}}}},
+            {"parameters": {"filters": {"amount": {"conditions": {"$count_more": 100}}}}},
+            "parameters.filters.amount.conditions.$count_more",
+        ),
+        (
+            "/v1/orders/export",
+            {"parameters": {"filters": {"amount": {"conditions": {"$more_than": "lots"}}}}},
             "parameters.filters.amount.conditions.$more_than",
+        ),
+        (
+            "/v1/orders/export",
+            {"parameters": {"filters": {"updated_at": {"conditions": {"$more_than": 10}}}}},
+            "parameters.filters.updated_at.conditions.$more_than",
         ),
         (
             "/v1/exports",
@@ -253,7 +286,31 @@ def test_campaign_paths_take_names_and_loyalty_path_takes_only_loyalty(client, e
         ),
         (
             "/v1/campaigns/Loyalty Club/transactions/export",
-            {"parameters": {"filters": {"created_at": {"conditions": {"$after": ["2024-01-01T00:00:00.000Z"]}}}}},
+            {"parameters": {"filters": {"created_at": {"conditions": {"$after": 1704067200}}}}},
+            "parameters/filters/created_at/conditions/$after",
+        ),
+        (
+            "/v1/campaigns/Loyalty Club/transactions/export",
+            {"parameters": {"filters": {"created_at": {"conditions": {"$before": []}}}}},
+            "parameters/filters/created_at/conditions/$before",
+        ),
+        (
+            "/v1/campaigns/Loyalty Club/transactions/export",
+            {
+                "parameters": {
+                    "filters": {
+                        "created_at": {"conditions": {"$after": ["2024-01-01T00:00:00.000Z", "2024-02-01T00:00:00Z"]}}
+                    }
+                }
+            },
+            "parameters.filters.created_at.conditions.$after: expected one value",
+        ),
+        (
+            "/v1/exports",
+            {
+                "exported_object": "voucher_transactions",
+                "parameters": {"filters": {"created_at": {"conditions": {"$after": "2024-01-01T00:00:00Z"}}}},
+            },
             "parameters/filters/created_at/conditions/$after",
         ),
     ],
@@ -349,28 +406,126 @@ def test_download_refuses_tampered_foreign_and_expired_tokens(client, emulator):
     assert client.download(url).status_code == 200
 
 
-# ------------------------------------------------------------------- rate limits
+# ---------------------------------------------- rate limits (NOTES.md, guides/limits)
+
+RATE_HEADERS = ("X-Rate-Limit-Limit", "X-Rate-Limit-Remaining", "X-Rate-Limit-Retry")
 
 
-def test_rate_limit_answers_429_with_voucherify_headers(client, emulator):
-    emulator.rate_per_second = 2
-    emulator.burst = 2
-    answers = [client.api("GET", "/v1/campaigns") for _ in range(3)]
-    assert [a.status_code for a in answers] == [200, 200, 429]
-    assert [a.headers["X-Rate-Limit-Remaining"] for a in answers] == ["1", "0", "0"]
-    assert all(a.headers["X-Rate-Limit-Limit"] == "2" for a in answers)
-    assert 0 < float(answers[2].headers["X-Rate-Limit-Retry"]) <= 0.5
-    assert answers[2].json()["key"] == "too_many_requests"
-    time.sleep(float(answers[2].headers["X-Rate-Limit-Retry"]))
+def start_of_next_window(seconds: float) -> None:
+    """Sleep into a fresh window (windows are aligned to multiples of their length in Unix time)."""
+    time.sleep(seconds - time.time() % seconds + 0.01)
+
+
+def assert_429(answer: requests.Response, emulator: VoucherifyEmulator, limit_type: str) -> float:
+    """A documented 429; returns its X-Rate-Limit-Retry (a Unix time)."""
+    assert answer.status_code == 429
+    body = answer.json()
+    assert set(body) == {"code", "key", "message", "details", "request_id"}
+    assert body["code"] == 429 and body["key"] == "too_many_requests"
+    assert answer.headers["X-Rate-Limit-Remaining"] == "0"
+    retry_at = float(answer.headers["X-Rate-Limit-Retry"])
+    assert ("." in answer.headers["X-Rate-Limit-Retry"]) == emulator.retry_with_milliseconds
+    assert answer.headers.get("X-Rate-Limit-Type") == (limit_type if emulator.sends_rate_limit_type else None)
+    if emulator.sends_retry_after:
+        assert int(answer.headers["Retry-After"]) >= retry_at - time.time()
+    else:
+        assert "Retry-After" not in answer.headers
+    return retry_at
+
+
+def test_every_api_answer_carries_the_rate_limit_headers_with_a_unix_time_retry(client, emulator):
+    emulator.ctx.faults.arm("server_error")
+    answers = [
+        client.api("GET", "/v1/campaigns"),  # 500 (the fault)
+        client.api("GET", "/v1/campaigns"),  # 200
+        client.api("POST", "/v1/exports", json={"exported_object": "coupon"}),  # 400
+        client.api("GET", "/v1/exports/exp_nope"),  # 404
+        client.api("GET", "/v1/campaigns", headers={"X-App-Token": "wrong"}),  # 401
+    ]
+    assert [a.status_code for a in answers] == [500, 200, 400, 404, 401]
+    for answer in answers:
+        assert all(name in answer.headers for name in RATE_HEADERS), answer.status_code
+        # Calls are left, so the next one may come now: a Unix time, not a delay.
+        assert abs(float(answer.headers["X-Rate-Limit-Retry"]) - time.time()) < 2
+        assert "X-Rate-Limit-Type" not in answer.headers and "Retry-After" not in answer.headers
+    assert int(answers[1].headers["X-Rate-Limit-Remaining"]) > int(answers[3].headers["X-Rate-Limit-Remaining"])
+
+
+def test_a_per_minute_limit_answers_429_until_the_window_ends(client):
+    emulator = client.emulator
+    emulator.requests_per_minute = 3
+    emulator.rate_window_seconds = 1.0
+    start_of_next_window(1.0)
+    window_end = math.floor(time.time()) + 1
+    answers = [client.api("GET", "/v1/campaigns") for _ in range(5)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+    assert [a.headers["X-Rate-Limit-Remaining"] for a in answers] == ["2", "1", "0", "0", "0"]
+    assert {a.headers["X-Rate-Limit-Limit"] for a in answers} == {"3"}
+    # The last admitted call already says when the next may come: the window's end.
+    assert float(answers[2].headers["X-Rate-Limit-Retry"]) == window_end
+    assert assert_429(answers[3], emulator, "api_calls") == window_end
+    assert emulator.rate_limited == 2  # refused calls count toward no limit
+    time.sleep(max(0.0, window_end - time.time()))
+    assert client.api("GET", "/v1/campaigns").headers["X-Rate-Limit-Remaining"] == "2"
+
+
+def test_a_spent_billing_cycle_quota_answers_429_until_the_first_of_next_month(client):
+    emulator = client.emulator
+    emulator.requests_per_cycle = 2
+    answers = [client.api("GET", "/v1/campaigns") for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 429, 429]
+    reset = next_cycle_start(time.time())
+    assert dt.datetime.fromtimestamp(reset, dt.timezone.utc).day == 1
+    for answer in answers[2:]:
+        assert assert_429(answer, emulator, "api_calls_cycle") == reset
+        assert answer.headers["X-Rate-Limit-Limit"] == "2"
+    emulator.reset_cycle()
     assert client.api("GET", "/v1/campaigns").status_code == 200
 
 
-def test_rate_limit_fault_answers_429_then_recovers(client, emulator):
-    emulator.ctx.faults.arm("rate_limit", times=1, value=0.25)
-    limited = client.api("GET", "/v1/exports")
-    assert limited.status_code == 429 and limited.headers["X-Rate-Limit-Retry"] == "0.25"
-    assert limited.headers["X-Rate-Limit-Remaining"] == "0"
+def test_quota_exhausted_fault_spends_the_cycle_until_it_resets(client, emulator):
+    emulator.ctx.faults.arm("quota_exhausted")
+    answers = [client.api("GET", "/v1/exports") for _ in range(3)]
+    assert [a.status_code for a in answers] == [429, 429, 429]
+    assert assert_429(answers[0], emulator, "api_calls_cycle") == next_cycle_start(time.time())
+    assert answers[0].headers["X-Rate-Limit-Limit"] == "100000"  # the Business plan's cycle (NOTES.md)
+    emulator.reset_cycle()
     assert client.api("GET", "/v1/exports").status_code == 200
+
+
+def test_rate_limit_fault_blocks_the_api_until_the_unix_time_it_names(client, emulator):
+    emulator.ctx.faults.arm("rate_limit", times=1, value=1.0)
+    sent = time.time()
+    limited = client.api("GET", "/v1/exports")
+    retry_at = assert_429(limited, emulator, "api_calls")
+    assert sent + 1.0 <= retry_at <= time.time() + 2.0
+    during = client.api("GET", "/v1/exports")
+    assert during.status_code == 429 and float(during.headers["X-Rate-Limit-Retry"]) == retry_at
+    assert emulator.ctx.faults.fired["rate_limit"] == 1  # calls during the block take no shot
+    time.sleep(max(0.0, retry_at - time.time()))
+    assert client.api("GET", "/v1/exports").status_code == 200
+
+
+def test_rate_limit_fault_default_wait_is_about_a_second(client, emulator):
+    emulator.ctx.faults.arm("rate_limit")
+    sent = time.time()
+    retry_at = assert_429(client.api("GET", "/v1/campaigns"), emulator, "api_calls")
+    assert sent + 1.0 <= retry_at <= time.time() + 2.0
+
+
+def test_the_suites_seeds_vary_every_open_choice_and_seed_7_sends_no_retry_after():
+    shapes = [SEED_SHAPES[seed] for seed in (7, 11, 23, 42)]
+    for choice in ("retry_after", "rate_limit_type", "retry_milliseconds", "result_extras", "bom", "content_length"):
+        assert {getattr(shape, choice) for shape in shapes} == {True, False}, choice
+    assert {shape.line_ending for shape in shapes} == {"\r\n", "\n"}
+    assert not SEED_SHAPES[7].retry_after and any(not SEED_SHAPES[s].retry_after for s in (11, 23, 42))
+    for seed, shape in SEED_SHAPES.items():
+        emulator = VoucherifyEmulator(SandboxContext(), seed=seed)
+        assert (emulator.sends_retry_after, emulator.sends_rate_limit_type) == (
+            shape.retry_after,
+            shape.rate_limit_type,
+        )
+        assert emulator.sends_content_length == shape.content_length and emulator.file_bom == shape.bom
 
 
 def test_server_error_fault_answers_500_502_503(client, emulator):
@@ -400,13 +555,15 @@ def test_export_latency_fault_sets_readiness(client, emulator):
     assert client.create("/v1/orders/export", {})["status"] == "DONE"
 
 
-def raw_download(url: str, headers: dict) -> tuple[int, bytes, bool]:
-    """(declared length, bytes received, whether the body was cut short) over plain http.client."""
+def raw_download(url: str, headers: dict) -> tuple[int | None, bytes, bool]:
+    """(declared length or None, bytes received, whether the body was cut short) over plain
+    http.client, which reports a chunked body that stops before its last chunk as cut too."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
     connection.request("GET", f"{parts.path}?{parts.query}", headers=headers)
     response = connection.getresponse()
-    declared = int(response.getheader("Content-Length"))
+    length = response.getheader("Content-Length")
+    declared = None if length is None else int(length)
     try:
         return declared, response.read(), False
     except http.client.IncompleteRead as exc:
@@ -420,7 +577,8 @@ def test_download_reset_and_short_cut_the_body(client, emulator):
     url = export["result"]["url"]
     emulator.ctx.faults.arm("download_reset")
     declared, received, cut = raw_download(url, client.headers)
-    assert cut and declared == len(whole.content) and received == whole.content[: declared // 2]
+    assert cut and received == whole.content[: len(whole.content) // 2]
+    assert declared == (len(whole.content) if emulator.sends_content_length else None)
     emulator.ctx.faults.arm("download_short")
     declared, received, cut = raw_download(url, client.headers)
     assert cut and declared > len(whole.content) and received == whole.content
@@ -436,7 +594,7 @@ def test_download_cut_quote_ends_inside_a_quoted_field(client, emulator):
     )
     emulator.ctx.faults.arm("download_cut_quote")
     cut = client.download(export["result"]["url"])
-    assert cut.status_code == 200 and int(cut.headers["Content-Length"]) == len(cut.content) < len(whole.content)
+    assert cut.status_code == 200 and declared_length(cut) == len(cut.content) < len(whole.content)
     assert whole.content.startswith(cut.content)
     with pytest.raises(csv.Error):
         csv_rows(cut.content)
@@ -579,7 +737,9 @@ def test_default_files_hold_the_awkward_parts(client, emulator):
         "/v1/exports", {"exported_object": "customer", "parameters": {"fields": list(KINDS["customer"].fields)}}
     )
     raw = vouchers.content
-    assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw and raw.count(b"\r\n") >= 60
+    assert raw.startswith(b"\xef\xbb\xbf") == emulator.file_bom
+    ending = emulator.file_line_ending.encode()
+    assert raw.split(b"\n", 1)[0].endswith(b"\r") == (ending == b"\r\n") and raw.count(ending) >= 60
     voucher_rows = csv_rows(raw)
     info = voucher_rows[0].index("Additional Info")
     assert max(len(row[info]) for row in voucher_rows[1:]) >= 100_000
@@ -605,17 +765,150 @@ def test_every_documented_field_is_generated(emulator):
     assert header_label("validation_rules_id") == "Validation Rules ID"
 
 
-def test_large_exports_stream_with_an_exact_content_length():
-    emulator = started(VoucherifyEmulator(SandboxContext(export_latency_seconds=0), rows_per_type=5_000))
+def test_large_exports_stream_with_an_exact_content_length_or_chunked():
+    emulator = started(
+        VoucherifyEmulator(SandboxContext(export_latency_seconds=0), seed=default_seed(), rows_per_type=5_000)
+    )
     try:
         client = Client(emulator)
         body = {"parameters": {"fields": ["id", "updated_at"], "filters": window_filter("updated_at", START, END)}}
         export = client.create("/v1/orders/export", body)
         response = client.download(export["result"]["url"], stream=True)
         received = sum(len(chunk) for chunk in response.iter_content(65536))
-        assert received == int(response.headers["Content-Length"])
+        if emulator.sends_content_length:
+            assert received == int(response.headers["Content-Length"])
+        else:
+            assert "Content-Length" not in response.headers and response.headers["Transfer-Encoding"] == "chunked"
         expected = emulator.expected_records("voucherify_orders", None, START, END)
         assert 1_000 < len(expected) < 5_000
         assert len(csv_rows(client.download(export["result"]["url"]).content)) == len(expected) + 1
     finally:
         stop_in_background(emulator)
+
+
+# ----------------------------------------------- the vendor's own request examples
+
+EXPORT_PATHS = (
+    "/v1/orders/export",
+    "/v1/campaigns/{campaignId}/transactions/export",
+    "/v1/loyalties/{campaignId}/transactions/export",
+    "/v1/exports",
+)
+
+
+def published_request_examples() -> list[tuple[str, str, dict]]:
+    """(path, example name, body) of every request-body example of the export endpoints."""
+    spec = json.loads((Path(tap_commerce_exports.__file__).parent / "specs" / SPEC_FILE).read_text())
+    found = []
+    for path in EXPORT_PATHS:
+        for content in spec["paths"][path]["post"]["requestBody"]["content"].values():
+            if "example" in content:
+                found.append((path, "example", content["example"]))
+            for name, example in (content.get("examples") or {}).items():
+                found.append((path, name, example["value"]))
+    return found
+
+
+def test_every_published_request_example_of_the_export_endpoints_is_accepted_and_applied(client, emulator):
+    examples = published_request_examples()
+    # The spec publishes two order examples and one for campaign (and loyalty) transactions;
+    # POST /v1/exports has none. Dates in the examples are written as one-element arrays.
+    assert {path for path, _, _ in examples} >= {"/v1/orders/export", "/v1/campaigns/{campaignId}/transactions/export"}
+    assert len(examples) >= 3
+    loyalty = emulator.campaign_ids("LOYALTY_PROGRAM")[0]
+    for path, name, body in examples:
+        export, response = client.export_file(path.replace("{campaignId}", loyalty), body)
+        rows = csv_rows(response.content)
+        fields = body.get("parameters", {}).get("fields") or []
+        assert rows[0] == [header_label(field) for field in fields], (path, name)
+        # The examples filter on dates after the data (2024-10) and on discounts above any order's:
+        # applied, they leave no rows; ignored, they would leave every row.
+        if body.get("parameters", {}).get("filters"):
+            assert rows[1:] == [], (path, name)
+        assert export["parameters"]["fields"] == fields
+
+
+def test_date_conditions_filter_alike_as_strings_and_as_one_element_arrays(client, emulator):
+    start, end = dt.datetime(2024, 1, 10, tzinfo=dt.timezone.utc), dt.datetime(2024, 2, 5, tzinfo=dt.timezone.utc)
+    as_text = window_filter("created_at", start, end)
+    as_list = copy.deepcopy(as_text)
+    conditions = as_list["created_at"]["conditions"]
+    conditions.update({operator: [value] for operator, value in conditions.items()})
+    campaign = emulator.campaign_ids("GIFT_VOUCHERS")[0]
+    files = [
+        client.export_file(
+            f"/v1/campaigns/{campaign}/transactions/export",
+            {"parameters": {"fields": ["id", "created_at"], "filters": filters}},
+        )[1].content
+        for filters in (as_text, as_list)
+    ]
+    expected = emulator.expected_records("voucherify_campaign_transactions", {"campaign_id": campaign}, start, end)
+    assert expected and files[0] == files[1]
+    assert [row[0] for row in csv_rows(files[0])[1:]] == [record["id"] for record in expected]
+    orders = client.export_file("/v1/orders/export", {"parameters": {"fields": ["id"], "filters": as_list}})[1]
+    created = [r["id"] for r in emulator.expected_records("voucherify_orders") if start <= parse(r["created_at"]) < end]
+    assert sorted(row[0] for row in csv_rows(orders.content)[1:]) == sorted(created)
+
+
+def parse(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+def test_number_conditions_compare_numbers(client, emulator):
+    filters = {
+        "discount_amount": {"conditions": {"$more_than": 900}},
+        "amount": {"conditions": {"$less_than": [20000]}},
+    }
+    _, response = client.export_file(
+        "/v1/orders/export", {"parameters": {"fields": ["id", "discount_amount", "amount"], "filters": filters}}
+    )
+    got = [row[0] for row in csv_rows(response.content)[1:]]
+    records = emulator.expected_records("voucherify_orders")
+    want = [r["id"] for r in records if r["discount_amount"] > 900 and r["amount"] < 20000]
+    assert got == want and 0 < len(want) < len(records)
+
+
+# ------------------------------------------------------ what the result and files hold
+
+
+def test_a_done_result_holds_the_url_and_on_some_seeds_more(client, emulator):
+    export, _ = client.export_file("/v1/orders/export", {})
+    spec_validator("ExportsGetResponseBody").validate(export)
+    if emulator.result_extra_fields:
+        assert set(export["result"]) == {"url", "file_name", "expires_at"}
+        assert VOUCHERIFY_TIME.match(export["result"]["expires_at"])
+    else:
+        assert set(export["result"]) == {"url"}
+
+
+def test_foreign_download_host_fault_names_another_host_in_result_url(client, emulator):
+    created = client.create("/v1/orders/export", {})
+    client.wait(created["id"])
+    emulator.ctx.faults.arm("foreign_download_host", 1, value="https://files.example.invalid")
+    foreign = client.api("GET", f"/v1/exports/{created['id']}").json()["result"]["url"]
+    usual = client.api("GET", f"/v1/exports/{created['id']}").json()["result"]["url"]
+    assert foreign.startswith(f"https://files.example.invalid/v1/exports/{created['id']}?token=")
+    assert usual.startswith(emulator.download_host.base_url)
+
+
+def test_download_redirect_fault_answers_302_to_another_host(client, emulator):
+    export, _ = client.export_file("/v1/orders/export", {})
+    emulator.ctx.faults.arm("download_redirect", 1, value="https://files.example.invalid")
+    redirected = client.download(export["result"]["url"], allow_redirects=False)
+    assert redirected.status_code == 302
+    assert redirected.headers["Location"] == f"https://files.example.invalid/v1/exports/{export['id']}.csv"
+    assert client.download(export["result"]["url"]).status_code == 200
+
+
+@pytest.mark.parametrize("stream_name", list(STREAMS))
+def test_raw_rows_are_the_files_cells_keyed_like_the_taps_records(client, emulator, stream_name):
+    path, body, partition = tap_like_request(emulator, stream_name)
+    _, response = client.export_file(path, body)
+    raw = emulator.raw_rows(stream_name, partition, START, END)
+    expected = emulator.expected_records(stream_name, partition, START, END)
+    assert raw and [set(row) for row in raw] == [set(record) for record in expected]
+    keys = [record_key(name) for name in body["parameters"]["fields"]]
+    from_file = [dict(zip(keys, row, strict=True)) for row in csv_rows(response.content)[1:]]
+    assert [{key: row[key] for key in keys} for row in raw] == from_file
+    if partition:
+        assert {row["campaign_id"] for row in raw} == {partition["campaign_id"]}
