@@ -3,10 +3,14 @@ source's rows, and a stop ends the run in seconds wherever it is."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import time
+from pathlib import Path
 
-from tests.harness import drain, run_tap, start_tap_process, wait_for_log
+from tap_commerce_exports.sandbox.server import Sandbox
+from tests.harness import drain, run_tap, start_tap_process, wait_for_log, wait_until
 
 
 def test_after_a_window_fails_its_later_windows_are_not_exported(voucherify_sandbox):
@@ -24,3 +28,63 @@ def test_after_a_window_fails_its_later_windows_are_not_exported(voucherify_sand
         output.error
     )
     assert not output.records("voucherify_orders")
+
+
+def started_with_voucherify_blocked(sandbox: Sandbox, block_seconds: float):
+    """The tap in a subprocess while Voucherify answers its first call with a long per-minute block."""
+    sandbox.nextcommerce.rate_per_second = sandbox.nextcommerce.rate_burst = 100
+    # A plan of one request per window: the connection check passes, the campaign listing waits.
+    sandbox.voucherify.requests_per_minute, sandbox.voucherify.rate_window_seconds = 1, block_seconds
+    config = {**sandbox.tap_config(), "nextcommerce_requests_per_second": 50, "export_window_days": 60}
+    return start_tap_process(config)
+
+
+def test_while_voucherify_waits_out_a_rate_limit_the_other_sources_rows_flow_and_a_stop_ends_it_in_seconds():
+    """Issue: one Voucherify wait on the thread that writes messages froze every source, and SIGTERM in
+    it took 40 s. Now the wait holds up Voucherify only; SIGTERM ends the run within 5 s with a STATE."""
+    with Sandbox(export_latency_seconds=0.05) as sandbox:
+        process = started_with_voucherify_blocked(sandbox, block_seconds=120)
+        stderr = Path(process.stderr_path)
+        wait_for_log(stderr, "voucherify: the API's request budget is spent")
+        seen: list[str] = []
+
+        def other_sources_done() -> bool:
+            line = process.stdout.readline()
+            if '"type":"RECORD"' in line.replace(" ", ""):
+                seen.append(json.loads(line)["stream"])
+            return {"nextcommerce_order_list", "intelligems_orders", "nextcommerce_fulfillment_line_items"} <= set(seen)
+
+        wait_until(other_sources_done, "Next Commerce and Intelligems rows while Voucherify waits", timeout=60)
+        assert not [stream for stream in seen if stream.startswith("voucherify_")]
+        assert "until" in stderr.read_text().split("request budget is spent", 1)[1].splitlines()[0]
+
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        rest, _ = drain(process)
+        assert time.monotonic() - stopped_at < 5
+        assert process.returncode == 128 + signal.SIGTERM
+        assert rest and rest[-1]["type"] == "STATE"
+        assert not sandbox.log.entries(host="voucherify-api", method="POST")
+
+
+def test_a_spent_billing_cycle_quota_stops_voucherify_at_once_while_the_other_sources_finish():
+    with Sandbox(export_latency_seconds=0.05) as sandbox:
+        sandbox.nextcommerce.rate_per_second = sandbox.nextcommerce.rate_burst = 100
+        sandbox.voucherify.meter.spend_cycle()  # the faults are shared by the three emulators
+        config = {**sandbox.tap_config(), "nextcommerce_requests_per_second": 50, "export_window_days": 60}
+        output = run_tap(config)
+
+        message = str(output.error)
+        if sandbox.voucherify.sends_rate_limit_type:
+            assert "billing-cycle quota is used up (X-Rate-Limit-Type: api_calls_cycle)" in message
+            assert re.search(r"resets at \d{4}-\d\d-\d\dT00:00:00Z", message)
+        else:  # X-Rate-Limit-Type is optional: then only the wait, weeks long, says so
+            assert "is longer than max_rate_limit_wait_seconds (900s)" in message
+            assert re.search(r"until \d{4}-\d\d-\d\dT00:00:00Z", message)
+        assert output.records("nextcommerce_order_list") and output.records("intelligems_orders")
+        assert not output.streams_with_records() & {
+            name for name in output.streams_with_records() if name.startswith("voucherify")
+        }
+        voucherify_calls = sandbox.log.entries(host="voucherify-api")
+        assert len(voucherify_calls) == 1, [entry.path for entry in voucherify_calls]  # the check, then nothing
+        assert not re.search(r"voucherify: .*(waiting|waits) \d", output.log_text)  # no wait was even begun

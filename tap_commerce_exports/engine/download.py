@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -114,10 +115,18 @@ class FileDownloader:
 
     def _download_once(self, url: str, headers: dict[str, str], describe: str) -> tuple[str, int]:
         try:
-            response = self.session.get(url, headers=headers, stream=True, timeout=TIMEOUT)
+            # requests keeps custom headers across a redirect to another host (it strips only
+            # Authorization): a file host that needs credentials is not followed anywhere else.
+            response = self.session.get(url, headers=headers, stream=True, timeout=TIMEOUT, allow_redirects=not headers)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Incomplete(type(exc).__name__) from None
         with response:
+            if response.is_redirect:
+                target = urlsplit(response.headers.get("Location", "")).hostname or "another host"
+                raise DownloadError(
+                    f"{describe}: the file host {urlsplit(url).hostname} redirected to {target}; not followed, "
+                    "so the API's credentials go nowhere but the vendor's hosts"
+                )
             if response.status_code == 403:
                 raise UrlExpired()
             if response.status_code >= 500:

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -63,6 +63,10 @@ LOW_BUDGET_FRACTION = 0.10
 SHARED_BUDGET = "*"
 #: Longest single sleep of a pacer wait: how soon it notices that the run is stopping.
 PACER_WAIT_SLICE = 0.25
+
+
+#: A wait for the reported budget to renew at least this long is logged: otherwise the tap looks stuck.
+PACING_NOTICE_SECONDS = 5.0
 
 
 class ApiError(RuntimeError):
@@ -618,8 +622,19 @@ class ApiClient:
         self._refuse_if_quota_spent()
         self._raise_if_blocked()
         kind = method  # Intelligems' export bucket is its POSTs; reads have another
-        if not self.pacer.wait_turn(kind, stopping=self.stopping):
-            self._raise_stopping(where)
+        wait = self.pacer.try_turn(kind)
+        if wait > 0:
+            if wait >= PACING_NOTICE_SECONDS:
+                until = datetime.now(timezone.utc) + timedelta(seconds=wait)
+                self.logger.info(
+                    "%s: the API's request budget is spent; %s waits %.1fs, until %s, for it to renew",
+                    self.api_name,
+                    where,
+                    wait,
+                    until.strftime("%H:%M:%SZ"),
+                )
+            if not self.pacer.wait_turn(kind, stopping=self.stopping):
+                self._raise_stopping(where)
         with self._calls_lock:
             self.calls += 1
         timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT

@@ -118,7 +118,7 @@ class NextCommerceApi(ExportApi):
             return self._handle(self.client.post("exports/", body=body, ok=(200, 201)))
         except ApiError as exc:
             detail = refusal_body(exc)
-            if speaks_of_row_cap(exc.status, detail, self.row_cap):
+            if self.row_cap is not None and speaks_of_row_cap(exc.status, detail, self.row_cap):
                 raise ExportTooLarge(request, detail) from exc
             raise
 
