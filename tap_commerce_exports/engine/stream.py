@@ -439,10 +439,10 @@ class ExportStream(Stream):
         if self.child_streams:
             super()._process_record(record, child_context, partition_context)
 
-    def get_record_counter(self) -> Any:
+    def get_record_counter(self, **kwargs: Any) -> Any:
         """The SDK's record_count metric of the sync under way: the fast path, whose records bypass
         the SDK's loop, counts into it, so each stream logs one record_count."""
-        self._record_counter = super().get_record_counter()
+        self._record_counter = super().get_record_counter(**kwargs)
         return self._record_counter
 
     def get_batches(self, batch_config: Any, context: Mapping[str, Any] | None = None) -> Iterable[tuple]:
