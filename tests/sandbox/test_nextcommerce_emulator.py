@@ -215,6 +215,16 @@ def test_create_body_is_validated_against_the_published_schema(client, emulator)
     assert emulator.exports_created == 1
 
 
+def test_the_guides_own_create_request_is_accepted(client):
+    """The "API Exports" guide (../shared/seeds/001_*) creates an export with exactly this body."""
+    guide_example = {"type": "order_list", "date_from": "2025-01-01T00:00:00Z", "date_to": "2025-03-31T23:59:59Z"}
+    answer = requests.post(f"{client.base}/exports/", json=guide_example, headers=client.headers, timeout=10)
+    assert answer.status_code == 201, answer.text
+    created = answer.json()
+    assert created["status"] == "pending" and created["type"] == "order_list"
+    assert created["date_from"] == "2025-01-01T00:00:00Z" and created["date_to"] == "2025-03-31T23:59:59Z"
+
+
 def test_export_object_goes_from_pending_to_available_after_the_latency(client, emulator, ctx):
     ctx.faults.arm("export_latency", times=-1, value=0.3)
     created = client.create("order_list", "2024-01-01T00:00:00Z", "2024-01-31T23:59:59Z")
