@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
 import click
@@ -19,7 +20,7 @@ from singer_sdk import typing as th
 from singer_sdk.configuration._dict_config import parse_environment_config
 
 from tap_commerce_exports.engine.collector import collector_tuned_for_rows
-from tap_commerce_exports.engine.download import FileDownloader
+from tap_commerce_exports.engine.download import ExportCancelled, FileDownloader
 from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy, stops_source
 from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
 from tap_commerce_exports.engine.http import install_log_redaction
@@ -32,6 +33,9 @@ from tap_commerce_exports.sources.base import ConfigError
 
 #: How often the sync looks for a stream that can write rows while every stream waits for its export.
 STREAM_PICK_SECONDS = 0.1
+#: How long the sync waits for every source's credential check before it starts exports without the
+#: checks still waiting (a rate-limited source); those then fail only their own source if refused.
+CREDENTIAL_CHECK_SECONDS = 30.0
 
 COMMON_SETTINGS = [
     th.Property(
@@ -279,10 +283,27 @@ class TapCommerceExports(Tap):
             name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"start-{name}") for name in self._runtimes
         }
         checks = {name: starter.submit(self._check_source, name) for name, starter in self._starters.items()}
+        self._credentials_settled = threading.Event()
         self._stream_starts: dict[str, Future[None]] = {}
         for stream in streams:
             source = stream.runtime.api.name
             self._stream_starts[stream.name] = self._starters[source].submit(self._start_stream, checks[source], stream)
+        self._await_credential_checks(checks)
+        self._credentials_settled.set()
+
+    def _await_credential_checks(self, checks: dict[str, Future[None]]) -> None:
+        """Refused credentials stop the run before any export is created or record written, naming the
+        source (a wrong token is a configuration error, and `meltano config test` must fail on it). A
+        check still waiting after CREDENTIAL_CHECK_SECONDS (a rate limit) holds up no one longer."""
+        deadline = time.monotonic() + CREDENTIAL_CHECK_SECONDS
+        for check in checks.values():
+            while not check.done() and time.monotonic() < deadline:
+                self.check_stop()
+                futures_wait([check], timeout=STREAM_PICK_SECONDS)
+            if check.done() and isinstance(check.exception(), CredentialsRefused):
+                # The other checks' lines first: Meltano shows a failed plugin's last line of output.
+                futures_wait(checks.values(), timeout=max(0.0, deadline - time.monotonic()))
+                raise ConfigError(str(check.exception()))
 
     def _check_source(self, name: str) -> None:
         source = next(source for source in SOURCES if source.name == name)
@@ -302,6 +323,9 @@ class TapCommerceExports(Tap):
 
     def _start_stream(self, source_check: Future[None], stream: Any) -> None:
         source_check.result()  # its error is each of the source's streams' error
+        while not self._credentials_settled.wait(STREAM_PICK_SECONDS):  # every source's answer, first
+            if self.scheduler.stopping.is_set():
+                raise ExportCancelled(f"{stream.name}: not started: the run is stopping")
         runner = stream.runtime.runner
         if runner.halted_by is not None:
             raise runner.halted_by

@@ -472,7 +472,7 @@ def test_meltano_config_test_passes_with_good_credentials_and_fails_clearly_with
         timeout=COMMAND_TIMEOUT,
     )
     assert failed.returncode != 0
-    assert "nextcommerce refused the credentials" in failed.stdout + failed.stderr
+    assert "nextcommerce refused the credentials" in failed.stdout + failed.stderr, failed.stderr[-3000:]
     assert "not-the-token" not in failed.stdout + failed.stderr
 
 
