@@ -276,7 +276,9 @@ class Pipeline:
     def state_id(self, target: str) -> str:
         return f"{ENVIRONMENT}:tap-commerce-exports-to-{target}:{self.suffix}"
 
-    def run(self, target: str, *, end_date: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, target: str, *, end_date: str, env: dict[str, str] | None = None, full_refresh: bool = False
+    ) -> subprocess.CompletedProcess:
         settings = {**FAST_SETTINGS, "end_date": end_date, **self.sandbox.tap_config()}
         run_env = {
             **tap_environment(settings),
@@ -285,7 +287,10 @@ class Pipeline:
             "TARGET_JSONL_DESTINATION_PATH": str(self.jsonl_dir),
             **(env or {}),
         }
-        result = self.meltano("run", "--state-id-suffix", self.suffix, "tap-commerce-exports", target, env=run_env)
+        refresh = ["--full-refresh"] if full_refresh else []
+        result = self.meltano(
+            "run", *refresh, "--state-id-suffix", self.suffix, "tap-commerce-exports", target, env=run_env
+        )
         assert f"Running job with name '{self.state_id(target)}'" in result.stderr + result.stdout
         return result
 
@@ -362,8 +367,9 @@ def test_duckdb_rows_and_column_types(pipeline, sandbox):
         assert loaded.keys() == wanted.keys(), name
         problems = {k: p for k, row in loaded.items() if (p := same_values(row, wanted[k], stream.schema))}
         assert not problems, f"{name}: {len(problems)} rows differ, e.g. {next(iter(problems.items()))}"
-        unchecked = set(stream.schema["properties"]) - set(want[0])
-        assert unchecked == ({"metadata"} if name == "voucherify_orders" else set()), (name, unchecked)
+        unchecked = set(stream.schema["properties"]) - set().union(*want) - {"metadata"}
+        # Known columns this seed's files leave out (the vendor publishes none): in the table, all null.
+        assert all(row[column] is None for row in loaded.values() for column in unchecked), (name, unchecked)
         if name == "voucherify_orders":
             check_order_metadata(loaded.values())
     assert kinds_seen == {"number", "timestamp", "json"}
@@ -559,3 +565,37 @@ def test_the_sdks_own_settings_reach_the_tap_from_the_environment(meltano, sandb
     result = meltano("config", "print", "tap-commerce-exports", env=tap_environment(settings))
     config = json.loads(result.stdout)
     assert config["batch_config"] == batch and config["flattening_enabled"] is True
+
+
+def test_a_merged_state_cannot_bring_back_exports_already_read(pipeline, sandbox):
+    """Meltano merges a run's state into the stored one, so a key the tap removed would survive: an
+    export an earlier, killed run had in flight would be resumed again and again. The tap empties the
+    list instead of removing it."""
+    pipeline.run("target-duckdb", end_date=MIDDLE)
+    stale = pipeline.state("target-duckdb")
+    window = {"window_start": "2024-01-01T00:00:00+00:00", "window_end": "2024-01-31T00:00:00+00:00"}
+    stale["bookmarks"]["voucherify_orders"]["exports_in_flight"] = [{"export_id": "exp_killed_run", **window}]
+    pipeline.meltano("state", "set", "--force", pipeline.state_id("target-duckdb"), json.dumps({"singer_state": stale}))
+
+    pipeline.run("target-duckdb", end_date=MIDDLE, full_refresh=True)
+    merged = pipeline.state("target-duckdb")
+    for name in ("voucherify_orders", "nextcommerce_order_list"):
+        assert merged["bookmarks"][name]["exports_in_flight"] == [], name
+
+
+def test_warehouse_values_as_users_query_them(pipeline, sandbox):
+    """Empty JSON cells are SQL NULL (not the JSON literal 'null'); ids keep their text; money is a
+    number. What the loader cannot do is stated in the README: target-duckdb 0.8 stores JSON numbers as
+    DOUBLE and `format: date` columns as VARCHAR."""
+    pipeline.run("target-duckdb", end_date=END)
+    name = "nextcommerce_order_list"
+    want = expected(sandbox, name)
+    empty = sum(1 for record in want if record.get("metadata") is None)
+    assert 0 < empty < len(want), "the data should hold empty and filled metadata cells"
+    assert pipeline.count(name, "metadata is null") == empty
+    assert pipeline.count(name, "metadata::varchar = 'null'") == 0
+    columns = duckdb_columns(pipeline.warehouse, name)
+    assert columns["order_number"] == "VARCHAR" and columns["total_incl_tax"] == "DOUBLE"
+    ids = {record["order_number"] for record in want}
+    loaded = {row[0] for row in duckdb_query(pipeline.warehouse, f'select order_number from {SCHEMA}."{name}"')}
+    assert loaded == ids  # leading zeros, letters and all

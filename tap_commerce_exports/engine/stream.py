@@ -238,10 +238,9 @@ class ExportStream(Stream):
         state = self.get_context_state(context)
         if in_flight == state.get(EXPORTS_IN_FLIGHT, []) and not force_write:
             return
-        if in_flight or EXPORTS_IN_FLIGHT in state:
-            # Emptied, never removed: Meltano merges a new state into the stored one, so a key left
-            # out would bring back exports already read.
-            state[EXPORTS_IN_FLIGHT] = in_flight
+        # Always written, emptied rather than removed: Meltano merges a new state into the stored
+        # one, so a key left out would bring back exports an earlier (killed) run had in flight.
+        state[EXPORTS_IN_FLIGHT] = in_flight
         self.state_manager.is_flushed = False
         if not self.get_batch_config(self.config):
             # In BATCH mode the SDK writes STATE after each BATCH message: a STATE written here
