@@ -29,15 +29,27 @@ def settings_table() -> str:
 def streams_table() -> str:
     from tap_commerce_exports.sources import SOURCES
 
-    lines = ["| Stream | API | Partition | Replication key | Primary key |", "|:--|:--|:--|:--|:--|"]
+    lines = [
+        "| Stream | API | Partition | Replication key | Primary key | Windows filter on |",
+        "|:--|:--|:--|:--|:--|:--|",
+    ]
     for source in SOURCES:
         for stream in source.stream_types:
             partition = getattr(stream, "partition_key", None) or ""
             replication = stream.replication_key or "(full table)"
             lines.append(
-                f"| `{stream.name}` | {source.name} | {partition} | {replication} | {', '.join(stream.primary_keys)} |"
+                f"| `{stream.name}` | {source.name} | {partition} | {replication} | "
+                f"{', '.join(stream.primary_keys)} | {windows_filter_on(stream)} |"
             )
     return "\n".join(lines)
+
+
+def windows_filter_on(stream) -> str:
+    if not stream.replication_key:
+        return "(read whole each run)"
+    if hasattr(stream, "windows_follow"):
+        return stream.windows_follow()
+    return getattr(stream, "window_filters_on", "")
 
 
 def replace_block(text: str, name: str, content: str) -> str:

@@ -67,6 +67,9 @@ FAST_SETTINGS = {
     # Not declared in meltano.yml, so Meltano drops it (the tap then paces at its default 3.8/s);
     # kept here so it takes effect once meltano.yml declares it. See test_every_tap_setting_reaches_the_tap.
     "nextcommerce_requests_per_second": 20,
+    # Runs here load exact ranges; re-reading recent hours is proven in tests/test_nextcommerce.py.
+    "nextcommerce_reread_hours": 0,
+    "intelligems_reread_hours": 0,
 }
 
 

@@ -99,6 +99,11 @@ class ExportStream(Stream):
     requested_fields: ClassVar[tuple[str, ...]] = ()
     #: Write RECORDs through engine/fast_output.py when the SDK's per-record work is a no-op.
     fast_path_enabled: ClassVar[bool] = True
+    #: The source's setting for hours re-read before the bookmark on every run, for rows that change
+    #: after their window was exported (None: the source's windows already follow changes).
+    reread_setting: ClassVar[str | None] = None
+    #: What the API's date range filters on, in words, for the README.
+    window_filters_on: ClassVar[str] = ""
     #: Whether the vendor documents the columns' kinds. When it does not, each file is read once for
     #: cells that do not fit their guessed kind before any record is written, so a column widens
     #: before its first record; documented kinds widen where a misfit turns up.
@@ -186,11 +191,12 @@ class ExportStream(Stream):
     def export_span(self, context: dict | None) -> Window | None:
         """The range due for this partition; subclasses may clamp it (an experience's lifetime)."""
         config = self.config
+        reread_hours = float(config.get(self.reread_setting) or 0) if self.reread_setting else 0.0
         return export_range(
             bookmark=self.bookmark(context),
             start_date=parse_instant(config["start_date"]),
             end_date=parse_instant(config["end_date"]) if config.get("end_date") else None,
-            lookback_hours=float(config.get("lookback_hours", 0)),
+            lookback_hours=max(float(config.get("lookback_hours", 0)), reread_hours),
             now=dt.datetime.now(UTC),
         )
 

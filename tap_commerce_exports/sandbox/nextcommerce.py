@@ -641,6 +641,8 @@ class RowFactory:
         self.store = store
         self.customers = customers
         self.ids = ids
+        #: Rows changed after they were made (`NextCommerceEmulator.change_row`): (type, index) -> labels.
+        self.changes: dict[tuple[str, int], dict[str, Any]] = {}
 
     # ---------------------------------------------------------- shared parts
 
@@ -1012,6 +1014,12 @@ class ExportTable:
     @property
     def stream_name(self) -> str:
         return STREAM_PREFIX + self.code
+
+    def row(self, factory: RowFactory, slot: Slot) -> Row:
+        """The row as it is now: as made, with any later change (a refund, a new status)."""
+        row = self.build(factory, slot)
+        row.update(factory.changes.get((self.code, slot.index), {}))
+        return row
 
     def has_late_column(self, at: dt.datetime | None) -> bool:
         """Whether a file whose window reaches `at` (or a row dated `at`) has the late column."""
@@ -1565,7 +1573,7 @@ class CsvRenderer:
     def rows(self, file: ExportFile) -> Iterator[tuple[Slot, Row]]:
         slots = self.timeline.slots(file.table, file.batches, file.span)
         for slot in itertools.islice(slots, file.row_cap):
-            yield slot, file.table.build(self.factory, slot)
+            yield slot, file.table.row(self.factory, slot)
 
     def cells(
         self, table: ExportTable, columns: Iterable[FileColumn], slot: Slot, row: Row, messes: dict[str, str]
@@ -1905,7 +1913,7 @@ class NextCommerceEmulator:
             for late in (False, True)
         }
         for slot in self._timeline.slots(table, batches, span):
-            yield slot, table.build(self._factory, slot), layouts[table.has_late_column(slot.at)]
+            yield slot, table.row(self._factory, slot), layouts[table.has_late_column(slot.at)]
 
     def add_rows(
         self,
@@ -1932,6 +1940,14 @@ class NextCommerceEmulator:
                 self._next_line[table.code] += count
             batch = AddedBatch(table.code, first_index, first_parent, count, start_at, end_at, bool(table.parent_code))
             self._batches.setdefault(table.code, []).append(batch)
+
+    def change_row(self, stream_name: str, number: int, changes: dict[str, Any]) -> None:
+        """Change the `number`-th row (0-based, in date order) of a type after it was made, keeping its
+        date: what a refund or fulfillment does to an order. Values are typed as the type's rows are,
+        keyed by column label (e.g. {"Status": "refunded"})."""
+        table = self._table(stream_name)
+        with self._lock:
+            self._factory.changes.setdefault((table.code, number), {}).update(changes)
 
     def export_ids(self) -> list[int]:
         with self._lock:

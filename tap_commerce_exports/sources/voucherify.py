@@ -210,6 +210,15 @@ class VoucherifyStream(ExportStream):
 
     filter_field: str | None = None
     sort_order: str | None = None
+    #: Voucherify documents its export fields (the spec's field enums and tables, NOTES.md): a file is
+    #: not read twice for misfits; one that turns up anyway widens its column where it is met.
+    column_kinds_documented = True
+
+    @classmethod
+    def windows_follow(cls) -> str:
+        if cls.filter_field == "updated_at":
+            return "`updated_at`: a change moves the object into a later window, so it comes back"
+        return f"`{cls.filter_field}`: these objects do not change once made"
 
     @property
     def api(self) -> VoucherifyApi:
