@@ -10,12 +10,16 @@ command line to try the tap without credentials:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from tap_commerce_exports.sandbox.core import SandboxContext
@@ -105,6 +109,37 @@ class Sandbox:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
+    if args.detach:
+        sys.exit(_detach(argv if argv is not None else sys.argv[1:], args))
+    sandbox = Sandbox(
+        tuple(a.strip() for a in args.apis.split(",") if a.strip()),
+        seed=args.seed,
+        export_latency_seconds=args.latency,
+        rows_per_type=args.rows,
+    ).start()
+    config = {
+        "start_date": "2024-01-01T00:00:00Z",
+        "end_date": "2024-03-01T00:00:00Z",
+        "poll_interval_seconds": 1,  # whole seconds: Meltano declares it an integer
+        **sandbox.tap_config(),
+    }
+    _write_settings(args, config)
+    for name, url in sandbox.hosts().items():
+        print(f"{name:24s} {url}", file=sys.stderr)
+    print("sandbox running; Ctrl-C to stop", file=sys.stderr, flush=True)
+
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sandbox.stop()
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the sandbox that emulates the three export APIs.")
     parser.add_argument("--apis", default=",".join(API_NAMES), help="comma-separated: " + ", ".join(API_NAMES))
     parser.add_argument(
@@ -116,36 +151,65 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=1.0, help="seconds before an export is ready")
     parser.add_argument("--rows", type=int, default=None, help="rows per export type (default: small data set)")
     parser.add_argument("--config-out", help="write the tap settings for this sandbox to this JSON file")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--env-out",
+        help="write the tap settings as TAP_COMMERCE_EXPORTS_<SETTING>=... lines to this file, for Meltano "
+        "(set -a; . FILE; set +a)",
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="run in the background: return once the sandbox answers and its settings are written, "
+        "printing the process id to stop it with (also written to sandbox.pid)",
+    )
+    return parser.parse_args(argv)
 
-    sandbox = Sandbox(
-        tuple(a.strip() for a in args.apis.split(",") if a.strip()),
-        seed=args.seed,
-        export_latency_seconds=args.latency,
-        rows_per_type=args.rows,
-    ).start()
-    config = {
-        "start_date": "2024-01-01T00:00:00Z",
-        "end_date": "2024-03-01T00:00:00Z",
-        "poll_interval_seconds": 0.5,
-        **sandbox.tap_config(),
-    }
+
+def _write_settings(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """The settings files, each written whole under a temporary name, so a reader never sees half of one."""
     if args.config_out:
-        with open(args.config_out, "w") as out:
-            json.dump(config, out, indent=2)
+        _write_whole(args.config_out, json.dumps(config, indent=2))
         print(f"tap settings written to {args.config_out}", file=sys.stderr)
-    for name, url in sandbox.hosts().items():
-        print(f"{name:24s} {url}", file=sys.stderr)
-    print("sandbox running; Ctrl-C to stop", file=sys.stderr)
+    if args.env_out:
+        lines = []
+        for name, value in config.items():
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            lines.append(f"TAP_COMMERCE_EXPORTS_{name.upper()}={shlex.quote(text)}")
+        _write_whole(args.env_out, "\n".join(lines) + "\n")
+        print(f"tap settings written to {args.env_out} as environment variables", file=sys.stderr)
 
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    try:
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sandbox.stop()
+
+def _write_whole(path: str, text: str) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w") as out:
+        out.write(text)
+    os.replace(partial, path)
+
+
+#: How long --detach waits for the sandbox to come up.
+DETACH_TIMEOUT_SECONDS = 60.0
+
+
+def _detach(argv: list[str], args: argparse.Namespace) -> int:
+    """The sandbox in a process of its own; returns once it wrote its settings (it writes them once
+    its hosts answer)."""
+    marker = args.env_out or args.config_out or "sandbox-config.json"
+    command = [sys.executable, "-m", "tap_commerce_exports.sandbox.server", *(a for a in argv if a != "--detach")]
+    if not (args.env_out or args.config_out):
+        command += ["--config-out", marker]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker)
+    with open("sandbox.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + DETACH_TIMEOUT_SECONDS
+    while not os.path.exists(marker):
+        if process.poll() is not None or time.monotonic() > deadline:
+            print("the sandbox did not start; see sandbox.log", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    _write_whole("sandbox.pid", f"{process.pid}\n")
+    print(f"sandbox running in the background (pid {process.pid}, log sandbox.log); stop it with: kill {process.pid}")
+    return 0
 
 
 if __name__ == "__main__":
