@@ -202,3 +202,12 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30) -> 
 
 def wait_for_log(stderr: Path, text: str, count: int = 1) -> None:
     wait_until(lambda: stderr.read_text().count(text) >= count, f"the tap to log {text!r} {count} time(s)")
+
+
+def not_json(cell: str) -> bool:
+    """Whether a CSV cell is text a JSON column cannot hold (the sandbox's messy cells)."""
+    try:
+        json.loads(cell)
+    except ValueError:
+        return True
+    return False

@@ -36,6 +36,7 @@ from tap_commerce_exports.sandbox.intelligems import (
     Reality,
 )
 from tap_commerce_exports.sandbox.server import default_seed
+from tests.harness import not_json
 
 UTC = dt.timezone.utc
 PREFIX = "/v25-10-beta"
@@ -679,14 +680,6 @@ def test_raw_rows_and_expected_records_are_the_same_rows(emulator):
 # ------------------------------------------------------------------ messy cells
 
 US_DATE_TIME = re.compile(r"\d\d/\d\d/\d{4} \d\d:\d\d [AP]M")
-
-
-def not_json(cell: str) -> bool:
-    try:
-        json.loads(cell)
-    except ValueError:
-        return True
-    return False
 
 
 def messy_rows(rows: list[dict[str, str]], key: str, is_messy) -> list[int]:

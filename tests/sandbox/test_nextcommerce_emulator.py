@@ -21,6 +21,7 @@ import urllib3
 
 from tap_commerce_exports.sandbox.core import SandboxContext
 from tap_commerce_exports.sandbox.nextcommerce import TABLES, NextCommerceEmulator, Reality
+from tests.harness import not_json
 
 UTC = dt.timezone.utc
 CHICAGO = ZoneInfo("America/Chicago")
@@ -804,14 +805,6 @@ OTHER_DATETIME = re.compile(r"\d{2}/\d{2}/\d{4} \d{2}:\d{2} [AP]M")
 
 def damaged_rows(rows: list[dict], key: str, damaged) -> list[int]:
     return [number for number, row in enumerate(rows) if row.get(key) and damaged(row[key])]
-
-
-def not_json(cell: str) -> bool:
-    try:
-        json.loads(cell)
-    except ValueError:
-        return True
-    return False
 
 
 def test_messy_cells_are_spread_over_every_types_file_and_only_in_exports_created_after(client, emulator):
