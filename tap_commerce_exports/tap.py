@@ -382,6 +382,9 @@ class TapCommerceExports(Tap):
             starter.shutdown(wait=False, cancel_futures=True)
         if hasattr(self, "scheduler"):
             self.scheduler.shutdown()
+        for stream in self.streams.values():
+            if isinstance(stream, ExportStream):
+                stream.cancel_exports()
         if getattr(self, "_batch_worker_pool", None) is not None:
             self._batch_worker_pool.shutdown()
 
@@ -421,7 +424,9 @@ class TapCommerceExports(Tap):
         self.stop_signal = signum
         self.logger.warning("Signal %d received: stopping after the rows being written", signum)
         if hasattr(self, "scheduler"):
-            self.scheduler.stopping.set()  # every wait, poll, retry and download gives up now
+            # Every wait, poll, retry and download gives up now. Set from another thread: the handler
+            # may interrupt this one inside the event's own (non-reentrant) lock.
+            threading.Thread(target=self.scheduler.stopping.set, daemon=True).start()
 
     def check_stop(self) -> None:
         if self.stop_signal:

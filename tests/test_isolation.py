@@ -88,3 +88,29 @@ def test_a_spent_billing_cycle_quota_stops_voucherify_at_once_while_the_other_so
         voucherify_calls = sandbox.log.entries(host="voucherify-api")
         assert len(voucherify_calls) == 1, [entry.path for entry in voucherify_calls]  # the check, then nothing
         assert not re.search(r"voucherify: .*(waiting|waits) \d", output.log_text)  # no wait was even begun
+
+
+def test_exports_remembered_from_a_killed_run_stay_in_state_until_their_windows_are_read(voucherify_sandbox):
+    """A run killed again before it reached a remembered export must not forget it: the next run would
+    pay for it once more."""
+    windows = [
+        ("2024-01-01T00:00:00+00:00", "2024-01-16T00:00:00+00:00"),
+        ("2024-01-16T00:00:00+00:00", "2024-01-31T00:00:00+00:00"),
+        ("2024-01-31T00:00:00+00:00", "2024-02-15T00:00:00+00:00"),
+        ("2024-02-15T00:00:00+00:00", "2024-03-01T00:00:00+00:00"),
+    ]
+    remembered = [
+        {"export_id": f"exp_remembered_{n}", "window_start": start, "window_end": end}
+        for n, (start, end) in enumerate(windows)
+    ]
+    state = {"bookmarks": {"voucherify_orders": {"exports_in_flight": remembered}}}
+    config = {**voucherify_sandbox.voucherify.tap_config(), "max_concurrent_exports": 1}
+    output = run_tap(config, state=state, streams={"voucherify_orders"})
+    assert output.error is None, output.error
+
+    for value in output.states():
+        stream_state = value.get("bookmarks", {}).get("voucherify_orders", {})
+        done = stream_state.get("replication_key_value") or "0"
+        listed = {(item["window_start"], item["window_end"]) for item in stream_state.get("exports_in_flight", [])}
+        not_read = {window for window in windows if window[1] > done.replace("Z", "+00:00")}
+        assert not_read <= listed, (done, sorted(listed))

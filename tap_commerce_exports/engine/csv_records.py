@@ -348,6 +348,8 @@ class CsvRecordReader:
         #: Columns every record needs (the stream's primary key). A file without one of them (the key
         #: was a guess, or renamed) still loads: each record carries a fingerprint of its row there.
         self.row_key_columns = tuple(row_key_columns)
+        #: How often each row fingerprint was met in this file (see `_fingerprints`).
+        self._fingerprints_seen: dict[str, int] = {}
         self.rows_read = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -366,7 +368,7 @@ class CsvRecordReader:
         real read meets it again and says where."""
         scout = copy.copy(self)
         scout.builder, scout.on_misfit, scout.misfits, scout.rows_read = _no_records, None, {}, 0
-        scout.text_columns = set(self.text_columns)
+        scout.text_columns, scout._fingerprints_seen = set(self.text_columns), {}
         with contextlib.suppress(CsvFormatError):
             for _ in scout.read_file(path):
                 pass
@@ -468,8 +470,7 @@ class CsvRecordReader:
         where a loop over cells would run in Python."""
         columns = [self._cast_column(layout, index, cells, first_row) for index, cells in enumerate(zip(*block))]
         if layout.fingerprinted_keys:
-            fingerprints = list(map(row_fingerprint, block))
-            columns += [fingerprints] * len(layout.fingerprinted_keys)
+            columns += [self._fingerprints(block)] * len(layout.fingerprinted_keys)
         return layout.build(columns)
 
     def _cast_column(self, layout: CsvLayout, index: int, cells: tuple[str, ...], first_row: int) -> Sequence[Any]:
@@ -497,6 +498,18 @@ class CsvRecordReader:
             return cast(cell)
         except (ValueError, decimal.InvalidOperation, OverflowError):
             return self._lenient_cast(cast, cell, row)
+
+    def _fingerprints(self, block: list[list[str]]) -> list[str]:
+        """Keys for rows whose file lacks its key column: the partition's values and the row's cells,
+        and the count of earlier identical rows in the file, so equal rows stay apart."""
+        seen = self._fingerprints_seen
+        partition = "\x1e".join(f"{key}={value}" for key, value in sorted(self.constants.items()))
+        keys = []
+        for row in block:
+            key = row_fingerprint([partition, *row])
+            seen[key] = seen.get(key, 0) + 1
+            keys.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+        return keys
 
     def _note_misfit(self, misfit: Misfit) -> None:
         """The column is text from now on, in this file and (through the stream) in later ones."""

@@ -36,6 +36,11 @@ class DownloadError(RuntimeError):
     """A file could not be fetched whole within the allowed attempts."""
 
 
+class RedirectRefused(RuntimeError):
+    """A file host that needs the API's credentials redirected elsewhere: not followed, and not retried
+    (a new export would be redirected again)."""
+
+
 class ExportCancelled(RuntimeError):
     """The run is stopping; workers give up their waits and downloads (partial files removed)."""
 
@@ -123,7 +128,7 @@ class FileDownloader:
         with response:
             if response.is_redirect:
                 target = urlsplit(response.headers.get("Location", "")).hostname or "another host"
-                raise DownloadError(
+                raise RedirectRefused(
                     f"{describe}: the file host {urlsplit(url).hostname} redirected to {target}; not followed, "
                     "so the API's credentials go nowhere but the vendor's hosts"
                 )

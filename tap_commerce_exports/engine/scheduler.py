@@ -8,6 +8,7 @@ Singer output stays ordered and single-threaded.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -88,13 +89,21 @@ class ExportQueue:
         self._waiting: deque[ExportRequest] = deque(requests)
         self._running: deque[tuple[ExportRequest, Future[ReadyExport]]] = deque()
         self._lookahead = max(1, lookahead)
+        #: The earliest window of this partition that failed, and why: windows from it on are not
+        #: exported (they could not move the bookmark); earlier ones still are.
         self._failure: BaseException | None = None
+        self._failed_from: dt.datetime | None = None
         self.top_up()
 
     def top_up(self) -> None:
-        while self._waiting and len(self._running) < self._lookahead and self._failure is None:
+        while self._waiting and len(self._running) < self._lookahead and not self._abandoned(self._waiting[0]):
             request = self._waiting.popleft()
             self._running.append((request, self._scheduler.submit(self._prepare_unless_failed, request)))
+
+    def _abandoned(self, request: ExportRequest) -> bool:
+        if self._failure is None:
+            return False
+        return request.window is None or self._failed_from is None or request.window.start >= self._failed_from
 
     def push_front(self, requests: list[ExportRequest]) -> None:
         for request in reversed(requests):
@@ -102,15 +111,20 @@ class ExportQueue:
 
     def _prepare_unless_failed(self, request: ExportRequest) -> ReadyExport:
         """In a worker: the export, unless one before it in this partition failed already."""
-        if self._failure is not None:
+        if self._abandoned(request):
             raise PartitionFailed(f"{request.describe()}: not exported: an earlier window failed ({self._failure})")
         try:
-            return self._prepare(request, lambda: self._failure is not None)
+            return self._prepare(request, lambda: self._abandoned(request))
         except (ExportTooLarge, ExportCancelled):
             raise  # a split, or the run stopping: not the partition's failure
         except Exception as exc:
-            self._failure = self._failure or exc
+            self._note_failure(request, exc)
             raise
+
+    def _note_failure(self, request: ExportRequest, error: BaseException) -> None:
+        start = request.window.start if request.window is not None else None
+        if self._failure is None or (start is not None and self._failed_from is not None and start < self._failed_from):
+            self._failure, self._failed_from = error, start
 
     def allow_lookahead(self, lookahead: int) -> None:
         """Let more exports run ahead of the reader (a stream starts every partition's first export
@@ -134,6 +148,10 @@ class ExportQueue:
         if not future.done() or future.cancelled() or future.exception() is not None:
             return None
         return future.result()
+
+    def requests(self) -> list[ExportRequest]:
+        """The exports this queue has yet to hand over, running or waiting, in window order."""
+        return [request for request, _ in self._running] + list(self._waiting)
 
     @property
     def head_done(self) -> bool:
@@ -162,9 +180,14 @@ class ExportQueue:
         return ready
 
     def cancel(self) -> None:
-        """Stop what has not started; delete files already downloaded but never read."""
+        """Stop what has not started; delete files downloaded but never read, now or once downloaded."""
         for _, future in self._running:
-            if not future.cancel() and future.done() and future.exception() is None:
-                future.result().file.remove()
+            if not future.cancel():
+                future.add_done_callback(_remove_unread_file)
         self._running.clear()
         self._waiting.clear()
+
+
+def _remove_unread_file(future: Future[ReadyExport]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().file.remove()

@@ -236,10 +236,19 @@ class ExportStream(Stream):
     def _note_exports_in_flight(self, context: dict | None, *, force_write: bool = False) -> None:
         """Write STATE when exports were started that a killed run should resume, not pay for again."""
         partition = tuple(sorted((context or {}).items()))
-        in_flight = [
-            {"export_id": export_id, "window_start": _window_key(key[2])[0], "window_end": _window_key(key[2])[1]}
+        started = {
+            key[2]: export_id
             for key, export_id in self.runtime.runner.started_export_ids().items()
             if key[0] == self.name and key[1] == partition
+        }
+        # Exports an earlier run left, whose windows this run has not reached yet, stay remembered.
+        queue = self._queues.get(partition)
+        for request in queue.requests() if queue is not None else []:
+            if request.remembered_export_id and request.window not in started:
+                started[request.window] = request.remembered_export_id
+        in_flight = [
+            {"export_id": export_id, "window_start": _window_key(window)[0], "window_end": _window_key(window)[1]}
+            for window, export_id in started.items()
         ]
         state = self.get_context_state(context)
         if in_flight == state.get(EXPORTS_IN_FLIGHT, []) and not force_write:
@@ -269,6 +278,12 @@ class ExportStream(Stream):
                 self.logger.debug("%s %s: exports not started early: %s", self.name, context, exc)
         for queue in list(self._queues.values()):
             queue.allow_lookahead(self.runtime.scheduler.max_concurrent_exports)
+
+    def cancel_exports(self) -> None:
+        """The run ends early: exports not begun are dropped, files downloaded but never read removed."""
+        for queue in list(self._queues.values()):
+            queue.cancel()
+        self._queues.clear()
 
     def first_export_settled(self) -> bool:
         """Whether syncing this stream now would start with rows, not a wait: its first partition's
@@ -618,14 +633,15 @@ class ExportStream(Stream):
         so every row loads and the warehouse column never flips back."""
         if misfit.key in self._text_columns():
             return
+        # The cell itself is customer data (an email, a code): its shape says enough to find it.
         self.logger.warning(
-            "%s: column %r is not always a %s: row %d holds %r; loading the column as text from now on "
-            "(in later runs too)",
+            "%s: column %r is not always a %s: row %d holds a value that is not (%s); loading the column "
+            "as text from now on (in later runs too)",
             describe,
             misfit.key,
             misfit.kind,
             misfit.row,
-            misfit.cell[:40],
+            cell_shape(misfit.cell),
         )
         self.stream_state[TEXT_COLUMNS] = sorted(self._text_columns() | {misfit.key})
         self._change_properties({misfit.key: text_column_schema(misfit.kind)})
@@ -646,6 +662,21 @@ class ExportStream(Stream):
         }
         if widened:
             self._change_properties(widened, write_schema=False)
+
+
+def cell_shape(cell: str) -> str:
+    """A cell described without its content: its length and the kinds of characters in it."""
+    kinds = [
+        name
+        for name, present in (
+            ("letters", any(c.isalpha() for c in cell)),
+            ("digits", any(c.isdigit() for c in cell)),
+            ("spaces", any(c.isspace() for c in cell)),
+            ("punctuation", any(not c.isalnum() and not c.isspace() for c in cell)),
+        )
+        if present
+    ]
+    return f"{len(cell)} characters: {', '.join(kinds) or 'none'}"
 
 
 def text_column_schema(kind: str) -> dict:
