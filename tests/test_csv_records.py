@@ -244,3 +244,16 @@ def test_a_file_without_its_key_column_gives_each_record_a_fingerprint_of_its_ro
 def struct_builder_as_dicts(keys, constants):
     build = struct_builder(keys, constants)
     return lambda columns: [msgspec.to_builtins(record) for record in build(columns)]
+
+
+def test_a_widened_date_time_column_still_converts_the_instants_that_parse():
+    """Text, but not a mix of UTC and a store's local time: cells that parse keep their conversion."""
+    heard: list[Misfit] = []
+    text = "id,created_at\na,2024-01-05 08:00:00\nb,01/15/2024 10:30 AM\n"
+    records = read(text, naive_zone=ZoneInfo("America/Chicago"), on_misfit=heard.append)
+    assert [r["created_at"] for r in records] == ["2024-01-05T14:00:00+00:00", "01/15/2024 10:30 AM"]
+    assert [m.key for m in heard] == ["created_at"]
+    later = read(
+        "id,created_at\nc,2024-02-01 00:00:00\n", naive_zone=ZoneInfo("America/Chicago"), text_columns={"created_at"}
+    )
+    assert later[0]["created_at"] == "2024-02-01T06:00:00+00:00"

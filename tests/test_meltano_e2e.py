@@ -496,12 +496,20 @@ GUESSED_STREAMS = (
 )
 
 
+def as_utc_text(cell: str, zone: Any) -> str | None:
+    try:
+        moment = dt.datetime.fromisoformat(cell)
+    except ValueError:
+        return None
+    return (moment.replace(tzinfo=zone) if moment.tzinfo is None else moment).astimezone(UTC).isoformat()
+
+
 def loaded_as_written(value: Any, cell: str, data_type: str, zone: Any) -> bool:
     """Whether a DuckDB value is the CSV cell, read the way its column's type reads it."""
     if cell == "":
         return value is None
-    if data_type == "VARCHAR":
-        return value == cell
+    if data_type == "VARCHAR":  # a widened date-time column still converts the instants that parse
+        return value == cell or value == as_utc_text(cell, zone)
     if data_type == "BOOLEAN":
         return value == (cell.strip().lower() in ("true", "t", "yes", "y", "1"))
     if data_type in NUMERIC_TYPES or data_type.startswith("DECIMAL"):

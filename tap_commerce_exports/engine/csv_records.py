@@ -210,6 +210,10 @@ _KIND_SCHEMAS: dict[str, dict] = {
 }
 
 
+#: Kinds whose cells are still converted once their column is text (see `_widened_caster`).
+_INSTANT_KINDS = frozenset({"datetime", "epoch_ms"})
+
+
 def caster_for(kind: str, naive_zone: dt.tzinfo = UTC) -> Caster:
     """How a non-empty cell of this kind becomes its JSON value."""
     casters: dict[str, Caster] = {
@@ -378,7 +382,14 @@ class CsvRecordReader:
         keys = record_keys(header, self.requested_fields)
         unknown = [key for key in keys if key not in self.columns]
         kinds = ["string" if key in self.text_columns else self._kind_of(key) for key in keys]
-        casters = [None if kind == "string" else caster_for(kind, self.naive_zone) for kind in kinds]
+        casters = [
+            self._widened_caster(key)
+            if key in self.text_columns
+            else None
+            if kind == "string"
+            else caster_for(kind, self.naive_zone)
+            for key, kind in zip(keys, kinds)
+        ]
         missing = [key for key in self.row_key_columns if key not in keys and key not in self.constants]
         # An empty JSON cell is left out of the record rather than sent as null: targets store a JSON
         # null as the JSON literal 'null', which `IS NULL` does not find.
@@ -488,8 +499,26 @@ class CsvRecordReader:
             return [self._cast_cell(key, cast, cell, row) for row, cell in enumerate(cells, start=first_row)]
         except _DoesNotFit as misfit:
             self._note_misfit(Misfit(key, self._kind_of(key), misfit.row, misfit.cell))
-            layout.casters[index] = None
-            return [cell or None for cell in cells]
+            widened = layout.casters[index] = self._widened_caster(key)
+            if widened is None:
+                return [cell or None for cell in cells]
+            return [widened(cell) if cell else None for cell in cells]
+
+    def _widened_caster(self, key: str) -> Caster | None:
+        """How a column widened to text reads its cells. Instants that parse are still converted (the
+        same UTC ISO text as before, not a store's local time); every other cell is kept as written."""
+        kind = self._kind_of(key)
+        if kind not in _INSTANT_KINDS:
+            return None
+        cast = caster_for(kind, self.naive_zone)
+
+        def as_text(cell: str) -> str:
+            try:
+                return str(cast(cell))
+            except (ValueError, OverflowError):
+                return cell
+
+        return as_text
 
     def _cast_cell(self, key: str, cast: Caster, cell: str, row: int) -> Any:
         if not cell:
