@@ -610,3 +610,18 @@ def test_no_credential_or_query_string_in_any_message_or_log_line(server, caplog
     everything = "\n".join(messages) + "\n" + caplog.text
     assert "/v1/exports" in caplog.text and "retry 1 of" in caplog.text
     assert APP_TOKEN not in everything and SIGNED_QUERY not in everything
+
+
+def test_an_intelligems_count_leaves_out_an_older_request_that_reached_the_api_after_it():
+    clock = FakeClock()
+    pacer = RequestPacer(None, clock=clock)
+    first, second = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=1)
+    assert first.submit(pacer.try_turn, "POST").result() == 0.0
+    assert second.submit(pacer.try_turn, "POST").result() == 0.0
+    # The API took the second request first (2 left), then the first (1 left), answering it first.
+    first.submit(pacer.done, "POST", 1, 10.0).result()
+    second.submit(pacer.done, "POST", 2, 10.0).result()  # the newer turn, but not the newer count
+    first.shutdown()
+    second.shutdown()
+    assert turn_times(pacer, clock, 1, "POST") == [0.0]
+    assert pacer.try_turn("POST") == pytest.approx(10.0)

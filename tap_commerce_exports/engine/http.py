@@ -355,6 +355,8 @@ class RequestPacer:
         self._tickets = itertools.count(1)
         self._turn = threading.local()  # the ticket of the turn this thread took
         self._alone: dict[str, int | None] = {}  # per budget key: the turn in flight with no other, if any
+        self._flying: dict[str, set[int]] = {}  # per kind: the turns in flight
+        self._flew_with: dict[int, frozenset[int]] = {}  # per turn: the turns of its kind in flight when taken
 
     def wait_turn(self, kind: str = "", stopping: threading.Event | None = None) -> bool:
         """Wait for a turn to send; False (no turn taken) within PACER_WAIT_SLICE of `stopping` being set."""
@@ -378,6 +380,9 @@ class RequestPacer:
             for key in (kind, SHARED_BUDGET):
                 self._alone[key] = ticket if self._in_flight_of(key) == 0 else None
             self._in_flight[kind] = self._in_flight.get(kind, 0) + 1
+            flying = self._flying.setdefault(kind, set())
+            self._flew_with[ticket] = frozenset(flying)
+            flying.add(ticket)
         return wait
 
     def _wait_needed(self, kind: str, now: float) -> float:
@@ -443,11 +448,27 @@ class RequestPacer:
         with self._lock:
             self._in_flight[kind] = max(0, self._in_flight.get(kind, 1) - 1)
             ticket, self._turn.ticket = getattr(self._turn, "ticket", None), None
+            overtaken_by = self._land(kind, ticket)
             if remaining is not None:
                 key = SHARED_BUDGET if shared else kind
+                if not shared:
+                    remaining = max(0, remaining - overtaken_by)
                 reset_at = self._clock() + reset_in if reset_in is not None else None
                 self._renew(key, _Budget(remaining, limit, reset_at, ticket or 0), shared, ticket)
             self._answered.notify_all()
+
+    def _land(self, kind: str, ticket: int | None) -> int:
+        """How many older turns of this kind were answered while this one was in flight.
+
+        Requests overtake each other on the way too: one sent earlier may reach the API after this
+        one, so this answer's count does not include it, and its own answer, come first, no longer
+        stands in flight. Taking those off keeps a refilling bucket's count from rising by them.
+        """
+        if ticket is None:
+            return 0
+        flying = self._flying.get(kind, set())
+        flying.discard(ticket)
+        return len(self._flew_with.pop(ticket, frozenset()) - flying)
 
     def _renew(self, key: str, report: _Budget, shared: bool, ticket: int | None) -> None:
         """Answers overtake each other, so the newest count is not simply the last one to arrive.
