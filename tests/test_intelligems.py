@@ -236,3 +236,13 @@ def test_messy_files_lose_nothing(intelligems_sandbox):
                 assert record[column] == (row[column] or None), (stream, column)
     with pytest.raises(NotImplementedError):
         emulator.expected_records("intelligems_orders", {"experience_id": target})
+
+
+def test_exports_draw_on_their_own_rate_limit_bucket_and_every_other_call_on_the_api_bucket():
+    from tap_commerce_exports.sources.intelligems import rate_limit_bucket
+
+    base = "https://api.intelligems.io/v25-10-beta"
+    assert rate_limit_bucket("POST", f"{base}/analytics/experience/e1/export") == "export"
+    assert rate_limit_bucket("POST", f"{base}/analytics/resource/e1") == "api"
+    assert rate_limit_bucket("POST", f"{base}/analytics/experience/e1/timeseries") == "api"
+    assert rate_limit_bucket("GET", f"{base}/experiences-list") == "api"

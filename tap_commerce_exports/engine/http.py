@@ -527,6 +527,9 @@ class ApiClient:
     max_rate_limited_seconds: float = 900.0
     #: A single 429 wait longer than this is not waited: RateLimitWaitTooLong (tap setting of that name).
     max_rate_limit_wait_seconds: float = 900.0
+    #: Which rate-limit bucket a call draws on, from its method and URL: APIs with one bucket per kind
+    #: of call (Intelligems) say which; by default each HTTP method is a bucket of its own.
+    bucket_of: Callable[[str, str], str] = lambda method, url: method
     calls: int = 0
     session: requests.Session = field(default_factory=pooled_session)
     #: Set when the run is stopping: no further attempt is made and every wait ends.
@@ -642,7 +645,7 @@ class ApiClient:
             self._raise_stopping(where)
         self._refuse_if_quota_spent()
         self._raise_if_blocked()
-        kind = method  # Intelligems' export bucket is its POSTs; reads have another
+        kind = self.bucket_of(method, url)
         wait = self.pacer.try_turn(kind)
         if wait > 0:
             if wait >= PACING_NOTICE_SECONDS:

@@ -72,6 +72,25 @@ The suite's seeds (tests read this list):
 
 (`+` an extra column, `-` a missing one; every seed also shuffles the column order.)
 
+Experiment results (`intelligems-analytics.openapi.json`, the vendor's published OpenAPI):
+`POST /v25-10-beta/analytics/resource/{id}` (view `overview`) and
+`POST /v25-10-beta/analytics/experience/{id}/timeseries` answer JSON computed by `ResultsAnalytics`
+from the same orders the exports hold (analytics lag included) and a seeded daily traffic, so the
+overview's totals are the sum of the timeseries' days. Bodies are validated against the published
+request schemas (plus 10-digit `startTs`/`endTs` and the description's `view`/`audience` rules); both
+sit behind auth, faults and the list/detail bucket (NOTES.md: "list/detail/resource/timeseries burst
+50"); ranges default to and are clamped to the lifetime (the timeseries description); a never-started
+experience answers 400 as exports do. `results_calls` records each answered call (body, clamped range).
+What the spec leaves open is `emulator.results_reality` (a `ResultsReality` per seed): counts as bare
+numbers or `{value}` objects; whether the store has COGS (profit metrics null otherwise); which
+optional overview fields are absent (`variations`, `experienceId`, `experienceName`, `impact`,
+`downsample`) and whether `cogsConfigured`/`cogsCoveragePct` are sent; whether a statistic that cannot
+be computed is null or absent; the time zone days are cut in (UTC, UTC-5, UTC+9; the spec only gives
+`dt`'s format); and one catalogue metric beyond the documented list. Suite seeds: 7 bare counts, no
+COGS, UTC, no `impact`; 11 `{value}` counts, COGS, UTC+9, no `variations`/`experienceId`/`impact`;
+23 bare counts, COGS, UTC-5, no `variations`, unknown statistics absent; 42 `{value}` counts, no COGS,
+UTC-5, every optional field sent.
+
 What the tests compare with:
 
 - `expected_records(...)`: the records typed as the tap emits them: identifiers as the text the file
@@ -183,6 +202,9 @@ PREFIX = "/v25-10-beta"
 LIST_SPEC_PATH = f"{PREFIX}/experiences-list"
 DETAIL_SPEC_PATH = f"{PREFIX}/experiences/{{experienceId}}"
 EXPORT_SPEC_PATH = f"{PREFIX}/analytics/experience/{{experienceId}}/export"
+ANALYTICS_SPEC_FILE = "intelligems-analytics.openapi.json"
+RESOURCE_SPEC_PATH = f"{PREFIX}/analytics/resource/{{experienceId}}"
+TIMESERIES_SPEC_PATH = f"{PREFIX}/analytics/experience/{{experienceId}}/timeseries"
 
 DATA_START = dt.datetime(2024, 1, 1, tzinfo=UTC)
 DATA_END = dt.datetime(2024, 3, 1, tzinfo=UTC)
@@ -206,6 +228,15 @@ EXPORT_BURST = 20
 EXPORT_REFILL_PER_SECOND = 50.0
 API_BURST = 50
 API_REFILL_PER_SECOND = 25 / 30
+TIMESERIES_METRICS = (
+    "conversion_rate",
+    "net_revenue_per_visitor",
+    "gross_profit_per_visitor",
+    "aov",
+    "n_visitors",
+    "n_orders",
+    "net_revenue",
+)
 ANY_METHOD = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 CONTENT_FAULTS = ("empty_file", "header_only", "malformed_row", "bad_utf8", "new_column", "download_cut_quote")
 
@@ -1450,6 +1481,362 @@ def reset_connection(environ: dict) -> None:
     raise ConnectionResetError("sandbox fault download_reset")
 
 
+# -------------------------------------------------------------------- results
+
+#: What the timeseries `dt` looks like per granularity (the operation's description).
+DT_FORMATS = {"hour": "%Y-%m-%d %H:%M:%S", "day": "%Y-%m-%d %H:%M:%S", "week": "%Y-%m-%d", "month": "%Y-%m-%d"}
+#: The timeseries defaults (its request schema's `default`s).
+DEFAULT_TIMESERIES_METRICS = ("conversion_rate", "net_revenue_per_visitor", "gross_profit_per_visitor")
+PROFIT_SHARE = Decimal("0.4")  # gross profit per revenue, when the seed's store has COGS
+VISITORS_PER_ORDER = 3  # each order brings this many visitors on top of a day's base traffic
+#: Optional top-level fields of the overview answer a seed may leave out (the spec requires the others).
+OVERVIEW_OPTIONAL = ("variations", "experienceId", "experienceName", "impact", "downsample")
+#: Catalogue metrics beyond the documented list ("additional metric keys may be present"), one per seed.
+EXTRA_CATALOGUE_METRICS = ("newsletter_signup_rate", "bundle_attach_rate", "quiz_completion_rate")
+# Picked so the suite's seeds between them cover both readings of every field and every bucket zone.
+RESULTS_REALITY_SALT = "results-reality-0"
+BUCKET_OFFSETS_HOURS = (0, -5, 9)  # UTC, a US store, a Japanese store: the API does not say its zone
+
+
+@dataclass(frozen=True)
+class ResultsReality:
+    """What the analytics spec leaves open about results, as one seed has it (see the module docstring)."""
+
+    counts_as_objects: bool  # n_visitors, n_orders, net_revenue: `{"value": n}` or a bare number
+    cogs_configured: bool  # profit metrics are numbers, or null (cogsConfigured false)
+    overview_omits: tuple[str, ...]  # optional top-level overview fields left out
+    cogs_fields: bool  # cogsConfigured/cogsCoveragePct on the overview (the spec: "only present when ...")
+    absent_when_unknown: bool  # a statistic that cannot be computed is left out, rather than null
+    bucket_offset_hours: int  # the time zone the analytics store cuts its days in
+    extra_metric: str
+
+    @classmethod
+    def of_seed(cls, seed: int) -> ResultsReality:
+        dice = Dice(seed, RESULTS_REALITY_SALT)
+        return cls(
+            counts_as_objects=dice.chance(0.5),
+            cogs_configured=dice.chance(0.5),
+            overview_omits=_sample(dice, OVERVIEW_OPTIONAL, dice.integer(0, 3)),
+            cogs_fields=dice.chance(0.5),
+            absent_when_unknown=dice.chance(0.5),
+            bucket_offset_hours=dice.choice(BUCKET_OFFSETS_HOURS),
+            extra_metric=dice.choice(EXTRA_CATALOGUE_METRICS),
+        )
+
+
+@dataclass
+class Tally:
+    """One variation's totals over a bucket (or a lifetime)."""
+
+    visitors: int = 0
+    orders: int = 0
+    revenue: Decimal = ZERO
+    carts: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.visitors += other.visitors
+        self.orders += other.orders
+        self.revenue += other.revenue
+        self.carts += other.carts
+
+
+@dataclass(frozen=True)
+class ResultsCall:
+    """One answered results request, for tests: which endpoint, the body and the clamped range served."""
+
+    endpoint: str  # resource | timeseries
+    experience_id: str
+    body: dict
+    start: dt.datetime
+    end: dt.datetime
+
+
+def _ratio(numerator: Decimal | int, denominator: Decimal | int) -> float | None:
+    return float(Decimal(numerator) / Decimal(denominator)) if denominator else None
+
+
+def _normal_cdf(z: float) -> float:
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+class ResultsAnalytics:
+    """Experiment results computed from the experience's orders and a seeded daily traffic, so the
+    overview, the timeseries and the export files tell one story.
+
+    A variation's visitors on a day are a seeded base (40-90) while the experience has data, scaled by
+    the share of the day the range covers, plus VISITORS_PER_ORDER per order; its orders and revenue are
+    the orders the exports hold (analytics lag applies). Days are cut in the seed's time zone.
+    """
+
+    def __init__(self, emulator: IntelligemsEmulator) -> None:
+        self.emulator = emulator
+
+    def _offset(self) -> dt.timedelta:
+        return dt.timedelta(hours=self.emulator.results_reality.bucket_offset_hours)
+
+    def bucket_start(self, moment: dt.datetime, granularity: str) -> dt.datetime:
+        """The UTC start of the bucket holding `moment`, buckets cut in the seed's zone."""
+        local = (moment + self._offset()).replace(minute=0, second=0, microsecond=0)
+        if granularity != "hour":
+            local = local.replace(hour=0)
+        if granularity == "week":
+            local -= dt.timedelta(days=local.weekday())
+        if granularity == "month":
+            local = local.replace(day=1)
+        return local - self._offset()
+
+    def next_bucket(self, start: dt.datetime, granularity: str) -> dt.datetime:
+        if granularity == "month":
+            local = start + self._offset()
+            year, month = (local.year + local.month // 12, local.month % 12 + 1)
+            return local.replace(year=year, month=month) - self._offset()
+        return (
+            start
+            + {"hour": dt.timedelta(hours=1), "day": dt.timedelta(days=1), "week": dt.timedelta(weeks=1)}[granularity]
+        )
+
+    def buckets(
+        self, exp: Experience, start: dt.datetime, end: dt.datetime, granularity: str
+    ) -> list[tuple[dt.datetime, dict[str, Tally]]]:
+        """(bucket start, tally per variation id) of every bucket of [start, end) that saw a visitor."""
+        orders = self._orders_by_bucket(exp, start, end, granularity)
+        found = []
+        bucket = self.bucket_start(start, granularity)
+        while bucket < end:
+            following = self.next_bucket(bucket, granularity)
+            tallies = {
+                variation.id: self._tally(exp, variation, max(bucket, start), min(following, end), orders, bucket)
+                for variation in exp.variations
+            }
+            if any(tally.visitors for tally in tallies.values()):
+                found.append((bucket, tallies))
+            bucket = following
+        return found
+
+    def _orders_by_bucket(
+        self, exp: Experience, start: dt.datetime, end: dt.datetime, granularity: str
+    ) -> dict[tuple[dt.datetime, str], list[Order]]:
+        emulator = self.emulator
+        visible_before = min(end, emulator.now() - dt.timedelta(seconds=emulator.analytics_lag_seconds))
+        with emulator._lock:
+            batches = [batch for batch in emulator._batches.get(exp.id, []) if batch.export_type == "orders"]
+        found: dict[tuple[dt.datetime, str], list[Order]] = {}
+        for slot in emulator._plan.slots(exp, batches, start, visible_before):
+            order = emulator._orders.order(exp, slot)
+            found.setdefault((self.bucket_start(order.created_at, granularity), order.variation.id), []).append(order)
+        return found
+
+    def _tally(
+        self,
+        exp: Experience,
+        variation: Variation,
+        start: dt.datetime,
+        end: dt.datetime,
+        orders: dict[tuple[dt.datetime, str], list[Order]],
+        bucket: dt.datetime,
+    ) -> Tally:
+        placed = orders.get((bucket, variation.id), [])
+        return Tally(
+            visitors=self._base_visitors(exp, variation, start, end) + VISITORS_PER_ORDER * len(placed),
+            orders=len(placed),
+            revenue=sum((order.revenue for order in placed), ZERO),
+            carts=2 * len(placed),
+        )
+
+    def _base_visitors(self, exp: Experience, variation: Variation, start: dt.datetime, end: dt.datetime) -> int:
+        """Seeded daily traffic while the experience has data, by the share of each UTC day covered."""
+        if exp.data_span is None:
+            return 0
+        start, end = max(start, exp.data_span[0]), min(end, exp.data_span[1])
+        visitors = 0.0
+        day = start.replace(hour=0, minute=0, second=0, microsecond=0)
+        while day < end:
+            covered = (min(end, day + dt.timedelta(days=1)) - max(start, day)).total_seconds() / 86400
+            base = Dice(self.emulator.seed, "visitors", exp.id, variation.id, day.date()).integer(40, 90)
+            visitors += base * max(0.0, covered)
+            day += dt.timedelta(days=1)
+        return round(visitors)
+
+    # ---------------------------------------------------------------- answers
+
+    def timeseries(self, exp: Experience, window: tuple[dt.datetime, dt.datetime], body: dict) -> dict[str, Any]:
+        granularity, mode = body.get("granularity", "day"), body.get("mode", "cumulative")
+        metrics = body.get("metrics") or list(DEFAULT_TIMESERIES_METRICS)
+        cogs = self.emulator.results_reality.cogs_configured
+        segments: dict[str, dict[str, list]] = {variation.name: {"data": []} for variation in exp.variations}
+        running = {variation.id: Tally() for variation in exp.variations}
+        for bucket, tallies in self.buckets(exp, window[0], window[1], granularity):
+            label = (bucket + self._offset()).strftime(DT_FORMATS[granularity])
+            for variation in exp.variations:
+                tally = tallies[variation.id]
+                if mode == "cumulative":
+                    running[variation.id].add(tally)
+                    tally = dataclasses.replace(running[variation.id])
+                point = {"dt": label, **{name: series_value(name, tally, cogs) for name in metrics}}
+                segments[variation.name]["data"].append(point)
+        answer: dict[str, Any] = {
+            "currency": "USD",
+            "granularity": granularity,
+            "mode": mode,
+            "experienceId": exp.id,
+            "experienceName": exp.name,
+            "variations": [{"id": v.id, "name": v.name, "isControl": v.is_control} for v in exp.variations],
+            "segments": segments,
+        }
+        if "gross_profit_per_visitor" in metrics:  # "Only present when the request includes a profit metric"
+            answer["cogsConfigured"] = cogs
+            answer["cogsCoveragePct"] = 1.0 if cogs else 0.0
+        return answer
+
+    def totals(self, exp: Experience, window: tuple[dt.datetime, dt.datetime]) -> dict[str, Tally]:
+        """Per variation over the window: the sum of its day buckets, so overview and timeseries agree."""
+        found = {variation.id: Tally() for variation in exp.variations}
+        for _, tallies in self.buckets(exp, window[0], window[1], "day"):
+            for variation_id, tally in tallies.items():
+                found[variation_id].add(tally)
+        return found
+
+    def overview(self, exp: Experience, window: tuple[dt.datetime, dt.datetime]) -> dict[str, Any]:
+        reality = self.emulator.results_reality
+        totals = self.totals(exp, window)
+        control = next(v for v in exp.variations if v.is_control)
+        answer: dict[str, Any] = {
+            "datasetId": "variation_overview",
+            "latestRunTs": to_ms(whole_second(self.emulator.now())),
+            "metrics": [self._metric_row(exp, v, totals, control, reality) for v in exp.variations],
+            "audienceOrder": [],
+            "histogram": [],
+            "kde": [],
+            "cdf": [],
+            "variations": [
+                {**ExperienceJson._variation(exp, v), "onsiteEdits": [], "functionSyncError": False}
+                for v in exp.variations
+            ],
+            "experienceId": exp.id,
+            "experienceName": exp.name,
+            "downsample": {"from": "HOUR", "to": "DAY"},
+            "impact": {"est_monthly_revenue_increase": self._impact(exp, totals, control, window)},
+        }
+        if reality.cogs_fields:
+            answer["cogsConfigured"] = reality.cogs_configured
+            answer["cogsCoveragePct"] = 1.0 if reality.cogs_configured else 0.0
+        for name in reality.overview_omits:
+            answer.pop(name, None)
+        return answer
+
+    def _metric_row(
+        self,
+        exp: Experience,
+        variation: Variation,
+        totals: dict[str, Tally],
+        control: Variation,
+        reality: ResultsReality,
+    ) -> dict[str, Any]:
+        tally, base = totals[variation.id], totals[control.id]
+        row: dict[str, Any] = {"variation_id": variation.id}
+        for name in ("n_visitors", "n_orders", "net_revenue"):
+            value = series_value(name, tally, True)
+            row[name] = {"value": value} if reality.counts_as_objects else value
+        rates = {
+            "conversion_rate": (tally.orders, tally.visitors, base.orders, base.visitors),
+            "add_to_cart_rate": (tally.carts, tally.visitors, base.carts, base.visitors),
+            reality.extra_metric: (tally.orders, 2 * tally.visitors, base.orders, 2 * base.visitors),
+        }
+        for name, (hits, trials, control_hits, control_trials) in rates.items():
+            row[name] = self._statistic(variation, hits, trials, control_hits, control_trials, reality)
+        for name in ("net_revenue_per_visitor", "gross_profit_per_visitor", "net_revenue_per_order"):
+            value, control_value = (
+                series_value(name, tally, reality.cogs_configured),
+                series_value(name, base, reality.cogs_configured),
+            )
+            row[name] = self._mean_statistic(variation, value, control_value, reality)
+        return row
+
+    @staticmethod
+    def _statistic(
+        variation: Variation, hits: int, trials: int, control_hits: int, control_trials: int, reality: ResultsReality
+    ) -> dict[str, Any]:
+        """A rate with its 95% interval, p2bb/p2bc against control (normal approximation), and uplift."""
+        rate, control_rate = _ratio(hits, trials), _ratio(control_hits, control_trials)
+        if rate is None:
+            return _stat_object({"value": None}, reality)
+        error = math.sqrt(rate * (1 - rate) / trials) if trials else 0.0
+        stats: dict[str, Any] = {
+            "value": rate,
+            "ci_low": max(0.0, rate - 1.96 * error),
+            "ci_high": rate + 1.96 * error,
+            "plus_minus": 1.96 * error,
+        }
+        if control_rate is None or variation.is_control:
+            stats["p2bb"] = None if control_rate is None else 0.5
+            return _stat_object(stats, reality)
+        control_error = math.sqrt(control_rate * (1 - control_rate) / control_trials)
+        spread = math.hypot(error, control_error)
+        beat = _normal_cdf((rate - control_rate) / spread) if spread else 0.5
+        stats.update(p2bb=beat, p2bc=beat)
+        if control_rate:
+            lift, lift_error = rate / control_rate - 1, spread / control_rate
+            stats["uplift"] = {
+                "value": lift,
+                "ci_low": lift - 1.96 * lift_error,
+                "ci_high": lift + 1.96 * lift_error,
+                "plus_minus": 1.96 * lift_error,
+            }
+        return _stat_object(stats, reality)
+
+    @staticmethod
+    def _mean_statistic(
+        variation: Variation, value: float | None, control_value: float | None, reality: ResultsReality
+    ) -> dict[str, Any]:
+        """A per-visitor or per-order mean: value and uplift; the interval needs order-level variance,
+        which the sandbox does not model, so it is unknown (null or absent, per seed)."""
+        stats: dict[str, Any] = {"value": value, "ci_low": None, "ci_high": None, "plus_minus": None, "p2bb": None}
+        if not variation.is_control and value is not None and control_value:
+            stats["p2bc"] = None
+            stats["uplift"] = {"value": value / control_value - 1}
+        return _stat_object(stats, reality)
+
+    @staticmethod
+    def _impact(
+        exp: Experience, totals: dict[str, Tally], control: Variation, window: tuple[dt.datetime, dt.datetime]
+    ) -> float | None:
+        """The spec's formula: round((treatment_rpv - control_rpv) * total_visitors * (30 / test_days))."""
+        days = (window[1] - window[0]).total_seconds() / 86400
+        control_rpv = series_value("net_revenue_per_visitor", totals[control.id], True)
+        others = [series_value("net_revenue_per_visitor", totals[v.id], True) for v in exp.variations if v != control]
+        rpvs = [rpv for rpv in others if rpv is not None]
+        if control_rpv is None or not rpvs or days <= 0:
+            return None
+        visitors = sum(tally.visitors for tally in totals.values())
+        return float(round((max(rpvs) - control_rpv) * visitors * (30 / days)))
+
+
+def series_value(metric: str, tally: Tally, cogs: bool) -> float | None:
+    """A timeseries metric (the request schema's enum) of one tally; null where it cannot be computed."""
+    if metric == "n_visitors":
+        return float(tally.visitors)
+    if metric == "n_orders":
+        return float(tally.orders)
+    if metric == "net_revenue":
+        return float(tally.revenue)
+    if metric == "conversion_rate":
+        return _ratio(tally.orders, tally.visitors)
+    if metric == "net_revenue_per_visitor":
+        return _ratio(tally.revenue, tally.visitors)
+    if metric == "gross_profit_per_visitor":
+        return _ratio(tally.revenue * PROFIT_SHARE, tally.visitors) if cogs else None
+    if metric in ("aov", "net_revenue_per_order"):
+        return _ratio(tally.revenue, tally.orders)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def _stat_object(stats: dict[str, Any], reality: ResultsReality) -> dict[str, Any]:
+    """A statistic as this seed writes unknowns: null, or left out (the fields are "all optional")."""
+    if reality.absent_when_unknown:
+        return {name: value for name, value in stats.items() if value is not None or name == "value"}
+    return stats
+
+
 # -------------------------------------------------------------------- emulator
 
 
@@ -1486,6 +1873,9 @@ class IntelligemsEmulator:
         self.export_count = 0
         self.exports: list[ExportCall] = []
         self.downloads = 0
+        #: What the seed leaves open about experiment results (module docstring).
+        self.results_reality = ResultsReality.of_seed(seed)
+        self.results_calls: list[ResultsCall] = []
 
         self._lock = threading.Lock()
         self._experiences: dict[str, Experience] = {}
@@ -1496,6 +1886,8 @@ class IntelligemsEmulator:
         self._file_lengths: dict[str, int] = {}
         self._server_errors = 0
         self._validator = SpecValidator(SPEC_FILE)
+        self._analytics_validator = SpecValidator(ANALYTICS_SPEC_FILE)
+        self._results = ResultsAnalytics(self)
         self._signer = UrlSigner()  # per emulator: a URL from another emulator or run never verifies here
         self._json = ExperienceJson(seed, Dice(seed, "organization").uuid4())
         self._orders = OrderFactory(seed, IdFormat(seed, self.reality.id_format))
@@ -1512,6 +1904,8 @@ class IntelligemsEmulator:
         self.api.route(f"{PREFIX}/experiences-list", ["GET"], self._list_experiences)
         self.api.route(f"{PREFIX}/experiences/<experience_id>", ["GET"], self._get_experience)
         self.api.route(f"{PREFIX}/analytics/experience/<experience_id>/export", ["POST"], self._export)
+        self.api.route(f"{PREFIX}/analytics/resource/<experience_id>", ["POST"], self._resource)
+        self.api.route(f"{PREFIX}/analytics/experience/<experience_id>/timeseries", ["POST"], self._timeseries)
         self.api.route("/<path:unknown>", ANY_METHOD, self._unknown_path)
         self.s3 = Host("intelligems-s3", ctx.log)
         self.s3.route("/<path:key>", ["GET"], self._download)
@@ -2011,6 +2405,92 @@ class IntelligemsEmulator:
         if self.ctx.faults.fire("url_expired"):
             issued -= self.url_ttl_seconds + 1
         return f"{self.s3.base_url}{key}?{self._presign(key, issued)}"
+
+    # ----------------------------------------------------------- results
+
+    def _resource(self, request: Request, experience_id: str) -> Response:
+        # NOTES.md: "list/detail/resource/timeseries burst 50": the bucket of the other calls, not exports'.
+        return self._guarded(
+            request, self._api_bucket, lambda: self._results_answer(request, experience_id, "resource")
+        )
+
+    def _timeseries(self, request: Request, experience_id: str) -> Response:
+        return self._guarded(
+            request, self._api_bucket, lambda: self._results_answer(request, experience_id, "timeseries")
+        )
+
+    def _results_answer(self, request: Request, experience_id: str, endpoint: str) -> Response:
+        body = request.get_json(silent=True)
+        spec_path = RESOURCE_SPEC_PATH if endpoint == "resource" else TIMESERIES_SPEC_PATH
+        problems = self._results_problems(experience_id, body, spec_path)
+        if problems:
+            return json_response(error_tree(problems), 400)
+        exp = self._experiences.get(experience_id.lower())
+        if exp is None:
+            return self._not_found(experience_id)
+        body = body if isinstance(body, dict) else {}
+        window = self._clamped_window(exp, self._epoch(body.get("startTs")), self._epoch(body.get("endTs")))
+        if window is None:
+            message = f"Experience {exp.id} has not started; there are no results"
+            return json_response({"errors": [message], "properties": {}}, 400)
+        with self._lock:
+            self.results_calls.append(ResultsCall(endpoint, exp.id, body, window[0], window[1]))
+        if endpoint == "resource":
+            return json_response(self._results.overview(exp, window))
+        return json_response(self._results.timeseries(exp, window, body))
+
+    def _results_problems(self, experience_id: str, body: Any, spec_path: str) -> list[tuple[list[str], str]]:
+        """The published request schema, the 10-digit epoch strings, and the description's view rules."""
+        problems: list[tuple[list[str], str]] = []
+        if not self._uuid_pattern.match(experience_id):
+            problems.append((["experienceId"], "Invalid UUID"))
+        problems += spec_problems(self._analytics_validator.errors(spec_path, "post", {} if body is None else body))
+        if not isinstance(body, dict):
+            return problems
+        for name in ("startTs", "endTs"):
+            value = body.get(name)
+            if isinstance(value, str) and not TEN_DIGITS.match(value):
+                problems.append(([name], f"{value!r} is not a 10-digit Unix epoch timestamp in seconds"))
+        if not problems and body.get("startTs") and body.get("endTs") and body["startTs"] > body["endTs"]:
+            problems.append((["startTs"], "startTs must not be after endTs"))
+        view = body.get("view", "overview")
+        if spec_path == RESOURCE_SPEC_PATH and view == "overview" and "audience" in body:
+            problems.append((["audience"], "audience is not allowed when view is overview"))
+        if spec_path == RESOURCE_SPEC_PATH and view == "audience" and "audience" not in body:
+            problems.append((["audience"], "audience is required when view is audience"))
+        return problems
+
+    def results_calls_for(self, experience_id: str, endpoint: str | None = None) -> list[ResultsCall]:
+        with self._lock:
+            return [
+                call
+                for call in self.results_calls
+                if call.experience_id == experience_id and endpoint in (None, call.endpoint)
+            ]
+
+    def expected_daily_results(
+        self, experience_id: str, start: dt.datetime | str | None = None, end: dt.datetime | str | None = None
+    ) -> list[dict[str, Any]]:
+        """Day buckets of [start, end) as the tap's daily stream types them: {variation_id, date, metrics...}."""
+        exp = self.experience(experience_id)
+        window = self._clamped_window(exp, as_utc(start), as_utc(end))
+        if window is None:
+            return []
+        answer = self._results.timeseries(
+            exp, window, {"granularity": "day", "mode": "noncumulative", "metrics": list(TIMESERIES_METRICS)}
+        )
+        ids = {variation.name: variation.id for variation in exp.variations}
+        return [
+            {"variation_id": ids[name], "date": point["dt"][:10], **{k: v for k, v in point.items() if k != "dt"}}
+            for name, segment in answer["segments"].items()
+            for point in segment["data"]
+        ]
+
+    def expected_overview_totals(self, experience_id: str) -> dict[str, Tally]:
+        """Per variation id: the lifetime totals the overview reports (visitors, orders, revenue)."""
+        exp = self.experience(experience_id)
+        window = self._clamped_window(exp, None, None)
+        return {} if window is None else self._results.totals(exp, window)
 
     # ---------------------------------------------------------------- S3
 

@@ -20,6 +20,9 @@ bookmark reached its end makes no more calls. `startTs`/`endTs` are 10-digit epo
 pattern) before they go into a path. Pacing follows the x-ratelimit-* headers (NOTES.md: token bucket;
 `x-ratelimit-reset` in epoch milliseconds; export burst 20, separate from the other calls).
 
+Experiment results (per-variation metrics, JSON answers rather than files) are the streams of
+sources/intelligems_results.py; they share this module's experiences, partitions and lifetime rules.
+
 Columns: NOTES.md, "What nobody publishes": Intelligems publishes no CSV columns, so the export
 streams' `known_columns` are guesses. Identifier columns (`*_id`, `order_name`, `sku`,
 `discount_code`) are text, emitted exactly as the file writes them ("00042", "ord_9XkQ"); the file's
@@ -47,6 +50,7 @@ from tap_commerce_exports.engine.stream import ExportStream
 from tap_commerce_exports.engine.windows import UTC, Window
 from tap_commerce_exports.openapi import SpecValidator
 from tap_commerce_exports.sources.base import ConfigError, SourceDefinition, checked_base_url, pacer, string_list
+from tap_commerce_exports.sources.intelligems_results import RESULTS_STREAM_TYPES
 
 PREFIX = "/v25-10-beta"
 EXPORT_PATH = PREFIX + "/analytics/experience/{experienceId}/export"
@@ -69,23 +73,38 @@ def _from_millis(value: Any) -> dt.datetime | None:
 
 
 @dataclass(frozen=True)
+class Variation:
+    id: str
+    name: str
+    is_control: bool
+
+
+@dataclass(frozen=True)
 class Experience:
     id: str
     name: str
     status: str
     started_at: dt.datetime | None
     ended_at: dt.datetime | None  # end or pause; None while it runs
+    #: As listed (list and detail items both carry `variations`): results name variations by id or name.
+    variations: tuple[Variation, ...] = ()
 
     @classmethod
     def from_api(cls, item: dict) -> Experience:
         status = str(item.get("status") or "")
         stop = {"ended": item.get("endedAtTs"), "paused": item.get("pausedAtTs")}.get(status)
+        variations = tuple(
+            Variation(str(v["id"]), str(v.get("name") or ""), bool(v.get("isControl")))
+            for v in item.get("variations") or []
+            if isinstance(v, dict) and v.get("id")
+        )
         return cls(
             str(item["id"]),
             str(item.get("name") or ""),
             status,
             _from_millis(item.get("startedAtTs")),
             _from_millis(stop),
+            variations,
         )
 
     def lifetime(self, now: dt.datetime) -> Window | None:
@@ -94,12 +113,21 @@ class Experience:
         end = self.ended_at or now
         return Window(self.started_at, end) if end > self.started_at else None
 
+    def stopped_before(self, moment: dt.datetime | None) -> bool:
+        """Ended or paused at or before `moment`: nothing read after `moment` can change any more."""
+        return self.ended_at is not None and moment is not None and moment >= self.ended_at
+
 
 class IntelligemsApi(ExportApi):
     name = "intelligems"
     max_recreates = 4  # url: null answers are retried this many times, with backoff
 
-    def __init__(self, client: ApiClient, filters: dict | None, export_timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        client: ApiClient,
+        filters: dict | None,
+        export_timeout_seconds: float,
+    ) -> None:
         self.client = client
         self.filters = filters
         # The export call is synchronous: export_timeout_seconds bounds the wait for its answer.
@@ -149,6 +177,18 @@ class IntelligemsApi(ExportApi):
                 return
             page += 1
 
+    def partition_ids(self, config: Mapping[str, Any], logger: logging.Logger, stream_name: str) -> list[str]:
+        """The experiences a stream syncs: the `intelligems_experience_ids` setting, else every experience
+        that has started (one that never started has nothing to export and no results)."""
+        configured = string_list(config, "intelligems_experience_ids")
+        if configured:
+            return [checked_experience_id(value, "setting 'intelligems_experience_ids'") for value in configured]
+        listed = self.experiences()
+        started = [e for e in listed.values() if e.started_at is not None]
+        if len(listed) > len(started):
+            logger.info("%s: skipping %d experiences that never started", stream_name, len(listed) - len(started))
+        return [checked_experience_id(e.id, "experiences list") for e in started]
+
     def experience(self, experience_id: str) -> Experience:
         known = self.experiences() if self._experiences is not None else {}
         if experience_id in known:
@@ -173,14 +213,7 @@ class IntelligemsExportStream(ExportStream):
         return self.runtime.api  # type: ignore[return-value]
 
     def partition_values(self) -> list[str]:
-        configured = string_list(self.config, "intelligems_experience_ids")
-        if configured:
-            return [checked_experience_id(value, "setting 'intelligems_experience_ids'") for value in configured]
-        started = [e for e in self.api.experiences().values() if e.started_at is not None]
-        skipped = len(self.api.experiences()) - len(started)
-        if skipped:
-            self.logger.info("%s: skipping %d experiences that never started", self.name, skipped)
-        return [checked_experience_id(e.id, "experiences list") for e in started]
+        return self.api.partition_ids(self.config, self.logger, self.name)
 
     def export_span(self, context: dict | None) -> Window | None:
         span = super().export_span(context)
@@ -190,7 +223,7 @@ class IntelligemsExportStream(ExportStream):
         bookmark = self.bookmark(context)
         if span is None or lifetime is None:
             return None
-        if experience.ended_at is not None and bookmark is not None and bookmark >= experience.ended_at:
+        if experience.stopped_before(bookmark):
             self.logger.info(
                 "%s: experience %s is %s and fully exported; no export needed",
                 self.name,
@@ -299,7 +332,7 @@ class OrderReconciliationStream(IntelligemsExportStream):
     )
 
 
-STREAM_TYPES = (ExperiencesStream, OrdersStream, OrderLineItemsStream, OrderReconciliationStream)
+STREAM_TYPES = (ExperiencesStream, OrdersStream, OrderLineItemsStream, OrderReconciliationStream, *RESULTS_STREAM_TYPES)
 
 
 # ------------------------------------------------------------------------ source
@@ -322,6 +355,12 @@ def validate(config: dict) -> None:
     _filters(config)
 
 
+def rate_limit_bucket(method: str, url: str) -> str:
+    """NOTES.md: exports have a bucket of their own (burst 20); list, detail, resource and timeseries
+    calls share another (burst 50)."""
+    return "export" if url.rstrip("/").endswith("/export") else "api"
+
+
 def build_api(config: dict, logger: logging.Logger) -> IntelligemsApi:
     client = ApiClient(
         api_name="intelligems",
@@ -330,9 +369,14 @@ def build_api(config: dict, logger: logging.Logger) -> IntelligemsApi:
         logger=logger,
         extra_headers={"Content-Type": "application/json"},
         # The export bucket holds 20; x-ratelimit-remaining/-reset and 429 pace us beyond that.
+        bucket_of=rate_limit_bucket,
         pacer=pacer(config.get("intelligems_requests_per_second"), burst=5),
     )
-    return IntelligemsApi(client, _filters(config), float(config.get("export_timeout_seconds") or 3600))
+    return IntelligemsApi(
+        client,
+        _filters(config),
+        float(config.get("export_timeout_seconds") or 3600),
+    )
 
 
 def check_connection(api: ExportApi) -> str:
@@ -371,7 +415,16 @@ SOURCE = SourceDefinition(
             default=3,
             description="Every run exports again this many hours before the bookmark: analytics lag behind "
             "orders by up to ~2 hours (NOTES.md), so recent orders may be missing at first. Re-reads that "
-            "many hours of rows each run; targets deduplicate on the key.",
+            "many hours of rows each run; targets deduplicate on the key. Experiment results of an ended or "
+            "paused experience are read until they were read this many hours after it stopped.",
+        ),
+        th.Property(
+            "intelligems_results_reread_days",
+            th.IntegerType,
+            default=3,
+            description="Every run reads experiment results per day again from this many days up to the "
+            "bookmark (intelligems_experiment_results_daily): results settle while an experience runs, "
+            "as orders reach analytics late. 0 reads only days after the bookmark.",
         ),
         th.Property(
             "intelligems_requests_per_second",

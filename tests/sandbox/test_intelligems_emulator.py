@@ -966,3 +966,114 @@ def test_content_faults_are_fixed_in_the_file(emulator, api):
 
     clean = requests.get(api.export_url(experience_id), timeout=10).content
     assert len(typed_records(clean, "orders", experience_id)) == 40
+
+
+# --------------------------------------------------------------- experiment results
+
+RESOURCE_PATH = "/analytics/resource/{experienceId}"
+TIMESERIES_PATH = "/analytics/experience/{experienceId}/timeseries"
+
+
+@cache
+def analytics_response_validator(path: str) -> jsonschema.Draft202012Validator:
+    spec = load_spec("intelligems-analytics.openapi.json")
+    schema = spec["paths"][PREFIX + path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    return jsonschema.Draft202012Validator({**schema, "components": spec["components"]})
+
+
+def post_results(api: Client, path: str, experience_id: str, body: object, **kwargs) -> requests.Response:
+    url = api.base + PREFIX + path.format(experienceId=experience_id)
+    return requests.post(url, json=body, headers=kwargs.get("headers", api.headers), timeout=10)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"view": "overview"},
+        {},
+        {"view": "overview", "startTs": "1706745600", "endTs": "1709251200", "testResult": False},
+    ],
+)
+def test_overview_answers_follow_the_published_schema(emulator, api, body):
+    for experience_id in ids_by_status(emulator)["started"] + ids_by_status(emulator)["ended"]:
+        answer = post_results(api, RESOURCE_PATH, experience_id, body)
+        assert answer.status_code == 200, answer.text
+        analytics_response_validator(RESOURCE_PATH).validate(answer.json())
+        assert_rate_headers(answer, 50)
+        rows = answer.json()["metrics"]
+        assert {row["variation_id"] for row in rows} == {v.id for v in emulator.experience(experience_id).variations}
+
+
+@pytest.mark.parametrize("granularity", ["hour", "day", "week", "month"])
+@pytest.mark.parametrize("mode", ["cumulative", "noncumulative"])
+def test_timeseries_answers_follow_the_published_schema(emulator, api, granularity, mode):
+    target = ids_by_status(emulator)["ended"][0]
+    body = {"granularity": granularity, "mode": mode, "metrics": ["n_orders", "aov", "gross_profit_per_visitor"]}
+    answer = post_results(api, TIMESERIES_PATH, target, body)
+    assert answer.status_code == 200, answer.text
+    analytics_response_validator(TIMESERIES_PATH).validate(answer.json())
+    segments = answer.json()["segments"]
+    assert set(segments) == {v.name for v in emulator.experience(target).variations}
+    points = next(iter(segments.values()))["data"]
+    assert points and all(set(point) == {"dt", *body["metrics"]} for point in points)
+    shape = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$" if granularity in ("hour", "day") else r"^\d{4}-\d{2}-\d{2}$"
+    assert all(re.match(shape, point["dt"]) for point in points)
+    if mode == "cumulative":
+        orders = [point["n_orders"] for point in points]
+        assert orders == sorted(orders)
+
+
+def test_overview_totals_are_the_sum_of_the_noncumulative_days(emulator, api):
+    target = ids_by_status(emulator)["ended"][0]
+    days = post_results(api, TIMESERIES_PATH, target, {"mode": "noncumulative", "metrics": ["n_orders"]}).json()
+    overview = post_results(api, RESOURCE_PATH, target, {"view": "overview"}).json()
+    names = {v.id: v.name for v in emulator.experience(target).variations}
+    for row in overview["metrics"]:
+        count = row["n_orders"]["value"] if isinstance(row["n_orders"], dict) else row["n_orders"]
+        assert count == sum(p["n_orders"] for p in days["segments"][names[row["variation_id"]]]["data"])
+    exported = emulator.expected_records("intelligems_orders", partition={"experience_id": target})
+    assert sum(p["n_orders"] for s in days["segments"].values() for p in s["data"]) == len(exported)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (RESOURCE_PATH, {"view": "summary"}, "view"),
+        (RESOURCE_PATH, {"view": "overview", "audience": "device_type"}, "audience"),
+        (RESOURCE_PATH, {"view": "audience"}, "audience"),
+        (RESOURCE_PATH, {"startTs": "1706745600000"}, "startTs"),
+        (TIMESERIES_PATH, {"mode": "daily"}, "mode"),
+        (TIMESERIES_PATH, {"metrics": ["revenue_per_visitor"]}, "metrics"),
+        (TIMESERIES_PATH, {"startTs": 1706745600}, "startTs"),
+    ],
+)
+def test_results_bodies_the_schema_refuses_are_refused(emulator, api, path, body, field):
+    answer = post_results(api, path, oldest_running(emulator), body)
+    assert answer.status_code == 400, answer.text
+    assert field in answer.json()["properties"]
+    assert emulator.results_calls == []
+
+
+def test_results_need_the_token_and_a_started_experience(emulator, api):
+    target = oldest_running(emulator)
+    for path in (RESOURCE_PATH, TIMESERIES_PATH):
+        refused = post_results(api, path, target, {}, headers={"intelligems-access-token": "wrong"})
+        assert refused.status_code == 401 and refused.json() == {"error": "Unauthorized"}
+        assert post_results(api, path, ids_by_status(emulator)["pending"][0], {}).status_code == 400
+        assert post_results(api, path, "00000000-0000-4000-8000-000000000000", {}).status_code == 404
+
+
+def test_results_draw_on_the_list_bucket_not_the_export_bucket(emulator, api):
+    emulator.api_burst = 3
+    target = oldest_running(emulator)
+    answers = [post_results(api, TIMESERIES_PATH, target, {"metrics": ["n_orders"]}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert api.export_url(target)  # the export bucket is untouched
+
+
+def test_the_suite_seeds_cover_every_reading_of_the_results_spec():
+    realities = [intelligems_module.ResultsReality.of_seed(seed) for seed in SUITE_SEEDS]
+    for name in ("counts_as_objects", "cogs_configured", "cogs_fields", "absent_when_unknown"):
+        assert {getattr(reality, name) for reality in realities} == {True, False}, name
+    assert {reality.bucket_offset_hours for reality in realities} == {0, -5, 9}
+    assert {"variations" in reality.overview_omits for reality in realities} == {True, False}
