@@ -215,11 +215,17 @@ class ExportStream(Stream):
         for context, window in waiting:
             self._move_bookmark(context, window)
 
+    def bookmark_after(self, context: dict | None, window: Window) -> dt.datetime:
+        """Where the bookmark goes once `window`'s rows are all emitted: its end, unless the API's
+        data settles later (Intelligems)."""
+        return window.end
+
     def _move_bookmark(self, context: dict | None, window: Window | None) -> None:
         if window is not None and self.replication_key:
+            bookmark = self.bookmark_after(context, window)
             state = self.get_context_state(context)
             state["replication_key"] = self.replication_key
-            state["replication_key_value"] = window.end.isoformat()
+            state["replication_key_value"] = bookmark.isoformat()
         self._note_exports_in_flight(context, force_write=True)
 
     # -------------------------------------------------- exports remembered in state

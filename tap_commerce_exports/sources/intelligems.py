@@ -215,6 +215,16 @@ class IntelligemsExportStream(ExportStream):
     def partition_values(self) -> list[str]:
         return self.api.partition_ids(self.config, self.logger, self.name)
 
+    def bookmark_after(self, context: dict | None, window: Window) -> dt.datetime:
+        """Never past what has settled: analytics lag behind orders by up to ~2 hours (NOTES.md), so
+        the bookmark stops `intelligems_reread_hours` short of now. An ended experience counts as
+        fully exported (no more calls) only once a run read its end after that lag had passed; an
+        export made minutes after the end would otherwise be its last, and late rows would be lost."""
+        settled = dt.datetime.now(UTC) - dt.timedelta(hours=float(self.config.get(self.reread_setting) or 0))
+        previous = self.bookmark(context)
+        bookmark = min(window.end, settled)
+        return max(bookmark, previous) if previous is not None else bookmark
+
     def export_span(self, context: dict | None) -> Window | None:
         span = super().export_span(context)
         experience = self.api.experience(str((context or {})["experience_id"]))
