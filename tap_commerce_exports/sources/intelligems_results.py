@@ -15,7 +15,7 @@ NOTES.md "Intelligems External API"):
   the experience's lifetime; "Defaults to now or experience end date".
 - Both answer JSON at once: no job, no file. Both sit in the list/detail/resource/timeseries rate-limit
   bucket (NOTES.md: burst 50, refill 25 every 30 s; "the headers are the authority"), apart from the
-  export bucket, so they go through the source's results client (sources/intelligems.py).
+  export bucket: the client draws them on that bucket (`rate_limit_bucket`, sources/intelligems.py).
 
 Streams, as a warehouse uses them:
 - `intelligems_experiment_results`: the overview, one row per experience x variation x metric, keyed
