@@ -412,7 +412,7 @@ class ExportStream(Stream):
 
     def _reader_for(self, ready: ReadyExport, context: dict | None, builder: BuilderFactory) -> CsvRecordReader:
         describe = f"{ready.request.describe()} export {ready.handle.export_id}"
-        return CsvRecordReader(
+        return self.new_reader(
             self._columns_by_key(),
             describe=describe,
             naive_zone=self.runtime.naive_zone,
@@ -423,6 +423,10 @@ class ExportStream(Stream):
             on_misfit=lambda misfit: self._load_as_text(misfit, describe),
             row_key_columns=self.primary_keys or (),
         )
+
+    def new_reader(self, columns: dict[str, Column], **options: Any) -> CsvRecordReader:
+        """The reader of this stream's files; a source may read more out of them (Voucherify metadata)."""
+        return CsvRecordReader(columns, **options)
 
     def _widen_before_reading(self, ready: ReadyExport, context: dict | None) -> None:
         """Guessed kinds: widen the columns this file does not fit before any of its records. Before

@@ -15,8 +15,10 @@ What it emulates (from voucherify-exports.openapi.json and ../shared/reference/N
   named by `exported_object` is reported, which says far more than "not valid under any").
 - `GET /v1/exports/{id}`: SCHEDULED, then IN_PROGRESS after half the latency, then DONE with
   `result.url = <download host>/v1/exports/{id}?token=...`; every read issues a fresh token valid
-  `download_token_ttl_seconds`. `GET /v1/exports` lists (newest first unless `order` says
-  otherwise), `DELETE /v1/exports/{id}` answers 204. Unknown ids answer 404.
+  `download_token_ttl_seconds`. `GET /v1/exports` lists every export as `GET /v1/exports/{id}`
+  shows it, `{object, data_ref, exports, total}`, taking only the documented `limit` (1-100, default
+  10), `page` (from 1) and `order` (`created_at`, `status`, either with `-`; default `-created_at`);
+  any other query parameter answers 400. `DELETE /v1/exports/{id}` answers 204. Unknown ids answer 404.
 - The download host serves `text/plain` CSV for a valid, unexpired token of that export; an
   expired and a tampered token both answer the same 403, so a client cannot tell them apart.
 - Rate limits (NOTES.md, guides/limits): every JSON answer of the API host (401, 400, 404 and 500
@@ -31,6 +33,9 @@ What it emulates (from voucherify-exports.openapi.json and ../shared/reference/N
     length in Unix time; over it, 429 `api_calls` until the window ends.
   - `requests_per_cycle` (None: none): over it, 429 `api_calls_cycle` until the first instant of
     next month (UTC), the cycle's reset here; `reset_cycle()` starts a new cycle.
+  - `plan` (`business`, `organization`, `sandbox`; default: `$TAP_SANDBOX_VOUCHERIFY_PLAN`, else
+    none) sets all three as NOTES.md gives them: 100/60 s and 100,000 per cycle; 2,000/60 s and
+    300,000; 100/3,600 s. A limit given on its own wins over the plan's.
   "Exceeding a limit blocks the API until it resets": calls during a block are refused too, and
   refused calls count toward no limit (`rate_limited` counts them).
 
@@ -56,7 +61,9 @@ Where the vendor docs are silent or contradict themselves, this emulator chooses
 - `ExportOrderFields` does not list `metadata.X`, yet the same document's field table and its
   request example use `metadata.payment_mean`: order exports (both endpoints) accept
   `metadata.<name>` fields besides the enum; they are stripped before schema validation. An unknown
-  metadata name gives an empty column.
+  metadata name gives an empty column. No other object documents `metadata.<name>` fields (their
+  tables describe only `metadata`, the whole object, as a JSON cell), so their enums refuse them
+  (400), and `metadata` cells are the only place their properties are.
 - Fields omitted (or an empty list): the defaults table in the `POST /v1/exports` description. Its
   publication default `code` is served as the voucher code, and its voucher_transactions default
   `status` (no documented meaning for transactions) as an empty column. Campaign transaction
@@ -83,7 +90,11 @@ Where the vendor docs are silent or contradict themselves, this emulator chooses
   answers 404 before the body is validated. The `/v1/loyalties/` path answers 404 for a campaign
   that is not a loyalty program. A DISCOUNT_COUPONS campaign has no transactions: its export is a
   header-only file. `exported_object: voucher_transactions` on `/v1/exports` merges the
-  transactions of every live gift card and loyalty campaign by `created_at`.
+  transactions of every live gift card and loyalty campaign by `created_at`, each row with its
+  `campaign_id` (a field and a filter of ExportVoucherTransactionsFields/Filters: `{"campaign_id":
+  {"conditions": {"$in": [ids]}}}` keeps those campaigns' rows; an unknown id matches no row).
+  That is the export the tap's `voucherify_campaign_transactions` makes; `add_campaigns` adds
+  campaigns for load tests.
 - `parameters` are echoed as sent; campaign transaction exports add the
   `campaign_id: {conditions: {$in: [id]}}` filter, as the docs' response example shows. An
   export that ends in ERROR keeps `result: null`.
@@ -165,6 +176,7 @@ import hmac
 import io
 import json
 import math
+import os
 import re
 import secrets
 import string
@@ -382,7 +394,8 @@ class StreamSpec:
     kind: str
     replication_key: str | None
     fields: Callable[[], tuple[str, ...]]
-    partitioned: bool = False
+    #: Rows come from one source per campaign: expected_records and add_rows take {"campaign_id": ...}.
+    per_campaign: bool = False
 
 
 STREAMS: dict[str, StreamSpec] = {
@@ -401,8 +414,8 @@ STREAMS: dict[str, StreamSpec] = {
             "voucherify_campaign_transactions",
             "voucher_transactions",
             "created_at",
-            lambda: (*campaign_transaction_fields(), "campaign_id"),
-            partitioned=True,
+            lambda: KINDS["voucher_transactions"].fields,  # the tap's one export for every campaign
+            per_campaign=True,
         ),
         StreamSpec("voucherify_vouchers", "voucher", "updated_at", lambda: KINDS["voucher"].fields),
         StreamSpec("voucherify_redemptions", "redemption", "date", lambda: KINDS["redemption"].fields),
@@ -1415,6 +1428,40 @@ def shape_for(seed: int) -> UnpublishedShape:
 
 #: The limit headers describe when no per-minute limit is set: no test comes near it.
 UNMETERED_REQUESTS_PER_WINDOW = 1_000_000
+#: GET /v1/exports query parameters (list-exports: limit, page, order).
+LIST_EXPORTS_PARAMETERS = frozenset({"limit", "page", "order"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan's limits (NOTES.md, guides/limits): calls per window of `window_seconds`, and per cycle."""
+
+    requests_per_window: int
+    window_seconds: float
+    requests_per_cycle: int | None
+
+
+#: NOTES.md: Business 100/minute and 100,000 per billing cycle; Organization 2,000/minute and
+#: 300,000; a Sandbox project 100/hour (no cycle quota documented).
+PLANS = {
+    "business": Plan(100, 60.0, 100_000),
+    "organization": Plan(2_000, 60.0, 300_000),
+    "sandbox": Plan(100, 3600.0, None),
+}
+#: The plan of every emulator started in this process unless its constructor names one (for the
+#: sandbox CLI, which passes no plan): business, organization or sandbox.
+PLAN_VARIABLE = "TAP_SANDBOX_VOUCHERIFY_PLAN"
+
+
+def plan_named(name: str | None) -> Plan | None:
+    if not name:
+        return None
+    try:
+        return PLANS[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown Voucherify plan {name!r}: one of {', '.join(PLANS)}") from None
+
+
 #: The Business plan's billing-cycle quota (NOTES.md), reported when the quota_exhausted fault
 #: spends a quota that was not configured.
 PLAN_REQUESTS_PER_CYCLE = 100_000
@@ -1529,8 +1576,9 @@ class VoucherifyEmulator:
         seed: int = 7,
         rows_per_type: int | None = None,
         requests_per_minute: int | None = None,
-        rate_window_seconds: float = 60.0,
+        rate_window_seconds: float | None = None,
         requests_per_cycle: int | None = None,
+        plan: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.seed = seed
@@ -1540,10 +1588,15 @@ class VoucherifyEmulator:
         self.download_token_ttl_seconds: float = 900
         self.rate_limit_fault_retry_seconds: float = 1.0
         #: A plan's limit per window (None: unmetered) and the window; tests shorten the minute.
-        self.requests_per_minute = requests_per_minute
-        self.rate_window_seconds = rate_window_seconds
+        self.requests_per_minute: int | None = None
+        self.rate_window_seconds = 60.0
         #: The billing-cycle quota (None: none); the quota_exhausted fault spends it at once.
-        self.requests_per_cycle = requests_per_cycle
+        self.requests_per_cycle: int | None = None
+        self.use_plan(plan if plan is not None else os.environ.get(PLAN_VARIABLE))
+        # A limit given on its own wins over the plan's.
+        self.requests_per_minute = requests_per_minute or self.requests_per_minute
+        self.rate_window_seconds = rate_window_seconds or self.rate_window_seconds
+        self.requests_per_cycle = requests_per_cycle or self.requests_per_cycle
         self.meter = RateMeter()
         self._set_shape(shape_for(seed))
         self.data = SyntheticData(seed, rows_per_type)
@@ -1578,6 +1631,14 @@ class VoucherifyEmulator:
     def rate_limited(self) -> int:
         """API calls answered 429 so far."""
         return self.meter.refused
+
+    def use_plan(self, name: str | None) -> None:
+        """The limits of a plan NOTES.md names (`business`, `organization`, `sandbox`); None: unchanged."""
+        limits = plan_named(name)
+        if limits is not None:
+            self.requests_per_minute = limits.requests_per_window
+            self.rate_window_seconds = limits.window_seconds
+            self.requests_per_cycle = limits.requests_per_cycle
 
     def reset_cycle(self) -> None:
         """A new billing cycle: the spent quota (requests_per_cycle or quota_exhausted) is back."""
@@ -1634,8 +1695,7 @@ class VoucherifyEmulator:
         self, stream_name: str, partition: dict | None = None, start: Any = None, end: Any = None
     ) -> list[dict[str, str]]:
         """The rows `expected_records` gives, as the cell text the CSV holds ('' for empty), keyed
-        like the tap's records: comparisons that depend on no guess about types. The partition key
-        (`campaign_id`), which campaign files do not hold, is its id."""
+        like the tap's records: comparisons that depend on no guess about types."""
         stream = STREAMS[stream_name]
         kind = KINDS[stream.kind]
         keyed = [(record_key(name), field_getter(name, kind)) for name in stream.fields()]
@@ -1655,7 +1715,7 @@ class VoucherifyEmulator:
     def add_rows(self, stream_name: str, count: int, start: Any, end: Any, partition: dict | None = None) -> list[dict]:
         """Add `count` rows evenly spread over [start, end) on the stream's timeline; returns their records."""
         stream = STREAMS[stream_name]
-        if not stream.partitioned:
+        if not stream.per_campaign:
             source = self.data.sources[stream.kind]
         elif partition:
             source = self.data.transaction_source(self._campaign_by_id(partition["campaign_id"]))
@@ -2012,6 +2072,11 @@ class VoucherifyEmulator:
         return Response(status=204)
 
     def _list_exports(self, request: Request) -> Response:
+        """list-exports: only the documented `limit`, `page` and `order`; anything else answers 400,
+        so a client cannot come to depend on a filter the vendor does not publish."""
+        unknown = sorted(set(request.args) - LIST_EXPORTS_PARAMETERS)
+        if unknown:
+            raise InvalidPayload(f"{', '.join(unknown)}: not a parameter of GET /v1/exports (limit, page, order)")
         limit, page = _paging(request)
         order = request.args.get("order") or "-created_at"
         if order not in spec_enum("ParameterOrderListExports"):
@@ -2168,7 +2233,7 @@ class VoucherifyEmulator:
         return self.data.build(sources[position], index, ms)
 
     def _stream_sources(self, stream: StreamSpec, partition: dict | None) -> tuple[RowSource, ...]:
-        if not stream.partitioned:
+        if not stream.per_campaign:
             return (self.data.sources[stream.kind],)
         live = {campaign.id: campaign for campaign in self._live_campaigns() if campaign.has_transactions}
         if partition:

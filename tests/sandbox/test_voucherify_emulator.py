@@ -340,6 +340,18 @@ def test_order_metadata_fields_are_accepted_and_exported(client, emulator):
     assert client.api("POST", "/v1/exports", json=generic).status_code == 200
 
 
+@pytest.mark.parametrize("exported_object", ["voucher", "redemption", "publication", "customer"])
+def test_metadata_name_fields_are_refused_where_only_orders_document_them(client, exported_object):
+    body = {"exported_object": exported_object, "parameters": {"fields": ["metadata", "metadata.tier"]}}
+    refused = client.api("POST", "/v1/exports", json=body)
+    assert refused.status_code == 400 and "metadata.tier" in refused.json()["details"]
+    _, whole = client.export_file(
+        "/v1/exports", {"exported_object": exported_object, "parameters": {"fields": ["metadata"]}}
+    )
+    cells = [row[0] for row in csv_rows(whole.content)[1:]]
+    assert any(isinstance(json.loads(cell), dict) and json.loads(cell) for cell in cells if cell)
+
+
 def test_omitted_fields_give_the_documented_defaults(client):
     _, orders = client.export_file("/v1/orders/export", {})
     assert csv_rows(orders.content)[0] == ["ID", "Source ID", "Status"]
@@ -382,6 +394,33 @@ def test_exports_are_listed_deleted_and_unknown_ids_answer_404(client, emulator)
     assert client.download(export["result"]["url"]).status_code == 404
     missing = client.api("GET", "/v1/exports/exp_doesnotexist")
     assert missing.status_code == 404 and missing.json()["key"] == "not_found"
+
+
+def test_the_export_listing_pages_newest_first_and_refuses_undocumented_parameters(client):
+    ids = [client.create("/v1/exports", {"exported_object": "customer"})["id"] for _ in range(3)]
+    first = client.api("GET", "/v1/exports", params={"limit": 2, "page": 1, "order": "-created_at"}).json()
+    second = client.api("GET", "/v1/exports", params={"limit": 2, "page": 2, "order": "-created_at"}).json()
+    assert [e["id"] for e in first["exports"] + second["exports"]] == ids[::-1] and first["total"] == 3
+    for params in ({"status": "DONE"}, {"exported_object": "customer"}, {"limit": 101}, {"order": "id"}):
+        answer = client.api("GET", "/v1/exports", params=params)
+        assert answer.status_code == 400 and answer.json()["key"] == "invalid_payload", params
+
+
+@pytest.mark.parametrize(
+    ("plan", "limit", "window", "cycle"), [("business", 100, 60.0, 100_000), ("sandbox", 100, 3600.0, None)]
+)
+def test_a_plan_sets_the_documented_limits_and_a_limit_given_alone_wins(plan, limit, window, cycle, monkeypatch):
+    emulator = new_emulator(plan=plan)
+    assert (emulator.requests_per_minute, emulator.rate_window_seconds, emulator.requests_per_cycle) == (
+        limit,
+        window,
+        cycle,
+    )
+    assert new_emulator(plan=plan, requests_per_minute=7).requests_per_minute == 7
+    monkeypatch.setenv("TAP_SANDBOX_VOUCHERIFY_PLAN", "organization")
+    assert new_emulator().requests_per_minute == 2_000
+    with pytest.raises(ValueError, match="unknown Voucherify plan"):
+        new_emulator(plan="gold")
 
 
 # ---------------------------------------------------------------- download host
@@ -632,20 +671,24 @@ END = dt.datetime(2024, 2, 10, tzinfo=dt.timezone.utc)
 
 
 def tap_like_request(emulator: VoucherifyEmulator, stream_name: str) -> tuple[str, dict, dict | None]:
-    """The path and body the tap sends for a stream's window, and the partition."""
+    """The path and body the tap sends for a stream's window, and the partition (for transactions,
+    the campaign the export is filtered to, as `voucherify_campaign_ids` does)."""
     stream = STREAMS[stream_name]
-    fields = [name for name in stream.fields() if not (stream.partitioned and name == "campaign_id")]
     filter_field = {"date": "created_at"}.get(stream.replication_key, stream.replication_key)
-    parameters: dict = {"fields": fields}
+    parameters: dict = {"fields": list(stream.fields())}
     if filter_field:
-        parameters |= {"filters": window_filter(filter_field, START, END), "order": filter_field}
-    if stream.partitioned:
-        campaign_id = emulator.campaign_ids("LOYALTY_PROGRAM")[1]
-        path = f"/v1/campaigns/{campaign_id}/transactions/export"
-        return path, {"parameters": parameters}, {"campaign_id": campaign_id}
+        filters = window_filter(filter_field, START, END)
+        # As the tap writes them (NOTES.md: one-element arrays); FieldConditions accepts only lists.
+        conditions = filters[filter_field]["conditions"]
+        filters[filter_field]["conditions"] = {operator: [value] for operator, value in conditions.items()}
+        parameters |= {"filters": filters, "order": filter_field}
     if stream.kind == "order":
         return "/v1/orders/export", {"parameters": parameters}, None
-    return "/v1/exports", {"exported_object": stream.kind, "parameters": parameters}, None
+    partition = None
+    if stream.per_campaign:
+        partition = {"campaign_id": emulator.campaign_ids("LOYALTY_PROGRAM")[1]}
+        parameters["filters"]["campaign_id"] = {"conditions": {"$in": [partition["campaign_id"]]}}
+    return "/v1/exports", {"exported_object": stream.kind, "parameters": parameters}, partition
 
 
 @pytest.mark.parametrize("stream_name", list(STREAMS))
