@@ -247,6 +247,7 @@ class ExperimentResultsStream(ResultsStream):
     """Per-variation results of each experience (view `overview`): latest per variation and metric."""
 
     name = "intelligems_experiment_results"
+    window_filters_on = "(none: each run takes a snapshot of the whole lifetime)"
     primary_keys = ("experience_id", "variation_id", "metric")
     replication_key = "retrieved_at"
 
@@ -315,6 +316,7 @@ class ExperimentResultsDailyStream(ResultsStream):
     """Per-variation metrics per day of each experience: incremental by day, recent days re-read."""
 
     name = "intelligems_experiment_results_daily"
+    window_filters_on = "day (startTs); the last intelligems_results_reread_days re-read, as results settle"
     primary_keys = ("experience_id", "variation_id", "date")
     replication_key = "date"
     read_what = "days"
