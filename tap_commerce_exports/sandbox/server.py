@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     if args.detach:
         sys.exit(_detach(argv if argv is not None else sys.argv[1:], args))
+    if args.voucherify_plan:
+        os.environ["TAP_SANDBOX_VOUCHERIFY_PLAN"] = args.voucherify_plan  # read by the Voucherify emulator
     sandbox = Sandbox(
         tuple(a.strip() for a in args.apis.split(",") if a.strip()),
         seed=args.seed,
@@ -149,6 +151,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help=f"seed of the synthetic data and undocumented shapes (default ${SEED_VARIABLE} or 7)",
     )
     parser.add_argument("--latency", type=float, default=1.0, help="seconds before an export is ready")
+    parser.add_argument(
+        "--voucherify-plan",
+        choices=("business", "organization", "sandbox"),
+        help="Voucherify plan whose per-minute and per-cycle limits to keep (NOTES.md; default: unmetered, "
+        "or $TAP_SANDBOX_VOUCHERIFY_PLAN)",
+    )
     parser.add_argument("--rows", type=int, default=None, help="rows per export type (default: small data set)")
     parser.add_argument("--config-out", help="write the tap settings for this sandbox to this JSON file")
     parser.add_argument(
