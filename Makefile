@@ -8,10 +8,11 @@ export MELTANO_SEND_ANONYMOUS_USAGE_STATS := false
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The tap, and beside it the sandbox (its own package in sandbox/, not a dependency of the tap).
+$(VENV)/.installed: pyproject.toml sandbox/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./sandbox
 	touch $@
 
 # The tap against the sandbox, through `meltano run`, into DuckDB; then each table and its rows.
@@ -24,8 +25,8 @@ test: setup
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check tap_commerce_exports tests scripts benchmarks
-	$(BIN)/ruff format --check tap_commerce_exports tests scripts benchmarks
+	$(BIN)/ruff check tap_commerce_exports sandbox tests scripts benchmarks
+	$(BIN)/ruff format --check tap_commerce_exports sandbox tests scripts benchmarks
 
 types: setup
 	$(BIN)/mypy tap_commerce_exports

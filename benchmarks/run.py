@@ -45,7 +45,7 @@ from harness import (
     write_json,
 )
 
-from tap_commerce_exports.sandbox.server import Sandbox
+from commerce_sandbox.server import Sandbox
 
 START, END = "2024-01-01T00:00:00Z", "2024-03-01T00:00:00Z"
 # The sandbox's data period is exactly 60 days: one export window, so one file per stream.

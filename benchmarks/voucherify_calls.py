@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tap_commerce_exports.sandbox.server import Sandbox
+from commerce_sandbox.server import Sandbox
 from tests.harness import run_tap
 
 UTC = dt.timezone.utc

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import duckdb
 
-from tap_commerce_exports.sandbox.server import Sandbox
+from commerce_sandbox.server import Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 WAREHOUSE = ROOT / "output" / "warehouse.duckdb"

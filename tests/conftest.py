@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 
-from tap_commerce_exports.sandbox.server import SEED_VARIABLE, Sandbox
+from commerce_sandbox.server import SEED_VARIABLE, Sandbox
 
 FAST_EXPORTS = 0.05  # seconds before an emulated export is ready
 #: The realities the suite rotates through.

@@ -6,7 +6,7 @@ import atexit
 
 from singer_sdk.testing import get_tap_test_class
 
-from tap_commerce_exports.sandbox.server import Sandbox
+from commerce_sandbox.server import Sandbox
 from tap_commerce_exports.tap import TapCommerceExports
 from tests.harness import FAST_SETTINGS
 

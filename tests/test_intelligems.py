@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from tap_commerce_exports.sandbox.intelligems import MESSES
+from commerce_sandbox.intelligems import MESSES
 from tests.harness import FAST_SETTINGS, by_key, run_tap
 
 UTC = dt.timezone.utc

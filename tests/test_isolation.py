@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from tap_commerce_exports.sandbox.server import Sandbox
+from commerce_sandbox.server import Sandbox
 from tests.harness import drain, run_tap, start_tap_process, wait_for_log, wait_until
 
 

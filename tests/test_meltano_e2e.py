@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tap_commerce_exports.sandbox.server import Sandbox
+from commerce_sandbox.server import Sandbox
 from tap_commerce_exports.tap import TapCommerceExports
 
 ROOT = Path(__file__).resolve().parents[1]

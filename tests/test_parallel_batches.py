@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from singer_sdk.helpers._batch import StorageTarget
 
+from commerce_sandbox.server import Sandbox
 from tap_commerce_exports.engine import parallel_batches
 from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WorkerStorage, remove_files
 from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, Misfit, struct_builder
@@ -32,7 +33,6 @@ from tap_commerce_exports.engine.parallel_batches import (
     row_aligned_slices,
 )
 from tap_commerce_exports.engine.stream import StopRequested
-from tap_commerce_exports.sandbox.server import Sandbox
 from tests.harness import catalog_selecting, drain, run_tap, start_tap_process, wait_for_log, wait_until
 
 # ------------------------------------------------------------------ slicing bytes

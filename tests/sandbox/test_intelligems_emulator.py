@@ -23,11 +23,9 @@ import jsonschema
 import pytest
 import requests
 
-from tap_commerce_exports.engine.csv_records import header_key
-from tap_commerce_exports.openapi import load_spec
-from tap_commerce_exports.sandbox import intelligems as intelligems_module
-from tap_commerce_exports.sandbox.core import SandboxContext
-from tap_commerce_exports.sandbox.intelligems import (
+from commerce_sandbox import intelligems as intelligems_module
+from commerce_sandbox.core import SandboxContext
+from commerce_sandbox.intelligems import (
     EXPORT_TABLES,
     EXTRA_COLUMNS,
     MESSES,
@@ -35,7 +33,9 @@ from tap_commerce_exports.sandbox.intelligems import (
     IntelligemsEmulator,
     Reality,
 )
-from tap_commerce_exports.sandbox.server import default_seed
+from commerce_sandbox.server import default_seed
+from tap_commerce_exports.engine.csv_records import header_key
+from tap_commerce_exports.openapi import load_spec
 from tests.harness import not_json
 
 UTC = dt.timezone.utc

@@ -19,8 +19,8 @@ import pytest
 import requests
 import urllib3
 
-from tap_commerce_exports.sandbox.core import SandboxContext
-from tap_commerce_exports.sandbox.nextcommerce import TABLES, NextCommerceEmulator, Reality
+from commerce_sandbox.core import SandboxContext
+from commerce_sandbox.nextcommerce import TABLES, NextCommerceEmulator, Reality
 from tests.harness import not_json
 
 UTC = dt.timezone.utc

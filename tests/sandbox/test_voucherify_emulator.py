@@ -26,9 +26,9 @@ import pytest
 import requests
 
 import tap_commerce_exports
-from tap_commerce_exports.sandbox.core import SandboxContext, load_spec
-from tap_commerce_exports.sandbox.server import default_seed
-from tap_commerce_exports.sandbox.voucherify import (
+from commerce_sandbox.core import SandboxContext, load_spec
+from commerce_sandbox.server import default_seed
+from commerce_sandbox.voucherify import (
     KINDS,
     SEED_SHAPES,
     SPEC_FILE,

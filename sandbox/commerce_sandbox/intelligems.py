@@ -182,7 +182,7 @@ from xml.sax.saxutils import escape as xml_escape
 import jsonschema
 from werkzeug.wrappers import Request, Response
 
-from tap_commerce_exports.sandbox.core import (
+from commerce_sandbox.core import (
     Host,
     RateDecision,
     SandboxContext,
@@ -193,7 +193,7 @@ from tap_commerce_exports.sandbox.core import (
     json_response,
     record_value,
 )
-from tap_commerce_exports.sandbox.core import record_instant as iso_record
+from commerce_sandbox.core import record_instant as iso_record
 
 UTC = dt.timezone.utc
 CENT = Decimal("0.01")

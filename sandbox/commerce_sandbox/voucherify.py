@@ -191,7 +191,7 @@ from typing import Any, TypeVar
 import jsonschema
 from werkzeug.wrappers import Request, Response
 
-from tap_commerce_exports.sandbox.core import (
+from commerce_sandbox.core import (
     Host,
     SandboxContext,
     SpecValidator,

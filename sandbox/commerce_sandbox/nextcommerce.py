@@ -175,7 +175,7 @@ from zoneinfo import ZoneInfo
 
 from werkzeug.wrappers import Request, Response
 
-from tap_commerce_exports.sandbox.core import (
+from commerce_sandbox.core import (
     Host,
     SandboxContext,
     SpecValidator,

@@ -22,15 +22,15 @@ import threading
 import time
 from typing import Any
 
-from tap_commerce_exports.sandbox.core import SandboxContext
+from commerce_sandbox.core import SandboxContext
 
 API_NAMES = ("voucherify", "nextcommerce", "intelligems")
 
 
 EMULATORS = {
-    "voucherify": ("tap_commerce_exports.sandbox.voucherify", "VoucherifyEmulator"),
-    "nextcommerce": ("tap_commerce_exports.sandbox.nextcommerce", "NextCommerceEmulator"),
-    "intelligems": ("tap_commerce_exports.sandbox.intelligems", "IntelligemsEmulator"),
+    "voucherify": ("commerce_sandbox.voucherify", "VoucherifyEmulator"),
+    "nextcommerce": ("commerce_sandbox.nextcommerce", "NextCommerceEmulator"),
+    "intelligems": ("commerce_sandbox.intelligems", "IntelligemsEmulator"),
 }
 
 
@@ -202,7 +202,7 @@ def _detach(argv: list[str], args: argparse.Namespace) -> int:
     """The sandbox in a process of its own; returns once it wrote its settings (it writes them once
     its hosts answer)."""
     marker = args.env_out or args.config_out or "sandbox-config.json"
-    command = [sys.executable, "-m", "tap_commerce_exports.sandbox.server", *(a for a in argv if a != "--detach")]
+    command = [sys.executable, "-m", "commerce_sandbox.server", *(a for a in argv if a != "--detach")]
     if not (args.env_out or args.config_out):
         command += ["--config-out", marker]
     with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,3 @@
+from commerce_sandbox.server import main
+
+main()

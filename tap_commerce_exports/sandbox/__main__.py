@@ -1,3 +1,0 @@
-from tap_commerce_exports.sandbox.server import main
-
-main()
