@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 
-from tap_commerce_exports.engine.parallel_batches import usable_cpus
+from tap_commerce_exports.output.parallel_batches import usable_cpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)

@@ -19,17 +19,18 @@ from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
 from singer_sdk.configuration._dict_config import parse_environment_config
 
-from tap_commerce_exports.engine.collector import collector_tuned_for_rows
-from tap_commerce_exports.engine.download import ExportCancelled, FileDownloader
-from tap_commerce_exports.engine.export_job import ExportRunner, PollPolicy, stops_source
-from tap_commerce_exports.engine.fast_output import widen_stdout_pipe
-from tap_commerce_exports.engine.http import install_log_redaction
-from tap_commerce_exports.engine.parallel_batches import DEFAULT_MAX_WORKERS, BatchWorkerPool, usable_cpus
-from tap_commerce_exports.engine.scheduler import ExportScheduler
-from tap_commerce_exports.engine.stream import ExportStream, SourceRuntime, StopRequested
-from tap_commerce_exports.engine.windows import parse_instant
+from tap_commerce_exports.exports.download import ExportCancelled, FileDownloader
+from tap_commerce_exports.exports.http import install_log_redaction
+from tap_commerce_exports.exports.job import PollPolicy, stops_source
+from tap_commerce_exports.exports.runner import ExportRunner
+from tap_commerce_exports.exports.scheduler import ExportScheduler
+from tap_commerce_exports.exports.windows import parse_instant
+from tap_commerce_exports.output.collector import collector_tuned_for_rows
+from tap_commerce_exports.output.fast_records import widen_stdout_pipe
+from tap_commerce_exports.output.parallel_batches import DEFAULT_MAX_WORKERS, BatchWorkerPool, usable_cpus
 from tap_commerce_exports.sources import SOURCES
 from tap_commerce_exports.sources.base import ConfigError
+from tap_commerce_exports.stream import ExportStream, SourceRuntime, StopRequested
 
 #: How often the sync looks for a stream that can write rows while every stream waits for its export.
 STREAM_PICK_SECONDS = 0.1

@@ -7,8 +7,8 @@ import gc
 
 import pytest
 
-from tap_commerce_exports.engine.collector import YOUNG_GENERATION_THRESHOLD, collector_tuned_for_rows
-from tap_commerce_exports.engine.stream import StopRequested
+from tap_commerce_exports.output.collector import YOUNG_GENERATION_THRESHOLD, collector_tuned_for_rows
+from tap_commerce_exports.stream import StopRequested
 from tests.harness import run_tap
 
 

@@ -6,15 +6,8 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from tap_commerce_exports.engine.csv_records import (
-    Column,
-    CsvFormatError,
-    CsvRecordReader,
-    Misfit,
-    header_key,
-    record_keys,
-    struct_builder,
-)
+from tap_commerce_exports.records.columns import Column, header_key, record_keys
+from tap_commerce_exports.records.csv_reader import CsvFormatError, CsvRecordReader, Misfit, struct_builder
 
 COLUMNS = {
     c.key: c
@@ -217,7 +210,7 @@ def test_blank_lines_in_a_block_are_skipped_and_still_counted_as_rows():
 def test_struct_records_encode_exactly_as_dict_records(constants):
     import msgspec
 
-    from tap_commerce_exports.engine.csv_records import struct_builder
+    from tap_commerce_exports.records.csv_reader import struct_builder
 
     text = many_rows(lambda n: "" if n % 5 == 0 else str(n))
     as_dicts = CsvRecordReader(COLUMNS, describe="s", constants=constants).read(io.StringIO(text, newline=""))

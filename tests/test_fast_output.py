@@ -6,7 +6,7 @@ import gzip
 import json
 import os
 
-from tap_commerce_exports.engine.stream import ExportStream
+from tap_commerce_exports.stream import ExportStream
 from tests.harness import run_tap
 
 
@@ -128,7 +128,7 @@ def test_the_tap_widens_its_stdout_pipe_so_blocks_of_records_do_not_wait_on_the_
 
     import pytest
 
-    from tap_commerce_exports.engine.fast_output import STDOUT_PIPE_BYTES
+    from tap_commerce_exports.output.fast_records import STDOUT_PIPE_BYTES
     from tests.harness import start_tap_process
 
     if not hasattr(fcntl, "F_GETPIPE_SZ"):

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from commerce_sandbox.server import Sandbox
-from tap_commerce_exports.engine.stream import ExportStream
 from tap_commerce_exports.sources import intelligems, voucherify
+from tap_commerce_exports.stream import ExportStream
 from tap_commerce_exports.tap import SyncFailures
 from tests.harness import (
     SingerOutput,

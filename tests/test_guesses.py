@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tap_commerce_exports.engine.csv_records import caster_for
+from tap_commerce_exports.records.columns import caster_for
 from tests.harness import run_tap
 
 TEXT = ["string", "null"]

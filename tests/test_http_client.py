@@ -27,18 +27,18 @@ import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from tap_commerce_exports.engine.http import (
+from tap_commerce_exports.exports.http import (
     MIN_RATE_LIMIT_WAIT,
     ApiClient,
     ApiError,
     QuotaExhausted,
     RateLimitWaitTooLong,
-    RequestPacer,
     install_log_redaction,
     rate_limit_answer,
     rate_limit_wait,
     reported_budget,
 )
+from tap_commerce_exports.exports.pacing import RequestPacer
 
 APP_TOKEN = "app-token-5ecret-4f1c9e"
 SIGNED_QUERY = "sig-5ecret-77d0b2"

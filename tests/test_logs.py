@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from tap_commerce_exports.engine import download
+from tap_commerce_exports.exports import download
 from tests.harness import run_tap
 
 

@@ -11,10 +11,10 @@ import re
 
 import pytest
 
-from tap_commerce_exports.engine.csv_records import header_key
-from tap_commerce_exports.engine.export_job import ExportRequest, ExportTooLarge
-from tap_commerce_exports.engine.http import ApiError
-from tap_commerce_exports.engine.windows import Window
+from tap_commerce_exports.exports.http import ApiError
+from tap_commerce_exports.exports.job import ExportRequest, ExportTooLarge
+from tap_commerce_exports.exports.windows import Window
+from tap_commerce_exports.records.columns import header_key
 from tap_commerce_exports.sources.nextcommerce import STREAM_TYPES, build_api, speaks_of_row_cap
 from tests.harness import by_key, run_tap
 
@@ -243,8 +243,9 @@ def test_a_listing_that_shows_one_export_finished_lists_again_soon_for_the_other
     import threading
     import time
 
-    from tap_commerce_exports.engine.export_job import ExportRequest, ExportState, StatusBoard
-    from tap_commerce_exports.engine.windows import Window
+    from tap_commerce_exports.exports.job import ExportRequest, ExportState
+    from tap_commerce_exports.exports.status_board import StatusBoard
+    from tap_commerce_exports.exports.windows import Window
     from tap_commerce_exports.sources.nextcommerce import build_api
 
     emulator, faults = nextcommerce_sandbox.nextcommerce, nextcommerce_sandbox.faults

@@ -21,10 +21,9 @@ import pytest
 from singer_sdk.helpers._batch import StorageTarget
 
 from commerce_sandbox.server import Sandbox
-from tap_commerce_exports.engine import parallel_batches
-from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WorkerStorage, remove_files
-from tap_commerce_exports.engine.csv_records import Column, CsvFormatError, CsvRecordReader, Misfit, struct_builder
-from tap_commerce_exports.engine.parallel_batches import (
+from tap_commerce_exports.output import parallel_batches
+from tap_commerce_exports.output.jsonl_batches import FastJsonlBatcher, FilesLayout, WorkerStorage, remove_files
+from tap_commerce_exports.output.parallel_batches import (
     BatchWorkerPool,
     FilesSpec,
     SlicedBatchWriter,
@@ -32,7 +31,9 @@ from tap_commerce_exports.engine.parallel_batches import (
     read_header,
     row_aligned_slices,
 )
-from tap_commerce_exports.engine.stream import StopRequested
+from tap_commerce_exports.records.columns import Column
+from tap_commerce_exports.records.csv_reader import CsvFormatError, CsvRecordReader, Misfit, struct_builder
+from tap_commerce_exports.stream import StopRequested
 from tests.harness import catalog_selecting, drain, run_tap, start_tap_process, wait_for_log, wait_until
 
 # ------------------------------------------------------------------ slicing bytes
@@ -356,7 +357,7 @@ def test_workers_import_neither_the_sdk_nor_fsspec_whatever_the_tap_was_started_
     the whole SDK. Workers skip it, and fsspec too for local storage: ~26 MB each instead of ~50."""
     (tmp_path / "parent_probe.py").write_text(
         "import tap_commerce_exports.tap  # what the tap's __main__ imports\n"
-        "from tap_commerce_exports.engine.parallel_batches import BatchWorkerPool\n"
+        "from tap_commerce_exports.output.parallel_batches import BatchWorkerPool\n"
         "if __name__ == '__main__':\n"
         "    pool = BatchWorkerPool(1)\n"
         "    names = ('singer_sdk', 'fsspec', 'parent_probe')\n"
@@ -375,8 +376,8 @@ def test_workers_leave_when_the_tap_is_killed_outright(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import time\n"
-        "from tap_commerce_exports.engine.parallel_batches import BatchWorkerPool\n"
-        "from tap_commerce_exports.engine.csv_records import header_key\n"
+        "from tap_commerce_exports.output.parallel_batches import BatchWorkerPool\n"
+        "from tap_commerce_exports.records.columns import header_key\n"
         "pool = BatchWorkerPool(2)\n"
         "[f.result() for f in [pool._running().submit(header_key, 'A b') for _ in range(2)]]\n"
         "print(' '.join(str(pid) for pid in pool._executor._processes), flush=True)\n"

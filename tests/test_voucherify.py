@@ -15,7 +15,7 @@ from werkzeug.wrappers import Response
 
 from commerce_sandbox.core import Host
 from commerce_sandbox.voucherify import next_cycle_start
-from tap_commerce_exports.engine.export_job import ExportFailed, ExportRequest
+from tap_commerce_exports.exports.job import ExportFailed, ExportRequest
 from tap_commerce_exports.sources import voucherify
 from tests.harness import by_key, run_tap, start_tap_process
 

@@ -3,7 +3,7 @@
 import datetime as dt
 import itertools
 
-from tap_commerce_exports.engine.windows import Window, export_range, parse_instant, plan_windows
+from tap_commerce_exports.exports.windows import Window, export_range, parse_instant, plan_windows
 
 UTC = dt.timezone.utc
 JAN1 = dt.datetime(2024, 1, 1, tzinfo=UTC)

@@ -48,7 +48,7 @@ tap must sync every one of them exactly:
 - `header_style`: how labels are spelled: `snake` ("order_number", the original), `title`
   ("Order Number", "Order ID"), `upper` ("ORDER NUMBER"), `sentence` with a trailing space ("Order
   number "), or `mixed` (each column its own of those). The tap keys a column by the lower
-  snake_case of its label (engine/csv_records.py `header_key`), so record keys never change.
+  snake_case of its label (records/columns.py `header_key`), so record keys never change.
 - Answers the docs leave open: whether a 429 also carries `Retry-After` (whole seconds; the spec
   declares no 429 answer and NOTES.md names only the x-ratelimit-* headers), whether
   `x-ratelimit-reset` is when the bucket is full again (`bucket_full`) or when its next token comes

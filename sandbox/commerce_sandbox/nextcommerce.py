@@ -58,7 +58,7 @@ Design choices where the vendor docs are silent (each one is a guess made explic
 - Columns are not published (NOTES.md: "What nobody publishes"); each type has 8-20 invented ones
   (see `TABLES`), a unique id column and a date column the window filters on. Line-item types carry
   their own line id and the parent's id, and are dated by the parent's date. Record keys are the
-  header labels in lower snake_case (the tap's `engine/csv_records.py: header_key`). Which of these
+  header labels in lower snake_case (the tap's `records/columns.py: header_key`). Which of these
   columns a file has, in which order, how its header spells them and how ids look is the seed's
   reality (below): no guess of the tap confirms itself.
 - Schema drift: `order_list` files whose window reaches 2024-02-01T00:00:00Z carry an extra column
@@ -1399,7 +1399,7 @@ class FileColumn:
 
     @property
     def key(self) -> str:
-        """The tap's record key: lower snake_case of the header (engine/csv_records.py: header_key)."""
+        """The tap's record key: lower snake_case of the header (records/columns.py: header_key)."""
         return snake_case(self.header)
 
 

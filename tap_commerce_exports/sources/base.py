@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
 
-from tap_commerce_exports.engine.export_job import ExportApi
-from tap_commerce_exports.engine.http import RequestPacer
-from tap_commerce_exports.engine.stream import ExportStream
-from tap_commerce_exports.engine.windows import UTC
+from tap_commerce_exports.exports.job import ExportApi
+from tap_commerce_exports.exports.pacing import RequestPacer
+from tap_commerce_exports.exports.windows import UTC
+from tap_commerce_exports.stream import ExportStream
 
 
 class ConfigError(ValueError):
@@ -66,7 +66,7 @@ def checked_base_url(config: dict, setting: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"setting {setting!r} must be an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigError(
             f"setting {setting!r} uses plain http for {parts.hostname}; only https is allowed "
             "(plain http is accepted for loopback hosts such as 127.0.0.1, for the sandbox)"
@@ -74,7 +74,7 @@ def checked_base_url(config: dict, setting: str) -> str:
     return url.rstrip("/")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -43,14 +43,14 @@ from urllib.parse import quote
 from singer_sdk import typing as th
 from singer_sdk.streams import Stream
 
-from tap_commerce_exports.engine.csv_records import columns_from_spec
-from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState
-from tap_commerce_exports.engine.http import ApiClient, ApiTimeout
-from tap_commerce_exports.engine.stream import ExportStream
-from tap_commerce_exports.engine.windows import UTC, Window
+from tap_commerce_exports.exports.http import ApiClient, ApiTimeout
+from tap_commerce_exports.exports.job import ExportApi, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.exports.windows import UTC, Window
 from tap_commerce_exports.openapi import SpecValidator
+from tap_commerce_exports.records.columns import columns_from_spec
 from tap_commerce_exports.sources.base import ConfigError, SourceDefinition, checked_base_url, pacer, string_list
 from tap_commerce_exports.sources.intelligems_results import RESULTS_STREAM_TYPES
+from tap_commerce_exports.stream import ExportStream
 
 PREFIX = "/v25-10-beta"
 EXPORT_PATH = PREFIX + "/analytics/experience/{experienceId}/export"

@@ -58,8 +58,8 @@ from urllib.parse import quote
 
 from singer_sdk.streams import Stream
 
-from tap_commerce_exports.engine.http import ApiError
-from tap_commerce_exports.engine.windows import UTC, parse_instant
+from tap_commerce_exports.exports.http import ApiError
+from tap_commerce_exports.exports.windows import UTC, parse_instant
 from tap_commerce_exports.openapi import load_spec
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ The row cap (NOTES.md: "Exports are capped at 100,000 objects per export"; chang
 "Users attempting to export more will see a warning"; whether an over-cap export is truncated or
 refused is not documented) is handled both ways, and either way the engine splits the window in
 halves and exports each: a file holding `nextcommerce_export_row_cap` rows may be truncated
-(engine/stream.py), and a create the API refuses because of the cap raises `ExportTooLarge`
+(stream.py), and a create the API refuses because of the cap raises `ExportTooLarge`
 (`speaks_of_row_cap` says which refusals those are).
 """
 
@@ -35,12 +35,12 @@ from urllib.parse import urlsplit
 
 from singer_sdk import typing as th
 
-from tap_commerce_exports.engine.csv_records import columns_from_spec, zone
-from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState, ExportTooLarge
-from tap_commerce_exports.engine.http import ApiClient, ApiError
-from tap_commerce_exports.engine.stream import ExportStream
-from tap_commerce_exports.engine.windows import UTC, Window
+from tap_commerce_exports.exports.http import ApiClient, ApiError
+from tap_commerce_exports.exports.job import ExportApi, ExportHandle, ExportRequest, ExportState, ExportTooLarge
+from tap_commerce_exports.exports.windows import UTC, Window
+from tap_commerce_exports.records.columns import columns_from_spec, zone
 from tap_commerce_exports.sources.base import ConfigError, SourceDefinition, checked_base_url, pacer
+from tap_commerce_exports.stream import ExportStream
 
 API_VERSION = "2024-04-01"
 REQUESTS_PER_SECOND = 3.8  # documented limit 4/s per token; a little headroom for clock jitter
@@ -220,7 +220,7 @@ def _stream(code: str, primary_keys: tuple[str, ...], replication_key: str, colu
 
 
 # Export columns are not published; these are the ones the tap types. Any other column a file
-# brings (store metadata columns appear over time) is kept as text (see engine/csv_records.py).
+# brings (store metadata columns appear over time) is kept as text (see records/columns.py).
 STREAM_TYPES: tuple[type[NextCommerceStream], ...] = (
     _stream(
         "order_list",

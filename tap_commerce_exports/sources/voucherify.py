@@ -80,21 +80,22 @@ from urllib.parse import quote, urlsplit
 import urllib3.util
 from singer_sdk import typing as th
 
-from tap_commerce_exports.engine.csv_records import Column, CsvLayout, CsvRecordReader, columns_from_spec, header_key
-from tap_commerce_exports.engine.export_job import ExportApi, ExportFailed, ExportHandle, ExportRequest, ExportState
-from tap_commerce_exports.engine.http import ApiClient, ApiError
-from tap_commerce_exports.engine.stream import ExportStream
-from tap_commerce_exports.engine.windows import Window, parse_instant
+from tap_commerce_exports.exports.http import ApiClient, ApiError
+from tap_commerce_exports.exports.job import ExportApi, ExportFailed, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.exports.windows import Window, parse_instant
+from tap_commerce_exports.records.columns import Column, columns_from_spec, header_key
+from tap_commerce_exports.records.csv_reader import CsvLayout, CsvRecordReader
 
 # The same loopback rule as checked_base_url's: plain http and any loopback file host go together.
 from tap_commerce_exports.sources.base import (
     ConfigError,
     SourceDefinition,
-    _is_loopback,
     checked_base_url,
+    is_loopback,
     pacer,
     string_list,
 )
+from tap_commerce_exports.stream import ExportStream
 
 STATES = {
     "SCHEDULED": ExportState.PENDING,
@@ -131,7 +132,7 @@ def vendor_file_hosts(api_url: str) -> frozenset[str] | None:
     """Hosts a file URL may name to receive the X-App headers; None: any loopback host (the API is
     on loopback: the sandbox)."""
     api_host = _host_name(urlsplit(api_url).hostname)
-    if _is_loopback(api_host):
+    if is_loopback(api_host):
         return None
     return frozenset(host for host in (api_host, DOWNLOAD_HOSTS.get(api_host)) if host)
 
@@ -146,7 +147,7 @@ def foreign_file_url(url: str, allowed: frozenset[str] | None) -> str | None:
     if not host or parts.auth is not None or host != _host_name(urlsplit(url).hostname):
         return f"the file URL's host {host or '(none)'!r} is ambiguous"
     if allowed is None:
-        return None if _is_loopback(host) else f"the file URL is on {host!r}, not on a loopback host like the API"
+        return None if is_loopback(host) else f"the file URL is on {host!r}, not on a loopback host like the API"
     if host not in allowed:
         hosts = ", ".join(sorted(allowed))
         return f"the file URL is on {host!r}, which is not a Voucherify host of this cluster ({hosts})"

@@ -34,8 +34,8 @@ from commerce_sandbox.intelligems import (
     Reality,
 )
 from commerce_sandbox.server import default_seed
-from tap_commerce_exports.engine.csv_records import header_key
 from tap_commerce_exports.openapi import load_spec
+from tap_commerce_exports.records.columns import header_key
 from tests.harness import not_json
 
 UTC = dt.timezone.utc

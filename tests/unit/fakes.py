@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tap_commerce_exports.engine.download import DownloadedFile, DownloadError
-from tap_commerce_exports.engine.export_job import ExportApi, ExportHandle, ExportRequest, ExportState, PollPolicy
+from tap_commerce_exports.exports.download import DownloadedFile, DownloadError
+from tap_commerce_exports.exports.job import ExportApi, ExportHandle, ExportRequest, ExportState, PollPolicy
 
 STATES = {"pending": ExportState.PENDING, "done": ExportState.READY, "error": ExportState.FAILED}
 QUICK_POLLS = PollPolicy(interval=0.001, max_interval=0.002, timeout=5.0, progress_every=0.0)

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from tap_commerce_exports.engine.export_job import ExportFailed, ExportRequest, ExportTooLarge
-from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
-from tap_commerce_exports.engine.windows import UTC, Window
+from tap_commerce_exports.exports.job import ExportFailed, ExportRequest, ExportTooLarge
+from tap_commerce_exports.exports.scheduler import ExportQueue, ExportScheduler
+from tap_commerce_exports.exports.windows import UTC, Window
 
 DAY = dt.timedelta(days=1)
 START = dt.datetime(2024, 1, 1, tzinfo=UTC)

@@ -7,17 +7,17 @@ import threading
 
 import pytest
 
-from tap_commerce_exports.engine.download import ExportCancelled
-from tap_commerce_exports.engine.export_job import (
+from tap_commerce_exports.exports.download import ExportCancelled
+from tap_commerce_exports.exports.job import (
     ExportFailed,
     ExportRequest,
-    ExportRunner,
     ExportState,
     ExportTimedOut,
     PollPolicy,
     SourceHalted,
 )
-from tap_commerce_exports.engine.windows import UTC, Window
+from tap_commerce_exports.exports.runner import ExportRunner
+from tap_commerce_exports.exports.windows import UTC, Window
 from tests.unit.fakes import LOGGER, QUICK_POLLS, FakeDownloader, ScriptedApi
 
 JANUARY = Window(dt.datetime(2024, 1, 1, tzinfo=UTC), dt.datetime(2024, 2, 1, tzinfo=UTC))

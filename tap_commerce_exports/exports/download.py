@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from tap_commerce_exports.engine.http import TIMEOUT, pooled_session, without_query
+from tap_commerce_exports.exports.http import TIMEOUT, pooled_session, without_query
 
 #: Read size: also how often a download in progress notices that the run is stopping.
 CHUNK_BYTES = 256 * 1024

@@ -2,7 +2,7 @@
 
 The SDK's path (selection walk, type conformance, stream-map transform, message object, simplejson,
 a flush per message) costs far more than reading the CSV. Export records are already typed by
-engine/csv_records.py, so when a stream has no stream maps, no flattening and every property
+records/columns.py, so when a stream has no stream maps, no flattening and every property
 selected, that work changes nothing and the record can be encoded directly (msgspec). Anything
 else takes the SDK's path; tests/test_fast_output.py proves both paths write the same messages.
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 from singer_sdk.mapper import SameRecordTransform
 
-from tap_commerce_exports.engine.csv_records import RECORD_JSON, RecordBuilder, dict_builder, struct_builder
+from tap_commerce_exports.records.columns import RECORD_JSON
+from tap_commerce_exports.records.csv_reader import RecordBuilder, dict_builder, struct_builder
 
 try:
     import fcntl

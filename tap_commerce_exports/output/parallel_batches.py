@@ -34,7 +34,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
-from tap_commerce_exports.engine.batch_files import (
+from tap_commerce_exports.output.collector import YOUNG_GENERATION_THRESHOLD
+from tap_commerce_exports.output.jsonl_batches import (
     FastJsonlBatcher,
     FilesLayout,
     WorkerStorage,
@@ -43,8 +44,7 @@ from tap_commerce_exports.engine.batch_files import (
     remove_files,
     remove_files_of_slice,
 )
-from tap_commerce_exports.engine.collector import YOUNG_GENERATION_THRESHOLD
-from tap_commerce_exports.engine.csv_records import CsvFormatError, CsvLayout, CsvRecordReader, Misfit
+from tap_commerce_exports.records.csv_reader import CsvFormatError, CsvLayout, CsvRecordReader, Misfit
 
 #: Bounds of a slice. Below the lower one a worker's fixed costs show; the upper one bounds what a
 #: worker holds at once (the slice's bytes and text).

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from tap_commerce_exports.engine.download import ExportCancelled
-from tap_commerce_exports.engine.export_job import ExportFailed, ExportRequest, ExportTooLarge, ReadyExport
+from tap_commerce_exports.exports.download import ExportCancelled
+from tap_commerce_exports.exports.job import ExportFailed, ExportRequest, ExportTooLarge, ReadyExport
 
 #: The runner's prepare: the export's file, unless `abandoned()` says it is no longer wanted.
 Prepare = Callable[[ExportRequest, Callable[[], bool]], ReadyExport]

@@ -18,21 +18,22 @@ from typing import Any, ClassVar
 
 from singer_sdk.streams import Stream
 
-from tap_commerce_exports.engine.batch_files import FastJsonlBatcher, FilesLayout, WrittenFiles
-from tap_commerce_exports.engine.csv_records import (
+from tap_commerce_exports.exports.job import ExportApi, ExportRequest, ExportTooLarge, ReadyExport
+from tap_commerce_exports.exports.runner import ExportRunner
+from tap_commerce_exports.exports.scheduler import ExportQueue, ExportScheduler
+from tap_commerce_exports.exports.windows import UTC, Window, export_range, parse_instant, plan_windows
+from tap_commerce_exports.output.fast_records import FastRecordWriter, fast_path_allowed
+from tap_commerce_exports.output.jsonl_batches import FastJsonlBatcher, FilesLayout, WrittenFiles
+from tap_commerce_exports.output.parallel_batches import SlicedBatchWriter
+from tap_commerce_exports.records.columns import Column
+from tap_commerce_exports.records.csv_reader import (
     BuilderFactory,
-    Column,
     CsvLayout,
     CsvRecordReader,
     Misfit,
     dict_builder,
     struct_builder,
 )
-from tap_commerce_exports.engine.export_job import ExportApi, ExportRequest, ExportRunner, ExportTooLarge, ReadyExport
-from tap_commerce_exports.engine.fast_output import FastRecordWriter, fast_path_allowed
-from tap_commerce_exports.engine.parallel_batches import SlicedBatchWriter
-from tap_commerce_exports.engine.scheduler import ExportQueue, ExportScheduler
-from tap_commerce_exports.engine.windows import UTC, Window, export_range, parse_instant, plan_windows
 
 #: How long a stream with guessed kinds waits for its other partitions' first files before its first
 #: record, to learn the columns' real types from them too; one not ready by then is scouted when read.
@@ -97,7 +98,7 @@ class ExportStream(Stream):
     partition_key: ClassVar[str | None] = None
     #: Fields to ask the API for, in order (APIs that take a field list).
     requested_fields: ClassVar[tuple[str, ...]] = ()
-    #: Write RECORDs through engine/fast_output.py when the SDK's per-record work is a no-op.
+    #: Write RECORDs through output/fast_records.py when the SDK's per-record work is a no-op.
     fast_path_enabled: ClassVar[bool] = True
     #: The source's setting for hours re-read before the bookmark on every run, for rows that change
     #: after their window was exported (None: the source's windows already follow changes).

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from isal import igzip
 
-from tap_commerce_exports.engine.csv_records import RECORD_JSON
+from tap_commerce_exports.records.columns import RECORD_JSON
 
 GZIP_LEVEL = 1  # ISA-L's level 1: zlib level 3's size at ~5x its speed
 
