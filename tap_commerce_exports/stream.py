@@ -14,17 +14,17 @@ import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
-from singer_sdk.streams import Stream
-
+from tap_commerce_exports.exports.in_flight import STATE_KEY as IN_FLIGHT_KEY
+from tap_commerce_exports.exports.in_flight import exports_in_flight, remembered_exports, window_key
 from tap_commerce_exports.exports.job import ExportApi, ExportRequest, ExportTooLarge, ReadyExport
 from tap_commerce_exports.exports.runner import ExportRunner
 from tap_commerce_exports.exports.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.exports.windows import UTC, Window, export_range, parse_instant, plan_windows
 from tap_commerce_exports.output.fast_records import FastRecordWriter, fast_path_allowed
 from tap_commerce_exports.output.jsonl_batches import FastJsonlBatcher, FilesLayout, WrittenFiles
-from tap_commerce_exports.output.parallel_batches import SlicedBatchWriter
+from tap_commerce_exports.output.parallel_batches import BatchWorkerPool, SlicedBatchWriter
 from tap_commerce_exports.records.columns import Column
 from tap_commerce_exports.records.csv_reader import (
     BuilderFactory,
@@ -34,12 +34,12 @@ from tap_commerce_exports.records.csv_reader import (
     dict_builder,
     struct_builder,
 )
+from tap_commerce_exports.sdk_adapter import SdkStream
 
 #: How long a stream with guessed kinds waits for its other partitions' first files before its first
 #: record, to learn the columns' real types from them too; one not ready by then is scouted when read.
 FIRST_FILES_WAIT_SECONDS = 60.0
 UNKNOWN_COLUMN_SCHEMA = {"type": ["string", "null"], "description": "Column not known to the tap; kept as text."}
-EXPORTS_IN_FLIGHT = "exports_in_flight"
 #: Stream state key: columns loaded as text since a cell did not fit their kind. They stay text in later
 #: runs, so a warehouse column never flips back to the narrower type.
 TEXT_COLUMNS = "columns_loaded_as_text"
@@ -54,8 +54,20 @@ class StopRequested(BaseException):
         self.signum = signum
 
 
-def _window_key(window: Window | None) -> tuple[str | None, str | None]:
-    return (window.start.isoformat(), window.end.isoformat()) if window else (None, None)
+class SyncCoordinator(Protocol):
+    """What a stream asks of the tap that runs it: failures, stops and in-flight exports are tap-wide."""
+
+    def check_stop(self) -> None:
+        """Raise StopRequested if a signal asked the run to stop (a safe point to stop)."""
+
+    def note_exports_in_flight(self) -> None:
+        """Put exports started meanwhile, by any stream, into STATE (called while waiting)."""
+
+    def record_failure(self, stream_name: str, context: dict | None, error: BaseException) -> None:
+        """A partition failed: the run goes on and reports it at the end."""
+
+    def batch_workers(self) -> BatchWorkerPool | None:
+        """The worker processes that write large exports' batch files, if any."""
 
 
 @dataclass
@@ -87,7 +99,7 @@ class StreamTotals:
         return (self.finished or time.monotonic()) - self.started
 
 
-class ExportStream(Stream):
+class ExportStream(SdkStream):
     """One export type of one API as a Singer stream. Subclasses only declare what differs."""
 
     #: The API's name for this export type.
@@ -130,6 +142,10 @@ class ExportStream(Stream):
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
 
+    @property
+    def coordinator(self) -> SyncCoordinator:
+        return self.tap  # type: ignore[no-any-return]
+
     # ------------------------------------------------------------- declarations
 
     def columns(self) -> list[Column]:
@@ -157,9 +173,6 @@ class ExportStream(Stream):
 
     # ---------------------------------------------------------------- windows
 
-    def _increment_stream_state(self, latest_record: dict, *, context: Any = None) -> None:
-        """Bookmarks move per finished window (`_advance_bookmark`), never per record."""
-
     def bookmark(self, context: dict | None) -> dt.datetime | None:
         state = self.get_context_state(context)
         if self.replication_key and state.get("replication_key") == self.replication_key:
@@ -176,7 +189,7 @@ class ExportStream(Stream):
         else:
             span = self.export_span(context)
             windows = list(plan_windows(span, float(self.config.get("export_window_days", 30)))) if span else []
-        remembered = self._remembered_exports(context)
+        remembered = remembered_exports(self.get_context_state(context))
         return [
             ExportRequest(
                 self.name,
@@ -184,7 +197,7 @@ class ExportStream(Stream):
                 window,
                 partition,
                 fields,
-                remembered_export_id=remembered.get(_window_key(window)),
+                remembered_export_id=remembered.get(window_key(window)),
             )
             for window in windows
         ]
@@ -229,45 +242,24 @@ class ExportStream(Stream):
             state["replication_key_value"] = bookmark.isoformat()
         self._note_exports_in_flight(context, force_write=True)
 
-    # -------------------------------------------------- exports remembered in state
-
-    def _remembered_exports(self, context: dict | None) -> dict[tuple, str]:
-        """Exports an earlier run created and never read, by window (state key `exports_in_flight`)."""
-        state = self.get_context_state(context)
-        return {
-            (item.get("window_start"), item.get("window_end")): str(item["export_id"])
-            for item in state.get(EXPORTS_IN_FLIGHT, [])
-            if item.get("export_id")
-        }
+    # -------------------------------------------------- exports remembered in state (exports/in_flight.py)
 
     def _note_exports_in_flight(self, context: dict | None, *, force_write: bool = False) -> None:
         """Write STATE when exports were started that a killed run should resume, not pay for again."""
-        partition = tuple(sorted((context or {}).items()))
-        started = {
-            key[2]: export_id
-            for key, export_id in self.runtime.runner.started_export_ids().items()
-            if key[0] == self.name and key[1] == partition
-        }
-        # Exports an earlier run left, whose windows this run has not reached yet, stay remembered.
-        queue = self._queues.get(partition)
-        for request in queue.requests() if queue is not None else []:
-            if request.remembered_export_id and request.window not in started:
-                started[request.window] = request.remembered_export_id
-        in_flight = [
-            {"export_id": export_id, "window_start": _window_key(window)[0], "window_end": _window_key(window)[1]}
-            for window, export_id in started.items()
-        ]
+        queue = self._queues.get(tuple(sorted((context or {}).items())))
+        waiting = queue.requests() if queue is not None else []
+        in_flight = exports_in_flight(self.runtime.runner, self.name, context, waiting)
         state = self.get_context_state(context)
-        if in_flight == state.get(EXPORTS_IN_FLIGHT, []) and not force_write:
+        if in_flight == state.get(IN_FLIGHT_KEY, []) and not force_write:
             return
         # Always written, emptied rather than removed: Meltano merges a new state into the stored
         # one, so a key left out would bring back exports an earlier (killed) run had in flight.
-        state[EXPORTS_IN_FLIGHT] = in_flight
-        self.state_manager.is_flushed = False
+        state[IN_FLIGHT_KEY] = in_flight
+        self.mark_state_unflushed()
         if not self.get_batch_config(self.config):
             # In BATCH mode the SDK writes STATE after each BATCH message: a STATE written here
             # could name a window whose rows sit in a batch file not yet announced.
-            self._write_state_message()
+            self.write_state()
 
     def note_all_exports_in_flight(self) -> None:
         for key in list(self._queues):
@@ -316,7 +308,7 @@ class ExportStream(Stream):
 
     def get_records(self, context: Mapping[str, Any] | None) -> Iterable[dict]:
         """Records for the SDK's loop, or none when the fast path writes them itself (fast_output.py)."""
-        coordinator: Any = self._tap
+        coordinator = self.coordinator
         writer = self._fast_writer = self._new_fast_writer()
         blocks = self._record_blocks(context, dict_builder if writer is None else writer.record_builder)
         try:
@@ -341,7 +333,7 @@ class ExportStream(Stream):
         asks for the block after its last. A failure ends this partition only: the tap reports it
         at the end. `builder` makes the records (csv_records.py): dicts unless only encoded."""
         context = dict(context) if context else None
-        coordinator: Any = self._tap  # TapCommerceExports: failures and in-flight exports are tap-wide
+        coordinator = self.coordinator
         queue: ExportQueue | None = None
         try:
             queue = self._queue_for(context)
@@ -444,7 +436,7 @@ class ExportStream(Stream):
 
     def _first_files_of_other_partitions(self, context: dict | None) -> list[tuple[ReadyExport, dict | None]]:
         current = tuple(sorted((context or {}).items()))
-        coordinator: Any = self._tap
+        coordinator = self.coordinator
         found = []
         deadline = time.monotonic() + FIRST_FILES_WAIT_SECONDS
         for key, queue in list(self._queues.items()):
@@ -462,13 +454,8 @@ class ExportStream(Stream):
             self.logger.debug("%s: RECORD fast path %s", self.name, "on" if self._fast_path else "off")
         if not self._fast_path:
             return None
-        allowed = set(self._input_schema["properties"]) if self._input_schema is not None else None
-        return FastRecordWriter(self.name, self._stream_version, allowed)
-
-    def _process_record(self, record: dict, child_context: Any = None, partition_context: Any = None) -> None:
-        """Export streams have no child streams and already carry their partition keys."""
-        if self.child_streams:
-            super()._process_record(record, child_context, partition_context)
+        allowed = set(self.selected_schema["properties"]) if self.selected_schema is not None else None
+        return FastRecordWriter(self.name, self.stream_version, allowed)
 
     def get_record_counter(self, **kwargs: Any) -> Any:
         """The SDK's record_count metric of the sync under way: the fast path, whose records bypass
@@ -503,10 +490,10 @@ class ExportStream(Stream):
         batcher = FastJsonlBatcher(
             layout, before_announcing=self._move_bookmarks_awaiting_file, announce_open_file_on=StopRequested
         )
-        if self.ABORT_AT_RECORD_COUNT is not None:  # --test and dry runs count records one by one
-            blocks: Iterable[Any] = ([record] for record in self._sync_records(context, write_messages=False))
+        if self.counts_records_one_by_one:  # --test and dry runs count records one by one
+            blocks: Iterable[Any] = ([record] for record in self.records_of_sdk_loop(context))
         else:
-            coordinator: Any = self._tap
+            coordinator = self.coordinator
             workers = coordinator.batch_workers()
             if workers is not None:
                 self._sliced_writer = SlicedBatchWriter(workers, batcher, self.logger, coordinator.check_stop)
@@ -525,14 +512,14 @@ class ExportStream(Stream):
         bookmarks per window), so only the per-partition ones are kept: starting value, metrics and
         the final state of each partition, as the SDK does them.
         """
-        coordinator: Any = self._tap
+        coordinator = self.coordinator
         record_counter, timer = self.get_record_counter(), self.get_sync_timer()
         with record_counter, timer:
             for partition in ([context] if context is not None else self.partitions) or [{}]:
                 record_counter.with_context(partition)
                 timer.with_context(partition)
                 current = dict(partition) if partition else None
-                self._write_starting_replication_value(current)
+                self.start_partition(current)
                 blocks = self._record_blocks(current, struct_builder)  # BATCH records are only encoded
                 try:
                     for piece in blocks:
@@ -546,10 +533,9 @@ class ExportStream(Stream):
                         yield piece
                 finally:
                     blocks.close()
-                if current == self._get_state_partition_context(current):
-                    self._finalize_state(self.get_context_state(current))
+                self.finalize_partition(current)
         if not context:
-            self._finalize_state(self.stream_state)
+            self.finalize_stream()
 
     def _count(self, ready: ReadyExport, rows: int, seconds: float) -> None:
         totals = self.totals
@@ -583,18 +569,18 @@ class ExportStream(Stream):
         if self._fast_writer is not None and self._fast_writer.allowed_keys is not None:
             self._fast_writer.allowed_keys.update(new_keys)
 
-    def _write_schema_message(self) -> None:
-        if self._hold_schema:
-            self._schema_held = True
-            return
-        super()._write_schema_message()
+    def holds_schema(self) -> bool:
+        return self._hold_schema
+
+    def note_schema_held(self) -> None:
+        self._schema_held = True
 
     def release_schema(self) -> None:
         """The SCHEMA held until the first file was scouted (or until the stream turned out to have no file)."""
         self._hold_schema = False
         if self._schema_held:
             self._schema_held = False
-            self._write_schema_message()
+            self.write_schema()
 
     def _warn_of_fingerprinted_keys(self, layout: CsvLayout) -> None:
         """Once per run and column: the file lacks a key column, so its records carry fingerprints."""
@@ -622,14 +608,13 @@ class ExportStream(Stream):
         a column left out there stays out); then the maps, and a SCHEMA message before the next record."""
         for key, property_schema in properties.items():
             self.schema["properties"][key] = dict(property_schema)
-            if self._input_schema is not None and self._input_schema is not self.schema:
-                selected = self._input_schema["properties"]
+            if self.selected_schema is not None and self.selected_schema is not self.schema:
+                selected = self.selected_schema["properties"]
                 if key in selected or key not in self._known_keys():
                     selected[key] = dict(property_schema)
-        self._tap.mapper.register_raw_stream_schema(self.name, self.schema, self.primary_keys)
-        self._stream_maps = []
+        self.schema_changed()
         if write_schema and self.selected:
-            self._write_schema_message()
+            self.write_schema()
 
     def _known_keys(self) -> set[str]:
         return {column.key for column in self.columns()}

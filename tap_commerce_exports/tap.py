@@ -17,7 +17,6 @@ import click
 from singer_sdk import Tap
 from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
-from singer_sdk.configuration._dict_config import parse_environment_config
 
 from tap_commerce_exports.exports.download import ExportCancelled, FileDownloader
 from tap_commerce_exports.exports.http import install_log_redaction
@@ -28,6 +27,7 @@ from tap_commerce_exports.exports.windows import parse_instant
 from tap_commerce_exports.output.collector import collector_tuned_for_rows
 from tap_commerce_exports.output.fast_records import widen_stdout_pipe
 from tap_commerce_exports.output.parallel_batches import DEFAULT_MAX_WORKERS, BatchWorkerPool, usable_cpus
+from tap_commerce_exports.sdk_adapter import environment_config, write_initial_state
 from tap_commerce_exports.sources import SOURCES
 from tap_commerce_exports.sources.base import ConfigError
 from tap_commerce_exports.stream import ExportStream, SourceRuntime, StopRequested
@@ -245,10 +245,7 @@ class TapCommerceExports(Tap):
         started = time.monotonic()
         widen_stdout_pipe()  # the whole run's messages go through it, whichever path writes them
         self.failures: list[str] = []
-        self._reset_state_progress_markers()
-        self._set_compatible_replication_methods()
-        if self.state:
-            self._state_writer.write_state(self.state)
+        write_initial_state(self)
         export_streams = [s for s in self.streams.values() if isinstance(s, ExportStream) and s.selected]
         for stream in export_streams:
             stream.prepare_sync()
@@ -512,7 +509,7 @@ class SyncFailures(RuntimeError):
 def _environment_config() -> dict:
     """Settings from TAP_COMMERCE_EXPORTS_* (as `meltano invoke` sets them), numbers as numbers."""
     schema = TapCommerceExports.config_jsonschema
-    config = parse_environment_config(schema, "TAP_COMMERCE_EXPORTS_")
+    config = environment_config(schema, "TAP_COMMERCE_EXPORTS_")
     for name, value in list(config.items()):
         if "number" in schema["properties"].get(name, {}).get("type", []) and isinstance(value, str):
             config[name] = float(value)

@@ -32,7 +32,7 @@ def fast_path_allowed(stream: Any) -> bool:
     """True when the SDK would write each record exactly as the tap produced it."""
     if stream.config.get("flattening_enabled") or stream.get_batch_config(stream.config):
         return False
-    if stream.ABORT_AT_RECORD_COUNT is not None:  # --test and dry runs count records one by one
+    if stream.counts_records_one_by_one:  # --test and dry runs count records one by one
         return False
     maps = stream.stream_maps
     if len(maps) != 1 or type(maps[0]) is not SameRecordTransform or maps[0].stream_alias != stream.name:

@@ -56,11 +56,10 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
 
-from singer_sdk.streams import Stream
-
 from tap_commerce_exports.exports.http import ApiError
 from tap_commerce_exports.exports.windows import UTC, parse_instant
 from tap_commerce_exports.openapi import load_spec
+from tap_commerce_exports.sdk_adapter import SdkStream
 
 if TYPE_CHECKING:
     from tap_commerce_exports.sources.intelligems import Experience, IntelligemsApi
@@ -136,8 +135,9 @@ class ResultsSettings:
         )
 
 
-class ResultsStream(Stream):
-    """One results endpoint, partitioned by experience; a partition's bookmark moves once all its rows are out."""
+class ResultsStream(SdkStream):
+    """One results endpoint, partitioned by experience; a partition's bookmark moves once all its rows are
+    out (`_mark_read`), never per record (SdkStream)."""
 
     partition_key = "experience_id"
     #: What a skipped experience's log line says was already read.
@@ -165,9 +165,6 @@ class ResultsStream(Stream):
     def prefetch(self) -> None:
         """List the experiences on the source's own thread (tap.py), like the other Intelligems streams."""
         _ = self.partitions
-
-    def _increment_stream_state(self, latest_record: dict, *, context: Any = None) -> None:
-        """Bookmarks move per experience once all its rows are out (`_mark_read`), never per record."""
 
     def get_records(self, context: Mapping[str, Any] | None) -> Iterable[dict]:
         experience = self.api.experience(str((context or {})[self.partition_key]))
