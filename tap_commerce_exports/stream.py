@@ -35,6 +35,7 @@ from tap_commerce_exports.records.csv_reader import (
     struct_builder,
 )
 from tap_commerce_exports.sdk_adapter import SdkStream
+from tap_commerce_exports.settings import SyncSettings, source_hours
 
 #: How long a stream with guessed kinds waits for its other partitions' first files before its first
 #: record, to learn the columns' real types from them too; one not ready by then is scouted when read.
@@ -77,6 +78,7 @@ class SourceRuntime:
     api: ExportApi
     runner: ExportRunner
     scheduler: ExportScheduler
+    settings: SyncSettings
     naive_zone: dt.tzinfo = UTC
 
 
@@ -188,7 +190,7 @@ class ExportStream(SdkStream):
             windows: list[Window | None] = [None]
         else:
             span = self.export_span(context)
-            windows = list(plan_windows(span, float(self.config.get("export_window_days", 30)))) if span else []
+            windows = list(plan_windows(span, self.runtime.settings.export_window_days)) if span else []
         remembered = remembered_exports(self.get_context_state(context))
         return [
             ExportRequest(
@@ -204,15 +206,18 @@ class ExportStream(SdkStream):
 
     def export_span(self, context: dict | None) -> Window | None:
         """The range due for this partition; subclasses may clamp it (an experience's lifetime)."""
-        config = self.config
-        reread_hours = float(config.get(self.reread_setting) or 0) if self.reread_setting else 0.0
+        settings = self.runtime.settings
         return export_range(
             bookmark=self.bookmark(context),
-            start_date=parse_instant(config["start_date"]),
-            end_date=parse_instant(config["end_date"]) if config.get("end_date") else None,
-            lookback_hours=max(float(config.get("lookback_hours", 0)), reread_hours),
+            start_date=settings.start_date,
+            end_date=settings.end_date,
+            lookback_hours=max(settings.lookback_hours, self.reread_hours()),
             now=dt.datetime.now(UTC),
         )
+
+    def reread_hours(self) -> float:
+        """Hours re-read before the bookmark on every run, by the source's setting (`reread_setting`)."""
+        return source_hours(self.config, self.reread_setting)
 
     def _advance_bookmark(self, context: dict | None, window: Window | None) -> None:
         """Called once every row of `window` was handed on. Written as RECORD messages, they are out:
@@ -276,7 +281,7 @@ class ExportStream(SdkStream):
             except Exception as exc:  # reported by get_records, which meets the same error per partition
                 self.logger.debug("%s %s: exports not started early: %s", self.name, context, exc)
         for queue in list(self._queues.values()):
-            queue.allow_lookahead(self.runtime.scheduler.max_concurrent_exports)
+            queue.allow_lookahead(self.runtime.settings.lookahead)
 
     def cancel_exports(self) -> None:
         """The run ends early: exports not begun are dropped, files downloaded but never read removed."""
@@ -302,7 +307,7 @@ class ExportStream(SdkStream):
                 runtime.scheduler,
                 runtime.runner.prepare,
                 self.export_requests(context),
-                lookahead=lookahead or runtime.scheduler.max_concurrent_exports,
+                lookahead=lookahead or runtime.settings.lookahead,
             )
         return self._queues[key]
 

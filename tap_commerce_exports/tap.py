@@ -20,7 +20,7 @@ from singer_sdk import typing as th
 
 from tap_commerce_exports.exports.download import ExportCancelled, FileDownloader
 from tap_commerce_exports.exports.http import install_log_redaction
-from tap_commerce_exports.exports.job import PollPolicy, stops_source
+from tap_commerce_exports.exports.job import stops_source
 from tap_commerce_exports.exports.runner import ExportRunner
 from tap_commerce_exports.exports.scheduler import ExportScheduler
 from tap_commerce_exports.exports.windows import parse_instant
@@ -28,6 +28,7 @@ from tap_commerce_exports.output.collector import collector_tuned_for_rows
 from tap_commerce_exports.output.fast_records import widen_stdout_pipe
 from tap_commerce_exports.output.parallel_batches import DEFAULT_MAX_WORKERS, BatchWorkerPool, usable_cpus
 from tap_commerce_exports.sdk_adapter import environment_config, write_initial_state
+from tap_commerce_exports.settings import COMMON_SETTINGS, SyncSettings
 from tap_commerce_exports.sources import SOURCES
 from tap_commerce_exports.sources.base import ConfigError
 from tap_commerce_exports.stream import ExportStream, SourceRuntime, StopRequested
@@ -37,71 +38,6 @@ STREAM_PICK_SECONDS = 0.1
 #: How long the sync waits for every source's credential check before it starts exports without the
 #: checks still waiting (a rate-limited source); those then fail only their own source if refused.
 CREDENTIAL_CHECK_SECONDS = 30.0
-
-COMMON_SETTINGS = [
-    th.Property(
-        "start_date",
-        th.DateTimeType,
-        required=True,
-        description="Export data from this moment on (first run; later runs start at the bookmark).",
-    ),
-    th.Property("end_date", th.DateTimeType, description="Export data before this moment. Default: now."),
-    th.Property(
-        "export_window_days",
-        th.NumberType,
-        default=30,
-        description="Largest date range asked for in one export; smaller windows mean smaller files "
-        "and finer-grained bookmarks.",
-    ),
-    th.Property(
-        "lookback_hours",
-        th.NumberType,
-        default=0,
-        description="Re-export this many hours before the bookmark, for rows that reach the vendor's "
-        "exports late (Intelligems analytics lag up to ~2 h).",
-    ),
-    th.Property(
-        "poll_interval_seconds",
-        th.NumberType,
-        default=2,
-        description="First wait between status polls of an export (Next Commerce answers the polls of "
-        "all waiting exports with one listing).",
-    ),
-    th.Property(
-        "poll_max_interval_seconds",
-        th.NumberType,
-        default=60,
-        description="Polls back off (x1.25 each) up to this wait.",
-    ),
-    th.Property(
-        "export_timeout_seconds",
-        th.NumberType,
-        default=3600,
-        description="Give up on an export still not ready after this long, naming its id and status.",
-    ),
-    th.Property(
-        "max_rate_limit_wait_seconds",
-        th.NumberType,
-        default=900,
-        description="Longest single wait a rate limit may ask for. A per-minute or per-hour limit is waited "
-        "out (logged with its end time); a longer wait, or a spent billing-cycle quota, stops that source "
-        "with an error while the other sources finish.",
-    ),
-    th.Property(
-        "max_concurrent_exports",
-        th.IntegerType,
-        default=16,
-        description="Exports created, polled and downloaded at the same time across all streams.",
-    ),
-    th.Property(
-        "batch_worker_processes",
-        th.IntegerType,
-        description="BATCH messages only: processes that write the batch files of a large export in "
-        "parallel, a slice of its rows each (~26 MB each). Default: the CPUs the tap may use (its CPU "
-        "affinity and cgroup quota), at most 4. 1 writes every file in the tap's own process.",
-    ),
-]
-
 
 _NO_SOURCE_MESSAGE = "no source is configured: set the credentials of at least one of " + ", ".join(
     f"{s.name} ({' + '.join(s.credential_settings)})" for s in SOURCES
@@ -122,7 +58,8 @@ class TapCommerceExports(Tap):
     def discover_streams(self) -> list[ExportStream]:
         install_log_redaction()
         self._check_settings()
-        self.scheduler = ExportScheduler(int(self.config.get("max_concurrent_exports", 16)), self.logger)
+        self.settings = SyncSettings.of(self.config)
+        self.scheduler = ExportScheduler(self.settings.max_concurrent_exports, self.logger)
         streams: list[ExportStream] = []
         self._runtimes: dict[str, SourceRuntime] = {}
         for source in SOURCES:
@@ -185,18 +122,10 @@ class TapCommerceExports(Tap):
         api = source.build_api(dict(self.config), logger)
         if api.client is not None:
             api.client.stopping = self.scheduler.stopping
-            api.client.max_rate_limit_wait_seconds = float(self.config.get("max_rate_limit_wait_seconds", 900))
+            api.client.max_rate_limit_wait_seconds = self.settings.max_rate_limit_wait_seconds
         downloader = FileDownloader(logger, stopping=self.scheduler.stopping)
-        runner = ExportRunner(api, downloader, self._poll_policy(), logger, self.scheduler.stopping)
-        return SourceRuntime(api, runner, self.scheduler, source.naive_zone(self.config))
-
-    def _poll_policy(self) -> PollPolicy:
-        config = self.config
-        return PollPolicy(
-            interval=float(config.get("poll_interval_seconds", 2)),
-            max_interval=float(config.get("poll_max_interval_seconds", 60)),
-            timeout=float(config.get("export_timeout_seconds", 3600)),
-        )
+        runner = ExportRunner(api, downloader, self.settings.poll_policy, logger, self.scheduler.stopping)
+        return SourceRuntime(api, runner, self.scheduler, self.settings, source.naive_zone(self.config))
 
     def _check_settings(self) -> None:
         config = self.config
@@ -389,7 +318,7 @@ class TapCommerceExports(Tap):
     def batch_workers(self) -> BatchWorkerPool | None:
         """The processes that write large exports' batch files, shared by every stream; None when
         files are written in this process (one CPU, or `batch_worker_processes` is 1)."""
-        processes = int(self.config.get("batch_worker_processes") or min(usable_cpus(), DEFAULT_MAX_WORKERS))
+        processes = self.settings.batch_worker_processes or min(usable_cpus(), DEFAULT_MAX_WORKERS)
         if processes < 2:
             return None
         if getattr(self, "_batch_worker_pool", None) is None:

@@ -90,12 +90,14 @@ class ExportHandle:
 class PollPolicy:
     """Poll from `interval` up to `max_interval` (x1.25 each time); give up after `timeout` seconds.
 
-    A gentle growth: an export is noticed at most a quarter of its age after it became ready.
+    A gentle growth: an export is noticed at most a quarter of its age after it became ready. The
+    values come from the settings (settings.py: SyncSettings.poll_policy).
     """
 
-    interval: float = 2.0
-    max_interval: float = 60.0
-    timeout: float = 3600.0
+    interval: float
+    max_interval: float
+    timeout: float
+    #: How often a long wait is logged (export id, status, elapsed, polls).
     progress_every: float = 30.0
 
     def intervals(self):

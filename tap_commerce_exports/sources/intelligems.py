@@ -48,6 +48,7 @@ from tap_commerce_exports.exports.job import ExportApi, ExportHandle, ExportRequ
 from tap_commerce_exports.exports.windows import UTC, Window
 from tap_commerce_exports.openapi import SpecValidator
 from tap_commerce_exports.records.columns import columns_from_spec
+from tap_commerce_exports.settings import SyncSettings
 from tap_commerce_exports.sources.base import ConfigError, SourceDefinition, checked_base_url, pacer, string_list
 from tap_commerce_exports.sources.intelligems_results import RESULTS_STREAM_TYPES
 from tap_commerce_exports.stream import ExportStream
@@ -220,7 +221,7 @@ class IntelligemsExportStream(ExportStream):
         the bookmark stops `intelligems_reread_hours` short of now. An ended experience counts as
         fully exported (no more calls) only once a run read its end after that lag had passed; an
         export made minutes after the end would otherwise be its last, and late rows would be lost."""
-        settled = dt.datetime.now(UTC) - dt.timedelta(hours=float(self.config.get(self.reread_setting) or 0))
+        settled = dt.datetime.now(UTC) - dt.timedelta(hours=self.reread_hours())
         previous = self.bookmark(context)
         bookmark = min(window.end, settled)
         return max(bookmark, previous) if previous is not None else bookmark
@@ -385,7 +386,7 @@ def build_api(config: dict, logger: logging.Logger) -> IntelligemsApi:
     return IntelligemsApi(
         client,
         _filters(config),
-        float(config.get("export_timeout_seconds") or 3600),
+        SyncSettings.of(config).export_timeout_seconds,
     )
 
 

@@ -101,7 +101,9 @@ def test_an_error_that_stops_the_source_halts_every_later_export_without_a_call(
 def test_stopping_ends_the_wait_for_a_pending_export():
     api = ScriptedApi(script=("pending",))
     stopping = threading.Event()
-    runner = ExportRunner(api, FakeDownloader(), PollPolicy(interval=0.01, timeout=60.0), LOGGER, stopping)
+    runner = ExportRunner(
+        api, FakeDownloader(), PollPolicy(interval=0.01, max_interval=0.01, timeout=60.0), LOGGER, stopping
+    )
     threading.Timer(0.05, stopping.set).start()
     with pytest.raises(ExportCancelled, match="exp-1"):
         runner.prepare(REQUEST)
@@ -133,3 +135,13 @@ def test_exports_waiting_together_are_polled_through_one_listing():
     assert api.count("list") < 4 * 2, api.calls  # fewer listings than one poll per export per step
     for ready in results:
         ready.file.remove()
+
+
+def test_the_shared_settings_have_one_default_each_and_parse_once():
+    from tap_commerce_exports.settings import COMMON_SETTINGS, DEFAULTS, SyncSettings
+
+    declared = {p.name: p.to_dict()[p.name].get("default") for p in COMMON_SETTINGS}
+    assert {name: declared[name] for name in DEFAULTS} == DEFAULTS
+    settings = SyncSettings.of({"start_date": "2024-01-01T00:00:00Z", "poll_interval_seconds": "0.5"})
+    assert settings.export_timeout_seconds == 3600 and settings.max_concurrent_exports == 16
+    assert settings.poll_policy.interval == 0.5 and settings.lookahead == 16 and settings.end_date is None
