@@ -23,8 +23,9 @@ from tap_commerce_exports.exports.runner import ExportRunner
 from tap_commerce_exports.exports.scheduler import ExportQueue, ExportScheduler
 from tap_commerce_exports.exports.windows import UTC, Window, export_range, parse_instant, plan_windows
 from tap_commerce_exports.output.fast_records import FastRecordWriter, fast_path_allowed
-from tap_commerce_exports.output.jsonl_batches import FastJsonlBatcher, FilesLayout, WrittenFiles
-from tap_commerce_exports.output.parallel_batches import BatchWorkerPool, SlicedBatchWriter
+from tap_commerce_exports.output.jsonl_batches import FilesLayout, WrittenFiles
+from tap_commerce_exports.output.parallel_batches import BatchWorkerPool
+from tap_commerce_exports.output.paths import FastRecords, JsonlBatches, RecordPath, SdkRecords
 from tap_commerce_exports.records.columns import Column
 from tap_commerce_exports.records.csv_reader import (
     BuilderFactory,
@@ -127,13 +128,13 @@ class ExportStream(SdkStream):
     def __init__(self, tap: Any, runtime: SourceRuntime) -> None:
         self.runtime = runtime
         self._queues: dict[tuple, ExportQueue] = {}
-        self._fast_writer: FastRecordWriter | None = None
+        #: How records leave the tap (output/paths.py): chosen once per sync, set while one runs.
         self._fast_path: bool | None = None
+        self._record_path: RecordPath | None = None
+        self._batch_path: JsonlBatches | None = None
         #: BATCH mode: windows whose rows were all handed to the batcher, waiting for their file to be
         #: announced before their bookmark may pass them (None: bookmarks move at once).
         self._bookmarks_awaiting_file: list[tuple[dict | None, Window | None]] | None = None
-        #: BATCH mode with worker processes: writes large export files a slice per worker.
-        self._sliced_writer: SlicedBatchWriter | None = None
         self.totals = StreamTotals()
         self._fingerprint_warned: set[str] = set()
         #: Guessed kinds: the stream's SCHEMA waits until its first file was scouted for misfits, so a
@@ -312,24 +313,16 @@ class ExportStream(SdkStream):
         return self._queues[key]
 
     def get_records(self, context: Mapping[str, Any] | None) -> Iterable[dict]:
-        """Records for the SDK's loop, or none when the fast path writes them itself (fast_output.py)."""
-        coordinator = self.coordinator
-        writer = self._fast_writer = self._new_fast_writer()
-        blocks = self._record_blocks(context, dict_builder if writer is None else writer.record_builder)
+        """Records for the SDK's loop, or none when the fast path writes them itself (output/paths.py)."""
+        path = self._record_path = self._new_record_path()
+        blocks = self._record_blocks(context, path.builder)
         try:
-            if writer is None:
-                for block in blocks:
-                    coordinator.check_stop()
-                    yield from block
-                return
-            writer.after_block = coordinator.check_stop
-            for block in blocks:
-                writer.write_block(block)
+            yield from path.emit(blocks)
         finally:
             blocks.close()  # a stop raised here still ends the window's export (files, queue)
-            if writer is not None:
-                self._record_counter.increment(writer.written)
-            self._fast_writer = None
+            if path.written:  # the fast path's records bypass the SDK's loop, which counts the others
+                self._record_counter.increment(path.written)
+            self._record_path = None
 
     def _record_blocks(
         self, context: Mapping[str, Any] | None, builder: BuilderFactory = dict_builder
@@ -393,8 +386,8 @@ class ExportStream(SdkStream):
             if not self.column_kinds_documented:
                 self._widen_before_reading(ready, context)
             reader = self._reader_for(ready, context, builder)
-            if self._sliced_writer is not None:
-                yield from self._sliced_writer.pieces(ready.file.path, reader, self._accept_layout)
+            if self._batch_path is not None:
+                yield from self._batch_path.pieces_of(ready.file.path, reader, self._accept_layout)
             else:
                 yield from reader.read_file(ready.file.path, self._accept_layout)
         finally:
@@ -453,14 +446,15 @@ class ExportStream(SdkStream):
 
     # ------------------------------------------------------------- fast output
 
-    def _new_fast_writer(self) -> FastRecordWriter | None:
+    def _new_record_path(self) -> RecordPath:
         if self._fast_path is None:
             self._fast_path = self.fast_path_enabled and fast_path_allowed(self)
             self.logger.debug("%s: RECORD fast path %s", self.name, "on" if self._fast_path else "off")
         if not self._fast_path:
-            return None
+            return SdkRecords(self.coordinator.check_stop)
         allowed = set(self.selected_schema["properties"]) if self.selected_schema is not None else None
-        return FastRecordWriter(self.name, self.stream_version, allowed)
+        writer = FastRecordWriter(self.name, self.stream_version, allowed)
+        return FastRecords(writer, self.coordinator.check_stop)
 
     def get_record_counter(self, **kwargs: Any) -> Any:
         """The SDK's record_count metric of the sync under way: the fast path, whose records bypass
@@ -492,22 +486,25 @@ class ExportStream(SdkStream):
             compress=batch_config.encoding.compression == "gzip",
             batch_size=batch_config.batch_size,
         )
-        batcher = FastJsonlBatcher(
-            layout, before_announcing=self._move_bookmarks_awaiting_file, announce_open_file_on=StopRequested
+        one_by_one = self.counts_records_one_by_one  # --test and dry runs count records one by one
+        coordinator = self.coordinator
+        path = self._batch_path = JsonlBatches(
+            layout,
+            before_announcing=self._move_bookmarks_awaiting_file,
+            stop_signal=StopRequested,
+            workers=None if one_by_one else coordinator.batch_workers(),
+            logger=self.logger,
+            check_stop=coordinator.check_stop,
         )
-        if self.counts_records_one_by_one:  # --test and dry runs count records one by one
+        if one_by_one:
             blocks: Iterable[Any] = ([record] for record in self.records_of_sdk_loop(context))
         else:
-            coordinator = self.coordinator
-            workers = coordinator.batch_workers()
-            if workers is not None:
-                self._sliced_writer = SlicedBatchWriter(workers, batcher, self.logger, coordinator.check_stop)
             blocks = self._batch_blocks(context)
         try:
-            for manifest in batcher.get_batches(blocks):
+            for manifest in path.batches(blocks):
                 yield batch_config.encoding, manifest
         finally:
-            self._sliced_writer = None
+            self._batch_path = None
 
     def _batch_blocks(self, context: Mapping[str, Any] | None) -> Iterator[Any]:
         """What the SDK's `_sync_records(write_messages=False)` does for BATCH, a block at a time
@@ -571,8 +568,8 @@ class ExportStream(SdkStream):
             ", ".join(new_keys),
         )
         self._change_properties({key: dict(UNKNOWN_COLUMN_SCHEMA) for key in new_keys})
-        if self._fast_writer is not None and self._fast_writer.allowed_keys is not None:
-            self._fast_writer.allowed_keys.update(new_keys)
+        if self._record_path is not None:
+            self._record_path.allow_keys(new_keys)
 
     def holds_schema(self) -> bool:
         return self._hold_schema

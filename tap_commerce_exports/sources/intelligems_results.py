@@ -272,7 +272,7 @@ class ExperimentResultsStream(ResultsStream):
         # The whole lifetime (no startTs/endTs): "Defaults to ... start ... through end/pause or now".
         answer = self._post(RESOURCE_PATH, experience, {"view": "overview"})
         facts = _variation_facts(experience, answer.get("variations"))
-        impact = answer.get("impact") if isinstance(answer.get("impact"), dict) else {}
+        impact: dict = answer["impact"] if isinstance(answer.get("impact"), dict) else {}
         shared = {
             "experience_id": experience.id,
             "retrieved_at": now.isoformat(),

@@ -328,7 +328,8 @@ def migrate_partitioned_state(state: dict, replication_key: str, campaign_ids: S
     # Unset, the old stream listed every campaign: one missing from the state was created since.
     wanted = list(campaign_ids) if campaign_ids else list(bookmarks)
     values = [bookmarks.get(campaign) for campaign in wanted]
-    oldest = min(values, key=parse_instant) if values and all(values) else None
+    given = [value for value in values if value]
+    oldest = min(given, key=parse_instant) if values and len(given) == len(values) else None
     state["partitions"] = []
     state["replication_key"] = replication_key
     if oldest:
