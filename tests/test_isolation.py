@@ -33,7 +33,9 @@ def test_after_a_window_fails_its_later_windows_are_not_exported(voucherify_sand
 def started_with_voucherify_blocked(sandbox: Sandbox, block_seconds: float):
     """The tap in a subprocess while Voucherify answers its first call with a long per-minute block."""
     sandbox.nextcommerce.rate_per_second = sandbox.nextcommerce.rate_burst = 100
-    # A plan of one request per window: the connection check passes, the campaign listing waits.
+    # A plan of one request per window: the connection check passes, the first export waits. The
+    # windows are aligned to multiples of their length in Unix time (as Voucherify's minutes are), so
+    # a long one keeps a window's end from falling inside the test.
     sandbox.voucherify.requests_per_minute, sandbox.voucherify.rate_window_seconds = 1, block_seconds
     config = {**sandbox.tap_config(), "nextcommerce_requests_per_second": 50, "export_window_days": 60}
     return start_tap_process(config)
@@ -43,7 +45,7 @@ def test_while_voucherify_waits_out_a_rate_limit_the_other_sources_rows_flow_and
     """Issue: one Voucherify wait on the thread that writes messages froze every source, and SIGTERM in
     it took 40 s. Now the wait holds up Voucherify only; SIGTERM ends the run within 5 s with a STATE."""
     with Sandbox(export_latency_seconds=0.05) as sandbox:
-        process = started_with_voucherify_blocked(sandbox, block_seconds=120)
+        process = started_with_voucherify_blocked(sandbox, block_seconds=86_400)
         stderr = Path(process.stderr_path)
         wait_for_log(stderr, "voucherify: the API's request budget is spent")
         seen: list[str] = []
