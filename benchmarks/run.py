@@ -137,6 +137,14 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(out)
 
 
+def _lines_in(source: str | io.BytesIO, compressed: bool | None = None) -> int:
+    """Lines of a batch file (a path or bytes), gunzipped when it is compressed."""
+    if compressed is None:
+        compressed = isinstance(source, str) and source.endswith(".gz")
+    with gzip.open(source, "rb") if compressed else (open(source, "rb") if isinstance(source, str) else source) as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
 class Bench:
     def __init__(self, plan: Plan, workdir: str, repeat: int, profile_out: str | None) -> None:
         self.plan = plan
@@ -406,27 +414,30 @@ class Bench:
         figures["wall_minus_wait_rate"] = rate(run.records, run.wall_seconds - waited)
         return run, figures
 
-    def _tap_batch_figures(self, attempt: int, rows: int, compression: str = "gzip") -> dict:
-        batch_dir = os.path.join(self.workdir, f"batches-{compression}-{attempt}")
+    def _tap_batch_figures(self, attempt: int, rows: int, compression: str = "gzip", s3: Any = None) -> dict:
+        """A BATCH run, its files in a local directory, or with `s3` (a LocalS3) in a bucket of its own."""
+        where = "s3" if s3 is not None else "local"
+        batch_dir = os.path.join(self.workdir, f"batches-{where}-{compression}-{attempt}")
         os.makedirs(batch_dir)
+        storage: dict[str, Any] = {"root": f"file://{batch_dir}", "prefix": "orders-"}
+        if s3 is not None:
+            bucket = s3.new_bucket()
+            storage = {"root": f"s3://{bucket}/commerce", "prefix": "orders-", "params": s3.storage_params()}
         run = self.tap_run(
-            f"tap-batch-{compression}-{attempt}",
+            f"tap-batch-{where}-{compression}-{attempt}",
             rows,
-            {
-                "batch_config": {
-                    "encoding": {"format": "jsonl", "compression": compression},
-                    "storage": {"root": f"file://{batch_dir}", "prefix": "orders-"},
-                }
-            },
+            {"batch_config": {"encoding": {"format": "jsonl", "compression": compression}, "storage": storage}},
         )
         log = parse_tap_log(run.log_text)
         downloaded = max((e.downloaded_at for e in log.exports.values() if e.downloaded_at), default=None)
         last_batch = run.sink["last"].get("BATCH")
-        files = glob.glob(os.path.join(batch_dir, "**", "*.json*"), recursive=True)
-        lines = 0
-        for name in files:
-            with gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb") as batch:
-                lines += sum(chunk.count(b"\n") for chunk in iter(lambda b=batch: b.read(1 << 20), b""))
+        if s3 is None:
+            files = glob.glob(os.path.join(batch_dir, "**", "*.json*"), recursive=True)
+            lines = sum(_lines_in(name) for name in files)
+        else:
+            files = [f"s3://{bucket}/{key}" for key in s3.keys(bucket)]
+            lines = sum(_lines_in(io.BytesIO(s3.read(url)), compressed=url.endswith(".gz")) for url in files)
+            s3.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in s3.keys(bucket)]})
         shutil.rmtree(batch_dir, ignore_errors=True)
         to_last = (last_batch - downloaded) if (last_batch and downloaded) else None
         figures = {
@@ -474,6 +485,44 @@ class Bench:
             "peak_rss_bytes": [peaks[small], peaks[large]],
             "growth_bytes": growth,
         }
+
+    # ----------------------------------------------------------- 4. object storage
+
+    def objectstore(self) -> None:
+        """BATCH jsonl+gzip straight to object storage (moto's S3 server on loopback, started here)
+        against BATCH to local files, in turns: records/s and peak RSS of each."""
+        from tests.s3_server import LocalS3
+
+        rows = self.plan.throughput_rows
+        turns = min(self.repeat, 3)
+        say(f"\n== 4. Object storage: {ORDERS}, {rows:,} rows, BATCH jsonl+gzip to S3 vs local files ==")
+        self.prewarm(rows)
+        local_runs, s3_runs = [], []
+        with LocalS3() as s3:
+            say(f"  S3: moto's server at {s3.endpoint_url} (in this process), signatures checked")
+            for attempt in range(turns):
+                # The two take turns, swapping places: the machine's drift reaches both alike.
+                pair = [lambda a=attempt: s3_runs.append(self._tap_batch_figures(100 + a, rows, s3=s3))]
+                pair.append(lambda a=attempt: local_runs.append(self._tap_batch_figures(200 + a, rows)))
+                for run in pair if attempt % 2 == 0 else reversed(pair):
+                    run()
+        result: dict[str, Any] = {"rows": rows, "turns": turns}
+        for key, runs, label in (("local", local_runs, "local files"), ("s3", s3_runs, "S3 (moto, loopback)")):
+            best = max(runs, key=lambda f: f["rate"] or 0)
+            best["peak_rss_with_workers_max_bytes"] = max(f["peak_rss_with_workers_bytes"] for f in runs)
+            best["peak_rss_max_bytes"] = max(f["peak_rss_bytes"] for f in runs)
+            result[key] = best
+            self._check_rows(f"tap (BATCH to {label})", best["rows_in_files"], rows)
+            say(
+                f"  BATCH jsonl+gzip to {label}: {best['rows_in_files']:,} rows in {best['files']} files; "
+                f"file downloaded -> last BATCH message {best['emit_seconds'] or 0:.2f}s = {fmt_rate(best['rate'])} "
+                f"(best of {len(runs)}); peak RSS tap {fmt_mb(best['peak_rss_max_bytes'])}, with its "
+                f"{best['child_processes']} child processes {fmt_mb(best['peak_rss_with_workers_max_bytes'])}"
+            )
+        local_rate, s3_rate = result["local"]["rate"], result["s3"]["rate"]
+        result["s3_vs_local"] = s3_rate / local_rate if s3_rate and local_rate else None
+        say(f"  S3 / local files = {result['s3_vs_local'] or 0:.2f}x")
+        self.results["objectstore"] = result
 
     # ------------------------------------------------------------------ profile
 
@@ -744,6 +793,29 @@ class Bench:
         w = r.get("waiting")
         if w:
             rows += self._waiting_rows(w, r.get("waiting_streams", 13))
+        o = r.get("objectstore")
+        if o:
+            for key, label in (("local", "local files"), ("s3", "S3 (moto on loopback)")):
+                figures = o[key]
+                rows += [
+                    [
+                        "4 object storage",
+                        f"BATCH jsonl+gzip to {label}, {o['rows']:,} rows",
+                        fmt_rate(figures["rate"]),
+                        "",
+                        "",
+                    ],
+                    [
+                        "4 object storage",
+                        f"  peak RSS: tap; tap + workers ({label})",
+                        fmt_mb(figures["peak_rss_max_bytes"])
+                        + "; "
+                        + fmt_mb(figures["peak_rss_with_workers_max_bytes"]),
+                        f"< {TARGETS['peak_rss_mb']} MB",
+                        verdict(figures["peak_rss_with_workers_max_bytes"] < TARGETS["peak_rss_mb"] * MB),
+                    ],
+                ]
+            rows.append(["4 object storage", "S3 / local files", f"{o['s3_vs_local'] or 0:.2f}x", "", ""])
         machine_rows = [[key, value] for key, value in r["machine"].items()]
         text = table(rows, ["part", "figure", "value", "target", "verdict"]) if rows else "(no figures)"
         return f"{text}\n\n{table(machine_rows, ['machine', ''])}"
@@ -815,8 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="throughput,memory,profile,waiting",
-        help="comma-separated parts to run (throughput, memory, profile, waiting)",
+        default="throughput,memory,profile,waiting,objectstore",
+        help="comma-separated parts to run (throughput, memory, profile, waiting, objectstore)",
     )
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--profile-out", help="keep the cProfile output of the profiled run here")
@@ -843,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         f"singer-sdk {info['singer-sdk']}; load average {load_at_start}; work directory {workdir}"
     )
     try:
-        for part in ("throughput", "memory", "profile", "waiting"):
+        for part in ("throughput", "memory", "profile", "waiting", "objectstore"):
             if part in parts:
                 getattr(bench, part)()
     finally:

@@ -27,6 +27,7 @@ from tap_commerce_exports.exports.windows import parse_instant
 from tap_commerce_exports.output.collector import collector_tuned_for_rows
 from tap_commerce_exports.output.fast_records import widen_stdout_pipe
 from tap_commerce_exports.output.parallel_batches import DEFAULT_MAX_WORKERS, BatchWorkerPool, usable_cpus
+from tap_commerce_exports.output.storage_check import check_batch_storage, describe_storage_params
 from tap_commerce_exports.sdk_adapter import environment_config, write_initial_state
 from tap_commerce_exports.settings import COMMON_SETTINGS, SyncSettings
 from tap_commerce_exports.sources import SOURCES
@@ -54,6 +55,11 @@ class TapCommerceExports(Tap):
     ).to_dict()
 
     stop_signal: int = 0
+
+    @classmethod
+    def append_builtin_config(cls, config_jsonschema: dict) -> None:
+        super().append_builtin_config(config_jsonschema)
+        describe_storage_params(config_jsonschema)
 
     def discover_streams(self) -> list[ExportStream]:
         install_log_redaction()
@@ -172,6 +178,8 @@ class TapCommerceExports(Tap):
         written, and the run ends with a summary of what failed (and a non-zero exit).
         """
         started = time.monotonic()
+        if self.config.get("batch_config"):  # the files' storage works, before any export is paid for
+            check_batch_storage(self.config["batch_config"], self.logger)
         widen_stdout_pipe()  # the whole run's messages go through it, whichever path writes them
         self.failures: list[str] = []
         write_initial_state(self)

@@ -20,6 +20,8 @@ import pytest
 
 from commerce_sandbox.server import Sandbox
 from tap_commerce_exports.sources import SOURCES
+from tests.postgres_server import postgres_bin, running_postgres
+from tests.s3_server import LocalS3
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Every stream of every source: the sandbox serves them all.
@@ -35,7 +37,10 @@ pytestmark = pytest.mark.skipif(not (BIN / "meltano").exists(), reason=f"{BIN / 
 def plugins_installed(tmp_path_factory):
     """The plugins the blocks use, installed as a fresh clone would (quick when they already are)."""
     env = {**os.environ, "MELTANO_DATABASE_URI": f"sqlite:///{tmp_path_factory.mktemp('install') / 'm.db'}"}
-    for kind, name in (("extractor", "tap-commerce-exports"), ("loader", "target-duckdb"), ("loader", "target-jsonl")):
+    plugins = [("extractor", "tap-commerce-exports"), ("loader", "target-duckdb"), ("loader", "target-jsonl")]
+    if postgres_bin() is not None:  # for the object-storage example
+        plugins.append(("loader", "target-postgres"))
+    for kind, name in plugins:
         subprocess.run(
             [str(BIN / "meltano"), "install", kind, name], cwd=ROOT, env=env, check=True, capture_output=True
         )
@@ -148,3 +153,34 @@ def test_the_sandbox_commands_work_as_written(tmp_path):
     catalog = json.loads((project / "catalog.json").read_text())
     assert len(catalog["streams"]) == STREAM_COUNT
     assert sum(1 for line in (project / "out.jsonl").read_text().splitlines() if '"RECORD"' in line) > 1000
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="no PostgreSQL binaries (Debian's postgresql package)")
+def test_the_object_storage_example_loads_postgres_from_s3_as_written(tmp_path):
+    """The tap writes BATCH files to a real S3-compatible server (moto's, on loopback) and
+    target-postgres loads them from there; credentials and endpoint come from the environment."""
+    project = project_copy(tmp_path)
+    with LocalS3() as s3, Sandbox(("voucherify",), export_latency_seconds=0.05) as sandbox, running_postgres() as pg:
+        s3.client().create_bucket(Bucket="my-exports")
+        env = {
+            **s3.environment(),
+            **pg.environment(),
+            **{
+                f"TAP_COMMERCE_EXPORTS_{name.upper()}": value for name, value in sandbox.voucherify.tap_config().items()
+            },
+            "TAP_COMMERCE_EXPORTS_VOUCHERIFY_ORDER_METADATA_FIELDS": json.dumps(
+                sandbox.voucherify.tap_config()["voucherify_order_metadata_fields"]
+            ),
+            "TAP_COMMERCE_EXPORTS_END_DATE": "2024-03-01T00:00:00Z",
+            "TAP_COMMERCE_EXPORTS_POLL_INTERVAL_SECONDS": "1",
+            "TAP_COMMERCE_EXPORTS__SELECT": json.dumps(["voucherify_orders.*", "voucherify_customers.*"]),
+            "MELTANO_DATABASE_URI": f"sqlite:///{tmp_path / 'meltano.db'}",
+        }
+        result = run_block(bash_block("## BATCH to object storage"), project, env, timeout=900)
+        keys = s3.keys("my-exports")
+        for stream in ("voucherify_orders", "voucherify_customers"):
+            loaded = int(pg.query(f"select count(distinct id) from commerce.{stream}"))
+            assert loaded == len(sandbox.voucherify.expected_records(stream)) > 0, stream
+            assert any(key.startswith(f"commerce/tap-commerce-exports--{stream}-") for key in keys)
+    assert "a probe object was written and removed" in result.stderr
+    assert s3.secret not in result.stdout + result.stderr and s3.key not in result.stdout + result.stderr

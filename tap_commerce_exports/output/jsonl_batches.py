@@ -23,6 +23,10 @@ from isal import igzip
 from tap_commerce_exports.records.columns import RECORD_JSON
 
 GZIP_LEVEL = 1  # ISA-L's level 1: zlib level 3's size at ~5x its speed
+#: Object stores: an object is written without any directory, and "making the directory" of a root
+#: that is a bare bucket creates the bucket. Files there are written without mkdir, so a bucket that
+#: does not exist fails the write instead of being created (storage_check.py finds it first).
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 _logger = logging.getLogger(__name__)
 
@@ -70,15 +74,9 @@ class WorkerStorage:
                 os.unlink(temporary)
             raise
 
-    @contextlib.contextmanager
-    def _open_remote(self, filename: str, mode: str) -> Iterator[Any]:
+    def _open_remote(self, filename: str, mode: str) -> contextlib.AbstractContextManager[Any]:
         assert self._root_path is not None
-        fs = self._root_path.fs
-        fs.start_transaction()
-        self._root_path.mkdir(parents=True, exist_ok=True)
-        with fs.open(self._root_path / filename, mode) as file:
-            yield file
-        fs.end_transaction()
+        return _open_remote(self._root_path, filename, mode)
 
     def get_url(self, filename: str) -> str:
         if self.local_dir:
@@ -87,13 +85,37 @@ class WorkerStorage:
         return str(self._root_path.joinpath(filename).as_uri())
 
 
+@contextlib.contextmanager
+def _open_remote(root_path: Any, filename: str, mode: str) -> Iterator[Any]:
+    """A file under a remote root, complete once closed and discarded if its writing fails (fsspec's
+    transaction: an S3 multipart upload is aborted). The SDK makes the root's directory first; on an
+    object store that creates a missing bucket, so there it is not made: an object needs no directory."""
+    fs = root_path.fs
+    if root_path.protocol not in OBJECT_STORE_PROTOCOLS:
+        root_path.mkdir(parents=True, exist_ok=True)
+    with fs.transaction, fs.open(root_path / filename, mode) as file:
+        yield file
+
+
+def open_for_writing(storage: FileStorage, filename: str) -> contextlib.AbstractContextManager[Any]:
+    """A new batch file: through the storage itself when it is local (or the worker's own), else
+    without the SDK's mkdir of the root, which would create a bucket that does not exist."""
+    if isinstance(storage, WorkerStorage) or local_directory(storage) is not None:
+        return storage.open(filename, "wb")
+    return _open_remote(_upath(storage.root, storage.params or {}).resolve(), filename, "wb")
+
+
 def local_directory(storage: FileStorage) -> Path | None:
     """The directory a storage writes to when it is local, as the SDK resolves its root (a file://
     root is taken literally, %20 and all); None for remote storage."""
     if isinstance(storage, WorkerStorage):
         return storage.local_dir
-    root = _upath(storage.root, storage.params or {}).resolve()
-    return Path(os.fspath(root)) if root.protocol in ("", "file", "local") else None
+    return local_directory_of(storage.root, storage.params or {})
+
+
+def local_directory_of(root: str, params: dict[str, Any]) -> Path | None:
+    path = _upath(root, params).resolve()
+    return Path(os.fspath(path)) if path.protocol in ("", "file", "local") else None
 
 
 def remove_files(storage: FileStorage, filenames: Iterable[str]) -> None:
@@ -258,7 +280,7 @@ class BatchFile:
     def __init__(self, layout: FilesLayout, filename: str) -> None:
         self.storage, self.filename = layout.storage, filename
         self._closing = contextlib.ExitStack()
-        out = self._closing.enter_context(layout.storage.open(filename, "wb"))
+        out = self._closing.enter_context(open_for_writing(layout.storage, filename))
         if layout.compress:
             out = self._closing.enter_context(igzip.GzipFile(fileobj=out, mode="wb", compresslevel=GZIP_LEVEL))
         self._out = out
