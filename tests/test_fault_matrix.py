@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 
-from commerce_sandbox.server import Sandbox
-from tap_commerce_exports.sources import intelligems, voucherify
+from commerce_sandbox.core import FaultMatrixProfile
+from commerce_sandbox.server import API_NAMES as SANDBOX_APIS
+from commerce_sandbox.server import Sandbox, emulator_type
+from tap_commerce_exports.sources import SOURCES, intelligems
 from tap_commerce_exports.stream import ExportStream
 from tap_commerce_exports.tap import SyncFailures
 from tests.harness import (
@@ -58,42 +60,49 @@ def first_experience(emulator) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """How the matrix talks about one API: its hosts, two streams and how to compare their rows."""
+    """One API as the matrix talks about it: what its emulator says of itself (FaultMatrixProfile)."""
 
     name: str
-    api_host: str
-    file_host: str
-    streams: tuple[str, str]
-    keys: dict[str, tuple[str, ...]]
-    replication_keys: dict[str, str]
-    create_pattern: str  # regex on the API path of export creation
+    profile: FaultMatrixProfile
 
-    def emulator(self, sandbox):
-        return getattr(sandbox, self.name)
+    @property
+    def api_host(self) -> str:
+        return self.profile.api_host
+
+    @property
+    def file_host(self) -> str:
+        return self.profile.file_host
+
+    @property
+    def streams(self) -> tuple[str, str]:
+        return self.profile.streams
+
+    @property
+    def keys(self) -> dict[str, tuple[str, ...]]:
+        return self.profile.keys
+
+    @property
+    def replication_keys(self) -> dict[str, str]:
+        return self.profile.replication_keys
 
     @property
     def stream(self) -> str:
         return self.streams[0]
 
+    def emulator(self, sandbox):
+        return sandbox.emulators[self.name]
+
     def config(self, sandbox, **extra) -> dict:
         emulator = self.emulator(sandbox)
-        config = dict(emulator.tap_config())
-        if self.name == "nextcommerce":
-            emulator.rate_per_second = 100
-            emulator.rate_burst = 100
-            config["nextcommerce_requests_per_second"] = 50
-        if self.name == "intelligems":
-            config["intelligems_experience_ids"] = [first_experience(emulator)]
-        if self.name in ("nextcommerce", "intelligems"):
-            # These tests resume from a bookmark and name the window that starts there; re-reading
-            # (tests/test_nextcommerce.py) would start it earlier.
-            config[f"{self.name}_reread_hours"] = 0
+        emulator.ready_for_matrix()
+        config = {**emulator.tap_config(), **dict(self.profile.settings)}
+        partition = emulator.matrix_partition()
+        if partition and self.profile.partition_setting:
+            config[self.profile.partition_setting] = list(partition.values())
         return {**config, **extra}
 
     def context(self, sandbox) -> dict | None:
-        if self.name == "intelligems":
-            return {"experience_id": first_experience(self.emulator(sandbox))}
-        return None
+        return self.emulator(sandbox).matrix_partition()
 
     def expected(self, sandbox, stream: str, start: Any = None, end: Any = None) -> dict:
         emulator = self.emulator(sandbox)
@@ -104,7 +113,7 @@ class Target:
         return keyed(output.records(stream), self.keys[stream])
 
     def creates(self, sandbox) -> list:
-        return sandbox.log.entries(host=self.api_host, method="POST", path_pattern=self.create_pattern)
+        return sandbox.log.entries(host=self.api_host, method="POST", path_pattern=self.profile.create_pattern)
 
     def bookmark(self, state: dict, stream: str, sandbox) -> str | None:
         entry = state.get("bookmarks", {}).get(stream, {})
@@ -118,43 +127,12 @@ class Target:
         bookmarks = {}
         context = self.context(sandbox)
         for stream in self.streams:
-            entry = {"replication_key": self.replication_keys[stream], "replication_key_value": bookmark}
+            entry = {"replication_key": self.profile.replication_keys[stream], "replication_key_value": bookmark}
             bookmarks[stream] = {"partitions": [{"context": context, **entry}]} if context else entry
         return {"bookmarks": bookmarks}
 
 
-TARGETS = {
-    "voucherify": Target(
-        "voucherify",
-        "voucherify-api",
-        "voucherify-download",
-        ("voucherify_redemptions", "voucherify_customers"),
-        {"voucherify_redemptions": ("id",), "voucherify_customers": ("id",)},
-        {"voucherify_redemptions": "date", "voucherify_customers": "updated_at"},
-        r"/export",
-    ),
-    "nextcommerce": Target(
-        "nextcommerce",
-        "nextcommerce-api",
-        "nextcommerce-files",
-        ("nextcommerce_dispute_list", "nextcommerce_return_list"),
-        {"nextcommerce_dispute_list": ("dispute_id",), "nextcommerce_return_list": ("return_id",)},
-        {"nextcommerce_dispute_list": "date_created", "nextcommerce_return_list": "date_created"},
-        r"/exports/?$",
-    ),
-    "intelligems": Target(
-        "intelligems",
-        "intelligems-api",
-        "intelligems-s3",
-        ("intelligems_orders", "intelligems_order_reconciliation"),
-        {
-            "intelligems_orders": ("experience_id", "order_id"),
-            "intelligems_order_reconciliation": ("experience_id", "order_id"),
-        },
-        {"intelligems_orders": "created_at", "intelligems_order_reconciliation": "created_at"},
-        r"/export$",
-    ),
-}
+TARGETS = {name: Target(name, emulator_type(name).fault_matrix) for name in SANDBOX_APIS}
 API_NAMES = tuple(TARGETS)
 
 
@@ -188,15 +166,13 @@ def gaps_after(entries: list, status: int) -> list[float]:
 
 # -------------------------------------------------------------------- API faults
 
-RETRY_HEADER_WAIT = {"voucherify": 0.6, "nextcommerce": 1.0, "intelligems": 1.0}
-
 
 @pytest.mark.parametrize("api", API_NAMES)
 def test_429_waits_as_long_as_the_apis_own_retry_header_says(api, sandbox_for):
     """Retry-After (Next Commerce), X-Rate-Limit-Retry (Voucherify), x-ratelimit-reset (Intelligems)."""
     target, sandbox = TARGETS[api], sandbox_for(api)
     # Voucherify's header value is the fault's value; the others are fixed by their emulators (1 s).
-    sandbox.faults.arm("rate_limit", 2, value=RETRY_HEADER_WAIT[api] if api == "voucherify" else None)
+    sandbox.faults.arm("rate_limit", 2, value=target.profile.rate_limit_fault_value)
     output = run_tap(target.config(sandbox, export_window_days=ONE_WINDOW), streams={target.stream})
 
     assert output.error is None, output.error
@@ -206,8 +182,8 @@ def test_429_waits_as_long_as_the_apis_own_retry_header_says(api, sandbox_for):
     gaps = gaps_after(api_calls, 429)
     assert len(gaps) == 2
     # The log stamps an answer just before sending it; the retry comes at least the asked wait later.
-    assert min(gaps) >= RETRY_HEADER_WAIT[api] - 0.05, f"retried {min(gaps):.2f}s after a 429"
-    assert max(gaps) < RETRY_HEADER_WAIT[api] + 2.0, "waited far longer than the API asked"
+    assert min(gaps) >= target.profile.retry_header_wait - 0.05, f"retried {min(gaps):.2f}s after a 429"
+    assert max(gaps) < target.profile.retry_header_wait + 2.0, "waited far longer than the API asked"
 
 
 @pytest.mark.parametrize("api", API_NAMES)
@@ -250,8 +226,7 @@ def test_a_cut_download_is_detected_fetched_again_and_its_rows_emitted_once(api,
     # Only the whole file was parsed: one file read to its end, holding every row.
     assert emitted_rows_logged(output, target.stream) == [len(target.expected(sandbox, target.stream))]
     downloads = sandbox.log.entries(host=target.file_host)
-    content_fault = (api, fault) == ("intelligems", "download_cut_quote")
-    if content_fault:  # the cut is in the stored file: only a new export gives a whole one
+    if fault in target.profile.content_faults:  # the cut is in the stored file: only a new export gives a whole one
         assert len(target.creates(sandbox)) == 2
     else:  # a transport fault: the same export, downloaded again
         assert len(target.creates(sandbox)) == 1
@@ -290,7 +265,6 @@ def test_an_intelligems_export_that_never_answers_times_out_after_export_timeout
 
 # ------------------------------------------------------------------ file faults
 
-BAD_ROW = {"voucherify": 3, "nextcommerce": 1, "intelligems": 1}  # the data row each emulator damages
 RESUME_AT = "2024-01-16T00:00:00+00:00"
 
 
@@ -319,8 +293,8 @@ def test_a_bad_row_fails_its_window_naming_stream_export_and_row_while_other_str
     assert bad_stream in target.streams
     # The message names the stream, the export and the data row.
     export_id = re.search(r"\) export (\S+): row", failure).group(1)
-    if api == "intelligems":
-        assert export_id.startswith(first_experience(sandbox.intelligems))
+    if not target.profile.resumable:  # a synchronous API's export id names its partition
+        assert export_id.startswith(next(iter(target.context(sandbox).values())))
     else:
         read = sandbox.log.entries(
             host=target.api_host, method="GET", path_pattern=rf"/exports/{export_id}/?(download/)?$"
@@ -328,7 +302,7 @@ def test_a_bad_row_fails_its_window_naming_stream_export_and_row_while_other_str
         assert read, f"export {export_id} named in the error is not one the API made"
     reason = "fields but the header has" if fault == "malformed_row" else "holds bytes that are not UTF-8"
     assert reason in failure, failure
-    assert f"row {BAD_ROW[api]} " in failure or f"row {BAD_ROW[api]}," in failure, failure
+    assert f"row {target.profile.bad_row} " in failure or f"row {target.profile.bad_row}," in failure, failure
     window_start, window_end = bad_window_of(failure, bad_stream)
     assert window_start == RESUME_AT
     # The bad stream's bookmark never passes the bad window; nothing after that window was emitted.
@@ -405,29 +379,19 @@ def read_messages(process, *, stop: Callable[[dict, list[dict]], bool], timeout:
 
 
 def full_expected(sandbox) -> dict[str, dict]:
-    """Every stream of every API in the sandbox, keyed: the data set a complete sync must deliver."""
-    from tap_commerce_exports.sources import nextcommerce
-
+    """Every file stream (and full-table listing) of every API in the sandbox, keyed: the data set a
+    complete sync must deliver. The results streams read JSON answers: their own tests cover them."""
     expected: dict[str, dict] = {}
-    if "voucherify" in sandbox.emulators:
-        v = sandbox.voucherify
-        for stream, key in VOUCHERIFY_KEYS.items():
-            expected[stream] = keyed(v.expected_records(stream), key)
-    if "nextcommerce" in sandbox.emulators:
-        for stream_type in nextcommerce.STREAM_TYPES:
-            rows = sandbox.nextcommerce.expected_records(stream_type.name)
-            expected[stream_type.name] = keyed(rows, tuple(stream_type.primary_keys))
-    if "intelligems" in sandbox.emulators:
-        ig = sandbox.intelligems
-        started = [e.id for e in ig.experiences() if e.started_at is not None]
-        for stream in ("intelligems_orders", "intelligems_order_line_items", "intelligems_order_reconciliation"):
-            rows = [row for e in started for row in ig.expected_records(stream, partition={"experience_id": e})]
-            expected[stream] = keyed(rows, INTELLIGEMS_KEYS[stream])
-        expected["intelligems_experiences"] = keyed(ig.expected_records("intelligems_experiences"), ("id",))
+    for source in SOURCES:
+        if source.name not in sandbox.emulators:
+            continue
+        for stream_type in source.stream_types:
+            if issubclass(stream_type, ExportStream) or stream_type.replication_key is None:
+                rows = sandbox.emulators[source.name].every_expected_record(stream_type.name)
+                expected[stream_type.name] = keyed(rows, tuple(stream_type.primary_keys))
     return expected
 
 
-VOUCHERIFY_KEYS = {stream.name: tuple(stream.primary_keys) for stream in voucherify.STREAM_TYPES}
 # The export streams: the results streams read JSON answers, not files (tests/test_intelligems_results.py).
 INTELLIGEMS_KEYS = {
     stream.name: tuple(stream.primary_keys)
@@ -443,10 +407,7 @@ def union_emitted(messages: list[dict], expected: dict[str, dict]) -> dict[str, 
     dropped; a Next Commerce drift column is None in rows read from files that have it but whose row
     predates it, where the sandbox's row has no such key.
     """
-    keys = {**VOUCHERIFY_KEYS, **INTELLIGEMS_KEYS, "intelligems_experiences": ("id",)}
-    from tap_commerce_exports.sources import nextcommerce
-
-    keys.update({s.name: tuple(s.primary_keys) for s in nextcommerce.STREAM_TYPES})
+    keys = {stream.name: tuple(stream.primary_keys) for source in SOURCES for stream in source.stream_types}
     merged: dict[str, dict] = {stream: {} for stream in expected}
     for message in messages:
         if message["type"] != "RECORD":
@@ -622,10 +583,8 @@ def test_a_batch_file_that_fails_to_land_takes_no_bookmark_with_it(tmp_path):
 
 # -------------------------------------------------------- exports not paid twice
 
-RESUMABLE = ("nextcommerce", "voucherify")
+RESUMABLE = tuple(name for name, target in TARGETS.items() if target.profile.resumable)
 # A poll of the export or (Next Commerce, whose polls go through its export listing) its download URL.
-EXPORT_READ = {"nextcommerce": r"/exports/({id})/(?:download/)?$", "voucherify": r"/v1/exports/({id})$"}
-EXPORT_ID = {"nextcommerce": r"\d+", "voucherify": r"exp_\w+"}
 
 
 def in_flight(state: dict, stream: str) -> list[dict]:
@@ -654,7 +613,9 @@ def test_a_run_killed_while_its_export_is_in_flight_resumes_that_export_instead_
     assert second.error is None, second.error
     assert target.creates(sandbox) == [], "the remembered export was paid for again"
     export_id = remembered[0]["export_id"]
-    assert sandbox.log.entries(host=target.api_host, method="GET", path_pattern=EXPORT_READ[api].format(id=export_id))
+    assert sandbox.log.entries(
+        host=target.api_host, method="GET", path_pattern=target.profile.export_read.format(id=export_id)
+    )
     assert f"resuming export {export_id} from state" in second.log_text
     assert_rows_exactly_once(second, target, sandbox, target.stream)
 
@@ -673,7 +634,7 @@ def test_an_export_remembered_in_state_is_polled_and_downloaded_not_created_agai
     config = target.config(sandbox, export_window_days=ONE_WINDOW)
     run_tap(config, streams={target.stream})  # leaves one finished export on the API
     reads = [
-        re.search(EXPORT_READ[api].format(id=EXPORT_ID[api]), e.path)
+        re.search(TARGETS[api].profile.export_read.format(id=TARGETS[api].profile.export_id), e.path)
         for e in sandbox.log.entries(host=target.api_host, method="GET")
     ]
     (export_id,) = {read.group(1) for read in reads if read}
@@ -683,7 +644,9 @@ def test_an_export_remembered_in_state_is_polled_and_downloaded_not_created_agai
     assert output.error is None, output.error
     assert target.creates(sandbox) == []
     assert f"resuming export {export_id} from state" in output.log_text
-    assert sandbox.log.entries(host=target.api_host, method="GET", path_pattern=EXPORT_READ[api].format(id=export_id))
+    assert sandbox.log.entries(
+        host=target.api_host, method="GET", path_pattern=target.profile.export_read.format(id=export_id)
+    )
     assert_rows_exactly_once(output, target, sandbox, target.stream)
     assert in_flight(output.final_state, target.stream) == [], "a read export is still remembered"
 
@@ -691,7 +654,7 @@ def test_an_export_remembered_in_state_is_polled_and_downloaded_not_created_agai
 @pytest.mark.parametrize("api", RESUMABLE)
 def test_a_remembered_export_that_vanished_is_created_again(api, sandbox_for):
     target, sandbox = TARGETS[api], sandbox_for(api)
-    vanished = "987654" if api == "nextcommerce" else "exp_vanishedVanishedVanish"
+    vanished = target.profile.vanished_export_id
     output = run_tap(
         target.config(sandbox, export_window_days=ONE_WINDOW),
         state=remembered_state(target, vanished),
@@ -699,7 +662,9 @@ def test_a_remembered_export_that_vanished_is_created_again(api, sandbox_for):
     )
 
     assert output.error is None, output.error
-    lookups = sandbox.log.entries(host=target.api_host, method="GET", path_pattern=EXPORT_READ[api].format(id=vanished))
+    lookups = sandbox.log.entries(
+        host=target.api_host, method="GET", path_pattern=target.profile.export_read.format(id=vanished)
+    )
     assert [e.status for e in lookups] == [404]
     assert len(target.creates(sandbox)) == 1
     assert_rows_exactly_once(output, target, sandbox, target.stream)

@@ -319,3 +319,76 @@ class SandboxContext:
     log: RequestLog = field(default_factory=RequestLog)
     faults: Faults = field(default_factory=Faults)
     export_latency_seconds: float = 0.3
+
+
+# ------------------------------------------------------------ self-description
+
+
+@dataclass(frozen=True)
+class FaultMatrixProfile:
+    """How an emulator describes itself to the fault matrix (tests/test_fault_matrix.py), which then asks
+    every API the same questions without knowing any of them.
+
+    Class-level facts only; what depends on the emulator's data is asked of the emulator itself
+    (`Emulator.matrix_partition`, `Emulator.ready_for_matrix`).
+    """
+
+    api_host: str
+    file_host: str
+    #: Two streams the matrix syncs, with their primary and replication keys.
+    streams: tuple[str, str]
+    keys: dict[str, tuple[str, ...]]
+    replication_keys: dict[str, str]
+    #: Regex on the path of the call that creates an export.
+    create_pattern: str
+    #: Seconds its 429 answer asks to wait when the `rate_limit` fault fires, and the value to arm the
+    #: fault with (None: the emulator's own, fixed wait).
+    retry_header_wait: float
+    rate_limit_fault_value: float | None
+    #: The data row the `malformed_row` fault damages.
+    bad_row: int
+    #: Download faults that cut the stored file itself (only a new export cures them), not the transfer.
+    content_faults: tuple[str, ...] = ()
+    #: Settings that make the matrix's windows exact (no re-read before the bookmark).
+    settings: tuple[tuple[str, Any], ...] = ()
+    #: The setting that names partitions to read (the matrix reads only `matrix_partition`'s).
+    partition_setting: str | None = None
+    #: APIs whose exports outlive a run: the path that reads one ({id}), its ids, one that never existed.
+    export_read: str | None = None
+    export_id: str | None = None
+    vanished_export_id: str | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.export_read is not None
+
+
+class Emulator:
+    """What every emulator provides to the Sandbox and to the tests (each API's module subclasses it)."""
+
+    name: str
+    fault_matrix: FaultMatrixProfile
+
+    def hosts(self) -> list[Host]:
+        raise NotImplementedError
+
+    def tap_config(self) -> dict[str, Any]:
+        """The tap settings that point at this emulator, with its credentials."""
+        raise NotImplementedError
+
+    def expected_records(
+        self, stream_name: str, partition: dict | None = None, start: Any = None, end: Any = None
+    ) -> list[dict]:
+        """Rows of a tap stream with start <= replication key < end, typed and keyed as the tap emits them."""
+        raise NotImplementedError
+
+    def every_expected_record(self, stream_name: str) -> list[dict]:
+        """Every row of a stream over all its partitions: what a complete sync delivers."""
+        return self.expected_records(stream_name)
+
+    def matrix_partition(self) -> dict | None:
+        """The partition the fault matrix reads its streams in (None: the streams are not partitioned)."""
+        return None
+
+    def ready_for_matrix(self) -> None:
+        """Loosen what would only slow the fault matrix down (a rate limit it does not test)."""

@@ -183,6 +183,8 @@ import jsonschema
 from werkzeug.wrappers import Request, Response
 
 from commerce_sandbox.core import (
+    Emulator,
+    FaultMatrixProfile,
     Host,
     RateDecision,
     SandboxContext,
@@ -1840,7 +1842,7 @@ def _stat_object(stats: dict[str, Any], reality: ResultsReality) -> dict[str, An
 # -------------------------------------------------------------------- emulator
 
 
-class IntelligemsEmulator:
+class IntelligemsEmulator(Emulator):
     """The Intelligems External API (host `intelligems-api`) and its S3 export bucket (host `intelligems-s3`).
 
     Knobs, public attributes that tests may change at any time: `api_token`, `url_ttl_seconds` (900),
@@ -1853,6 +1855,36 @@ class IntelligemsEmulator:
     Data: `experiences()`, `experience(id)`, `experience_ids(status)`, `add_experiences(n)`,
     `set_status(id, status, at)`, `add_rows(...)`, `expected_records(...)`, `raw_rows(...)`.
     """
+
+    name = "intelligems"
+    fault_matrix = FaultMatrixProfile(
+        api_host="intelligems-api",
+        file_host="intelligems-s3",
+        streams=("intelligems_orders", "intelligems_order_reconciliation"),
+        keys={
+            "intelligems_orders": ("experience_id", "order_id"),
+            "intelligems_order_reconciliation": ("experience_id", "order_id"),
+        },
+        replication_keys={"intelligems_orders": "created_at", "intelligems_order_reconciliation": "created_at"},
+        create_pattern=r"/export$",
+        retry_header_wait=1.0,  # the fault's x-ratelimit-reset, a second ahead
+        rate_limit_fault_value=None,
+        bad_row=1,
+        settings=(("intelligems_reread_hours", 0),),
+        partition_setting="intelligems_experience_ids",
+        content_faults=("download_cut_quote",),  # the S3 object itself ends inside a quoted field
+    )
+
+    def every_expected_record(self, stream_name: str) -> list[dict]:
+        if stream_name == EXPERIENCES_STREAM:
+            return self.expected_records(stream_name)
+        started = [e.id for e in self.experiences() if e.started_at is not None]
+        return [row for e in started for row in self.expected_records(stream_name, partition={"experience_id": e})]
+
+    def matrix_partition(self) -> dict | None:
+        """The running experience that starts with the data period: its lifetime spans every window."""
+        started = [e for e in self.experiences() if e.started_at is not None and e.status == "started"]
+        return {"experience_id": min(started, key=lambda e: e.started_at).id}
 
     def __init__(
         self, ctx: SandboxContext, *, seed: int = 7, rows_per_type: int | None = None, messy_cells: bool = False

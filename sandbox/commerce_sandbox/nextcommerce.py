@@ -176,6 +176,8 @@ from zoneinfo import ZoneInfo
 from werkzeug.wrappers import Request, Response
 
 from commerce_sandbox.core import (
+    Emulator,
+    FaultMatrixProfile,
     Host,
     SandboxContext,
     SpecValidator,
@@ -1725,7 +1727,7 @@ def decode_cursor(cursor: str) -> tuple[int, bool] | None:
 # -------------------------------------------------------------------- emulator
 
 
-class NextCommerceEmulator:
+class NextCommerceEmulator(Emulator):
     """The Next Commerce Admin API exports and their file host, on two hosts.
 
     Public knobs (change them on the instance at any time): `api_token`, `api_version`,
@@ -1736,6 +1738,28 @@ class NextCommerceEmulator:
     seed makes of everything the vendor does not publish; `columns(export_type)` describes every
     column a type's files can have in it.
     """
+
+    name = "nextcommerce"
+    fault_matrix = FaultMatrixProfile(
+        api_host="nextcommerce-api",
+        file_host="nextcommerce-files",
+        streams=("nextcommerce_dispute_list", "nextcommerce_return_list"),
+        keys={"nextcommerce_dispute_list": ("dispute_id",), "nextcommerce_return_list": ("return_id",)},
+        replication_keys={"nextcommerce_dispute_list": "date_created", "nextcommerce_return_list": "date_created"},
+        create_pattern=r"/exports/?$",
+        retry_header_wait=1.0,  # Retry-After: 1 (NOTES.md)
+        rate_limit_fault_value=None,
+        bad_row=1,
+        # The matrix resumes from a bookmark and names the window that starts there: no re-read.
+        settings=(("nextcommerce_reread_hours", 0), ("nextcommerce_requests_per_second", 50)),
+        export_read=r"/exports/({id})/(?:download/)?$",
+        export_id=r"\d+",
+        vanished_export_id="987654",
+    )
+
+    def ready_for_matrix(self) -> None:
+        """The documented 4 requests/second would make the matrix slow, not more thorough."""
+        self.rate_per_second = self.rate_burst = 100
 
     def __init__(
         self,

@@ -34,7 +34,7 @@ EMULATORS = {
 }
 
 
-def _emulator_type(name: str) -> Any:
+def emulator_type(name: str) -> Any:
     module, class_name = EMULATORS[name]
     return getattr(importlib.import_module(module), class_name)
 
@@ -64,7 +64,7 @@ class Sandbox:
             seed = default_seed()
         self.seed = seed
         self.ctx = SandboxContext(export_latency_seconds=export_latency_seconds)
-        self.emulators = {name: _emulator_type(name)(self.ctx, seed=seed, rows_per_type=rows_per_type) for name in apis}
+        self.emulators = {name: emulator_type(name)(self.ctx, seed=seed, rows_per_type=rows_per_type) for name in apis}
 
     def __getattr__(self, name: str) -> Any:
         emulators = self.__dict__.get("emulators", {})

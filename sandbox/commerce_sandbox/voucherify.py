@@ -192,6 +192,8 @@ import jsonschema
 from werkzeug.wrappers import Request, Response
 
 from commerce_sandbox.core import (
+    Emulator,
+    FaultMatrixProfile,
     Host,
     SandboxContext,
     SpecValidator,
@@ -1566,8 +1568,24 @@ def unix_time_text(moment: float, milliseconds: bool) -> str:
 # -------------------------------------------------------------------- emulator
 
 
-class VoucherifyEmulator:
+class VoucherifyEmulator(Emulator):
     """Voucherify's export API and download host (see the module docstring)."""
+
+    name = "voucherify"
+    fault_matrix = FaultMatrixProfile(
+        api_host="voucherify-api",
+        file_host="voucherify-download",
+        streams=("voucherify_redemptions", "voucherify_customers"),
+        keys={"voucherify_redemptions": ("id",), "voucherify_customers": ("id",)},
+        replication_keys={"voucherify_redemptions": "date", "voucherify_customers": "updated_at"},
+        create_pattern=r"/export",
+        retry_header_wait=0.6,  # X-Rate-Limit-Retry is the fault's value, a Unix time that far ahead
+        rate_limit_fault_value=0.6,
+        bad_row=3,
+        export_read=r"/v1/exports/({id})$",
+        export_id=r"exp_\w+",
+        vanished_export_id="exp_vanishedVanishedVanish",
+    )
 
     def __init__(
         self,
