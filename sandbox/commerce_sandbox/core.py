@@ -13,6 +13,8 @@ import json
 import logging
 import re
 import secrets
+import socket
+import struct
 import threading
 import time
 from collections import defaultdict
@@ -319,6 +321,57 @@ class SandboxContext:
     log: RequestLog = field(default_factory=RequestLog)
     faults: Faults = field(default_factory=Faults)
     export_latency_seconds: float = 0.3
+
+
+# ------------------------------------------------------------------ file bodies and their faults
+
+
+def whole_second(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(microsecond=0)
+
+
+def inside_quotes_cut(line: bytes, opening: int) -> int:
+    """Where to cut a line so it ends inside the quoted field opened at `opening`, on a UTF-8 boundary."""
+    closing = line.find(b'"', opening + 1)
+    cut = opening + 1 + max(0, min(8, closing - opening - 1))
+    while cut > opening + 1 and (line[cut] & 0xC0) == 0x80:
+        cut -= 1  # never split a multi-byte character: the fault is about quoting, not encoding
+    return cut
+
+
+def byte_slice(chunks: Iterable[bytes], start: int, stop: int) -> Iterator[bytes]:
+    """Bytes [start, stop) of a chunked body, without joining it."""
+    position = 0
+    for chunk in chunks:
+        chunk_end = position + len(chunk)
+        if chunk_end > start and position < stop:
+            yield chunk[max(0, start - position) : stop - position]
+        position = chunk_end
+        if position >= stop:
+            return
+
+
+def reset_connection(environ: dict) -> None:
+    """Abort the TCP connection (RST, not FIN) and tell werkzeug the peer is gone, quietly."""
+    connection = environ.get("werkzeug.socket")
+    if connection is not None:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raise ConnectionResetError("sandbox fault download_reset")
+
+
+def with_transport_faults(faults: Faults, body: Iterator[bytes], size: int, environ: dict) -> Iterator[bytes]:
+    """A file body as the network delivers it: whole, reset mid-way (`download_reset`), or shorter
+    than its Content-Length (`download_short`; werkzeug then closes: the client sees EOF early)."""
+    if size > 1 and faults.fire("download_reset"):
+        return _reset_after(body, size // 2, environ)
+    if size > 1 and faults.fire("download_short"):
+        return byte_slice(body, 0, size - max(1, size // 10))
+    return body
+
+
+def _reset_after(body: Iterator[bytes], sent: int, environ: dict) -> Iterator[bytes]:
+    yield from byte_slice(body, 0, sent)
+    reset_connection(environ)
 
 
 # ------------------------------------------------------------ self-description

@@ -166,7 +166,6 @@ import io
 import json
 import math
 import re
-import socket
 import struct
 import threading
 import time
@@ -192,8 +191,12 @@ from commerce_sandbox.core import (
     TokenBucket,
     UrlSigner,
     as_utc,
+    byte_slice,
+    inside_quotes_cut,
     json_response,
     record_value,
+    whole_second,
+    with_transport_faults,
 )
 from commerce_sandbox.core import record_instant as iso_record
 
@@ -259,10 +262,6 @@ def iso_z(moment: dt.datetime) -> str:
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
     return moment.replace(microsecond=0, tzinfo=None).isoformat() + "Z"
-
-
-def whole_second(moment: dt.datetime) -> dt.datetime:
-    return moment.replace(microsecond=0)
 
 
 def money(value: Decimal | str | int) -> Decimal:
@@ -1410,15 +1409,6 @@ class CsvLineWriter:
 # --------------------------------------------------------------------- helpers
 
 
-def inside_quotes_cut(line: bytes, opening: int) -> int:
-    """Where to cut a line so it ends inside the quoted field opened at `opening`, on a UTF-8 boundary."""
-    closing = line.find(b'"', opening + 1)
-    cut = opening + 1 + max(0, min(8, closing - opening - 1))
-    while cut > opening + 1 and (line[cut] & 0xC0) == 0x80:
-        cut -= 1  # never split a multi-byte character: the fault is about quoting, not encoding
-    return cut
-
-
 def error_tree(problems: list[tuple[list[str], str]]) -> dict[str, Any]:
     """Problems (field path, message) in the vendor's 400 shape: zod's `treeifyError` tree."""
     tree: dict[str, Any] = {"errors": [], "properties": {}}
@@ -1461,26 +1451,6 @@ def s3_error(status: int, code: str, message: str, **details: str) -> Response:
         f"</Message>{extra}<RequestId>{request_id}</RequestId><HostId>sandbox/{request_id}</HostId></Error>"
     )
     return Response(body, status=status, mimetype="application/xml", headers={"x-amz-request-id": request_id})
-
-
-def byte_slice(chunks: Iterable[bytes], start: int, stop: int) -> Iterator[bytes]:
-    """Bytes [start, stop) of a chunked body, without joining it."""
-    position = 0
-    for chunk in chunks:
-        chunk_end = position + len(chunk)
-        if chunk_end > start and position < stop:
-            yield chunk[max(0, start - position) : stop - position]
-        position = chunk_end
-        if position >= stop:
-            return
-
-
-def reset_connection(environ: dict) -> None:
-    """Abort the TCP connection (RST, not FIN) and tell werkzeug the peer is gone, quietly."""
-    connection = environ.get("werkzeug.socket")
-    if connection is not None:
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    raise ConnectionResetError("sandbox fault download_reset")
 
 
 # -------------------------------------------------------------------- results
@@ -2666,22 +2636,9 @@ class IntelligemsEmulator(Emulator):
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{length}"
         body = byte_slice(self._renderer.chunks(export), start, stop)
         if request.method == "GET":
-            body = self._with_transport_faults(body, size, request.environ)
+            body = with_transport_faults(self.ctx.faults, body, size, request.environ)
             with self._lock:
                 self.downloads += 1
         return Response(
             body, status=206 if partial else 200, headers=headers, mimetype="text/csv", direct_passthrough=True
         )
-
-    def _with_transport_faults(self, body: Iterator[bytes], size: int, environ: dict) -> Iterator[bytes]:
-        """The body as the network delivers it: whole, reset mid-way, or shorter than Content-Length."""
-        if size > 1 and self.ctx.faults.fire("download_reset"):
-            return self._reset_after(body, size // 2, environ)
-        if size > 1 and self.ctx.faults.fire("download_short"):
-            return byte_slice(body, 0, size - max(1, size // 10))
-        return body
-
-    @staticmethod
-    def _reset_after(body: Iterator[bytes], sent: int, environ: dict) -> Iterator[bytes]:
-        yield from byte_slice(body, 0, sent)
-        reset_connection(environ)

@@ -160,7 +160,6 @@ import io
 import itertools
 import json
 import re
-import socket
 import struct
 import threading
 import time
@@ -185,8 +184,11 @@ from commerce_sandbox.core import (
     UrlSigner,
     as_utc,
     chunked,
+    inside_quotes_cut,
     json_response,
     record_value,
+    whole_second,
+    with_transport_faults,
 )
 
 UTC = dt.timezone.utc
@@ -215,10 +217,6 @@ ID = "id"  # an identifier: text written by the reality's IdFormat, emitted by t
 
 
 # ------------------------------------------------------------------------- time
-
-
-def whole_second(moment: dt.datetime) -> dt.datetime:
-    return moment.replace(microsecond=0)
 
 
 def api_time(moment: dt.datetime) -> str:
@@ -1639,34 +1637,6 @@ class CsvRenderer:
         return buffer.getvalue().encode("utf-8")
 
 
-def inside_quotes_cut(line: bytes, opening: int) -> int:
-    """Where to cut a line so it ends inside the quoted field opened at `opening`, on a UTF-8 boundary."""
-    closing = line.find(b'"', opening + 1)
-    cut = opening + 1 + max(0, min(8, closing - opening - 1))
-    while cut > opening + 1 and (line[cut] & 0xC0) == 0x80:
-        cut -= 1  # never split a multi-byte character: the fault is about quoting, not encoding
-    return cut
-
-
-def byte_prefix(chunks: Iterable[bytes], stop: int) -> Iterator[bytes]:
-    """The first `stop` bytes of a chunked body, without joining it."""
-    sent = 0
-    for chunk in chunks:
-        if sent + len(chunk) >= stop:
-            yield chunk[: stop - sent]
-            return
-        sent += len(chunk)
-        yield chunk
-
-
-def reset_connection(environ: dict) -> None:
-    """Abort the TCP connection (RST, not FIN) and tell werkzeug the peer is gone, quietly."""
-    connection = environ.get("werkzeug.socket")
-    if connection is not None:
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    raise ConnectionResetError("sandbox fault download_reset")
-
-
 # ------------------------------------------------------------------- API errors
 
 
@@ -2283,7 +2253,7 @@ class NextCommerceEmulator(Emulator):
             length = self._file_length(export)
             body = self._renderer.chunks(file)
         if request.method == "GET":
-            body = self._with_transport_faults(body, length, request.environ)
+            body = with_transport_faults(self.ctx.faults, body, length, request.environ)
             with self._lock:
                 self.downloads += 1
         headers = {"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{file.name}"'}
@@ -2298,16 +2268,3 @@ class NextCommerceEmulator(Emulator):
             with self._lock:
                 self._file_lengths[export.id] = known
         return known
-
-    def _with_transport_faults(self, body: Iterator[bytes], size: int, environ: dict) -> Iterator[bytes]:
-        """The body as the network delivers it: whole, reset mid-way, or shorter than Content-Length."""
-        if size > 1 and self.ctx.faults.fire("download_reset"):
-            return self._reset_after(body, size // 2, environ)
-        if size > 1 and self.ctx.faults.fire("download_short"):
-            return byte_prefix(body, size - max(1, size // 10))  # werkzeug then closes: the client sees EOF early
-        return body
-
-    @staticmethod
-    def _reset_after(body: Iterator[bytes], sent: int, environ: dict) -> Iterator[bytes]:
-        yield from byte_prefix(body, sent)
-        reset_connection(environ)
