@@ -44,6 +44,7 @@ from harness import (
     wait_for_export,
     write_json,
 )
+from voucherify_calls import count_daily_run_calls
 
 from commerce_sandbox.server import Sandbox
 
@@ -77,6 +78,7 @@ TARGETS = {
     "peak_rss_mb": 150,
     "rss_growth_mb": 10,
     "waiting_factor": 1.5,  # x (L + download/parse of largest file)
+    "voucherify_daily_calls": 20,  # API calls of a daily incremental run over many campaigns
 }
 
 
@@ -90,6 +92,8 @@ class Plan:
     waiting_settings: dict = field(default_factory=dict)
     #: Extra default-concurrency runs at these latencies (where the pacing no longer dominates).
     extra_latencies: tuple[float, ...] = ()
+    #: Gift card and loyalty campaigns of the Voucherify API-call count (part 5).
+    campaigns: int = 200
 
 
 # Part 3 at L = 30 s (exports take minutes on the vendors' side), and at 15 s and 5 s, where the rate
@@ -97,7 +101,13 @@ class Plan:
 FULL = Plan("full", 1_000_000, (100_000, 1_000_000), 200_000, 30.0, extra_latencies=(15.0, 5.0))
 # Smoke: the same steps on tiny files; polls are faster than the tap's default (2 s) to fit 60 s.
 SMOKE = Plan(
-    "smoke", 3_000, (1_000, 3_000), 3_000, 0.5, {"poll_interval_seconds": 0.25, "poll_max_interval_seconds": 1}
+    "smoke",
+    3_000,
+    (1_000, 3_000),
+    3_000,
+    0.5,
+    {"poll_interval_seconds": 0.25, "poll_max_interval_seconds": 1},
+    campaigns=20,
 )
 
 
@@ -488,6 +498,19 @@ class Bench:
 
     # ----------------------------------------------------------- 4. object storage
 
+    def calls(self) -> None:
+        """Part 5: the API calls of a daily incremental run of every Voucherify stream over many
+        campaigns, on the Business plan's limits (benchmarks/voucherify_calls.py)."""
+        say(f"\n== 5. Voucherify API calls of a daily run over {self.plan.campaigns} campaigns ==")
+        count = count_daily_run_calls(self.plan.campaigns)
+        say(count.report())
+        self.results["calls"] = {
+            "campaigns": count.campaigns,
+            "api_calls": count.api_calls,
+            "downloads": count.downloads,
+            "refused": count.refused,
+        }
+
     def objectstore(self) -> None:
         """BATCH jsonl+gzip straight to object storage (moto's S3 server on loopback, started here)
         against BATCH to local files, in turns: records/s and peak RSS of each."""
@@ -816,6 +839,17 @@ class Bench:
                     ],
                 ]
             rows.append(["4 object storage", "S3 / local files", f"{o['s3_vs_local'] or 0:.2f}x", "", ""])
+        c = r.get("calls")
+        if c:
+            rows.append(
+                [
+                    "5 API calls",
+                    f"Voucherify daily run, {c['campaigns']} campaigns ({c['downloads']} downloads besides)",
+                    f"{c['api_calls']} calls, {c['refused']} answered 429",
+                    f"<= {TARGETS['voucherify_daily_calls']}",
+                    verdict(c["api_calls"] <= TARGETS["voucherify_daily_calls"]),
+                ]
+            )
         machine_rows = [[key, value] for key, value in r["machine"].items()]
         text = table(rows, ["part", "figure", "value", "target", "verdict"]) if rows else "(no figures)"
         return f"{text}\n\n{table(machine_rows, ['machine', ''])}"
@@ -887,8 +921,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="throughput,memory,profile,waiting,objectstore",
-        help="comma-separated parts to run (throughput, memory, profile, waiting, objectstore)",
+        default="throughput,memory,profile,waiting,objectstore,calls",
+        help="comma-separated parts to run (throughput, memory, profile, waiting, objectstore, calls)",
     )
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--profile-out", help="keep the cProfile output of the profiled run here")
@@ -915,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         f"singer-sdk {info['singer-sdk']}; load average {load_at_start}; work directory {workdir}"
     )
     try:
-        for part in ("throughput", "memory", "profile", "waiting", "objectstore"):
+        for part in ("throughput", "memory", "profile", "waiting", "objectstore", "calls"):
             if part in parts:
                 getattr(bench, part)()
     finally:
