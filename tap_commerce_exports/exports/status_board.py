@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 
 from tap_commerce_exports.exports.job import ExportApi, ExportHandle, ExportRequest, ExportState
 
@@ -88,3 +89,22 @@ class StatusBoard:
                 self._latest, self._listed_at = answers, started
                 self._latest_showed_finished = any(a.state is not ExportState.PENDING for a in answers.values())
                 self._changed.notify_all()
+
+
+def statuses_in_listing(
+    pages: Iterable[list[dict]],
+    wanted: set[str],
+    handle_of: Callable[[dict], ExportHandle | None],
+    reached_oldest: Callable[[list[dict]], bool],
+) -> dict[str, ExportHandle]:
+    """The waiting exports a newest-first listing shows, by id (an API's `poll_many`): pages are read
+    until every wanted export was found or a page reaches back past the oldest of them, since later
+    pages hold none. `handle_of` may refuse an entry (None): that export is then polled alone."""
+    found: dict[str, ExportHandle] = {}
+    for exports in pages:
+        for export in exports:
+            if str(export.get("id")) in wanted and (handle := handle_of(export)) is not None:
+                found[handle.export_id] = handle
+        if len(found) == len(wanted) or reached_oldest(exports):
+            break
+    return found

@@ -37,6 +37,7 @@ from singer_sdk import typing as th
 
 from tap_commerce_exports.exports.http import ApiClient, ApiError
 from tap_commerce_exports.exports.job import ExportApi, ExportHandle, ExportRequest, ExportState, ExportTooLarge
+from tap_commerce_exports.exports.status_board import statuses_in_listing
 from tap_commerce_exports.exports.windows import UTC, Window
 from tap_commerce_exports.records.columns import columns_from_spec, zone
 from tap_commerce_exports.sources.base import ConfigError, SourceDefinition, checked_base_url, pacer
@@ -130,15 +131,12 @@ class NextCommerceApi(ExportApi):
     def poll_many(self, handles: list[ExportHandle]) -> dict[str, ExportHandle]:
         wanted = {handle.export_id for handle in handles}
         oldest = min(int(export_id) for export_id in wanted)
-        found: dict[str, ExportHandle] = {}
-        for results in islice(self._export_pages(), STATUS_LIST_PAGES):
-            for export in results:
-                if str(export.get("id")) in wanted:
-                    found[str(export["id"])] = self._handle(export)
-            # Newest first: once a page reaches the oldest export we wait for, later pages hold none.
-            if len(found) == len(wanted) or any(int(export.get("id", 0)) <= oldest for export in results):
-                break
-        return found
+        return statuses_in_listing(
+            islice(self._export_pages(), STATUS_LIST_PAGES),
+            wanted,
+            self._handle,
+            lambda exports: any(int(export.get("id", 0)) <= oldest for export in exports),
+        )
 
     def _export_pages(self, params: dict[str, str] | None = None) -> Iterator[list[dict]]:
         """The export list, a page of results at a time, following the API's cursor."""

@@ -73,7 +73,7 @@ import datetime as dt
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
@@ -82,6 +82,7 @@ from singer_sdk import typing as th
 
 from tap_commerce_exports.exports.http import ApiClient, ApiError
 from tap_commerce_exports.exports.job import ExportApi, ExportFailed, ExportHandle, ExportRequest, ExportState
+from tap_commerce_exports.exports.status_board import statuses_in_listing
 from tap_commerce_exports.exports.windows import Window, parse_instant
 from tap_commerce_exports.records.columns import Column, columns_from_spec, header_key
 from tap_commerce_exports.records.csv_reader import CsvLayout, CsvRecordReader
@@ -218,22 +219,23 @@ class VoucherifyApi(ExportApi):
         if len(handles) == 1:
             listed = self._listed(self._read_export(handles[0].export_id))
             return {listed.export_id: listed} if listed else {}
-        wanted = {handle.export_id for handle in handles}
         created = [moment for handle in handles if (moment := handle.detail.get("created_at"))]
         oldest = min(created) if len(created) == len(handles) else None
-        found: dict[str, ExportHandle] = {}
+        return statuses_in_listing(
+            self._newest_exports(),
+            {handle.export_id for handle in handles},
+            self._listed,
+            lambda exports: _reached(exports, oldest),
+        )
+
+    def _newest_exports(self) -> Iterator[list[dict]]:
+        """The export list newest first, a page at a time, at most STATUS_LIST_PAGES pages."""
         for page in range(1, STATUS_LIST_PAGES + 1):
-            answer = self.client.get(
-                "/v1/exports", params={"limit": LIST_PAGE_SIZE, "page": page, "order": "-created_at"}
-            )
-            exports = answer.get("exports") or []
-            for export in exports:
-                listed = self._listed(export) if str(export.get("id")) in wanted else None
-                if listed is not None:
-                    found[listed.export_id] = listed
-            if len(found) == len(wanted) or len(exports) < LIST_PAGE_SIZE or _reached(exports, oldest):
-                break
-        return found
+            params = {"limit": LIST_PAGE_SIZE, "page": page, "order": "-created_at"}
+            exports = self.client.get("/v1/exports", params=params).get("exports") or []
+            yield exports
+            if len(exports) < LIST_PAGE_SIZE:
+                return
 
     def file_url(self, request: ExportRequest, handle: ExportHandle) -> str:
         return self._vendor_url(request, handle.export_id, super().file_url(request, handle))

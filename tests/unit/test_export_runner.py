@@ -145,3 +145,20 @@ def test_the_shared_settings_have_one_default_each_and_parse_once():
     settings = SyncSettings.of({"start_date": "2024-01-01T00:00:00Z", "poll_interval_seconds": "0.5"})
     assert settings.export_timeout_seconds == 3600 and settings.max_concurrent_exports == 16
     assert settings.poll_policy.interval == 0.5 and settings.lookahead == 16 and settings.end_date is None
+
+
+def test_a_status_listing_is_read_until_every_export_is_found_or_a_page_reaches_the_oldest():
+    from tap_commerce_exports.exports.status_board import statuses_in_listing
+
+    pages_read = []
+
+    def pages():
+        for page in ([{"id": "9"}, {"id": "8"}], [{"id": "7"}, {"id": "6"}], [{"id": "5"}]):
+            pages_read.append(page)
+            yield page
+
+    def handle_of(export):  # "8" is refused (a file on a host the tap will not call): polled alone
+        return None if export["id"] == "8" else ScriptedApi._handle(export["id"], "done")
+
+    found = statuses_in_listing(pages(), {"8", "7"}, handle_of, lambda page: min(e["id"] for e in page) <= "7")
+    assert list(found) == ["7"] and len(pages_read) == 2
