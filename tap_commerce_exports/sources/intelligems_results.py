@@ -60,6 +60,7 @@ from tap_commerce_exports.exports.http import ApiError
 from tap_commerce_exports.exports.windows import UTC, parse_instant
 from tap_commerce_exports.openapi import load_spec
 from tap_commerce_exports.sdk_adapter import SdkStream
+from tap_commerce_exports.settings import SyncSettings, source_hours
 
 if TYPE_CHECKING:
     from tap_commerce_exports.sources.intelligems import Experience, IntelligemsApi
@@ -117,7 +118,8 @@ def epoch_seconds(moment: dt.datetime) -> str:
 
 @dataclass(frozen=True)
 class ResultsSettings:
-    """The settings the results streams read, parsed once."""
+    """The settings the results streams read, parsed once: their own, and the dates every stream
+    shares (settings.py)."""
 
     reread_days: int
     settle: dt.timedelta
@@ -125,13 +127,12 @@ class ResultsSettings:
     end_date: dt.datetime | None
 
     @classmethod
-    def of(cls, config: Mapping[str, Any]) -> ResultsSettings:
-        end = config.get("end_date")
+    def of(cls, config: Mapping[str, Any], shared: SyncSettings) -> ResultsSettings:
         return cls(
             reread_days=max(0, int(config.get("intelligems_results_reread_days") or 0)),
-            settle=dt.timedelta(hours=float(config.get("intelligems_reread_hours") or 0)),
-            start_date=parse_instant(config["start_date"]).date(),
-            end_date=parse_instant(end) if end else None,
+            settle=dt.timedelta(hours=source_hours(config, "intelligems_reread_hours")),
+            start_date=shared.start_date.date(),
+            end_date=shared.end_date,
         )
 
 
@@ -145,7 +146,7 @@ class ResultsStream(SdkStream):
 
     def __init__(self, tap: Any, runtime: Any) -> None:
         self.runtime = runtime
-        self.settings = ResultsSettings.of(tap.config)
+        self.settings = ResultsSettings.of(tap.config, runtime.settings)
         super().__init__(tap=tap, schema=self.build_schema())
 
     def build_schema(self) -> dict:
