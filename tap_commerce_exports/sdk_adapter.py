@@ -1,8 +1,8 @@
 """The only place that touches the Singer SDK's private members (singer-sdk ~=0.54.9).
 
 The export streams do things the SDK's public API has no word for: they move bookmarks per window
-instead of per record, hold a SCHEMA until the first file was read, write STATE while waiting for
-an export, widen a column's schema mid-stream, and write records without the SDK's per-record loop
+instead of per record, write STATE while waiting for an export, add a column to the schema
+mid-stream, and write records without the SDK's per-record loop
 when that loop changes nothing. Each of those needs an SDK internal; they are all named here, so an
 SDK upgrade breaks this file, loudly (tests/unit/test_sdk_adapter.py checks that every member
 below still exists with the signature used), and nothing else.
@@ -44,26 +44,10 @@ TAP_MEMBERS: dict[str, tuple[str, ...] | None] = {
 class SdkStream(Stream):
     """A Singer SDK stream with the internals the export streams need, under names that say why.
 
-    Overrides of SDK hooks are routed to the public hooks below (`holds_schema`, ...), which
-    stream.py implements.
+    The SDK's internals are reached only through the members below.
     """
 
-    # ------------------------------------------------------------- hooks for stream.py
-
-    def holds_schema(self) -> bool:
-        """Whether the next SCHEMA message must wait (stream.py holds it until a file was read)."""
-        return False
-
-    def note_schema_held(self) -> None:
-        """A SCHEMA message was due while held: `write_schema` sends it once released."""
-
     # ---------------------------------------------------------------- SDK overrides
-
-    def _write_schema_message(self) -> None:
-        if self.holds_schema():
-            self.note_schema_held()
-            return
-        super()._write_schema_message()
 
     def _increment_stream_state(self, latest_record: dict, *, context: Any = None) -> None:
         """Bookmarks move per finished window (stream.py), never per record."""
@@ -94,7 +78,7 @@ class SdkStream(Stream):
         return self.ABORT_AT_RECORD_COUNT is not None
 
     def write_schema(self) -> None:
-        """A SCHEMA message now (unless held)."""
+        """A SCHEMA message now."""
         self._write_schema_message()
 
     def write_state(self) -> None:

@@ -32,19 +32,20 @@ from tap_commerce_exports.records.csv_reader import (
     CsvLayout,
     CsvRecordReader,
     Misfit,
+    companion_key,
     dict_builder,
     struct_builder,
 )
 from tap_commerce_exports.sdk_adapter import SdkStream
 from tap_commerce_exports.settings import SyncSettings, source_hours
 
-#: How long a stream with guessed kinds waits for its other partitions' first files before its first
-#: record, to learn the columns' real types from them too; one not ready by then is scouted when read.
-FIRST_FILES_WAIT_SECONDS = 60.0
 UNKNOWN_COLUMN_SCHEMA = {"type": ["string", "null"], "description": "Column not known to the tap; kept as text."}
-#: Stream state key: columns loaded as text since a cell did not fit their kind. They stay text in later
-#: runs, so a warehouse column never flips back to the narrower type.
+#: Stream state key: columns an earlier version of the tap loaded as text since a cell did not fit
+#: their kind. They stay text, so a warehouse column never flips back to the narrower type.
 TEXT_COLUMNS = "columns_loaded_as_text"
+#: Stream state key: typed columns with a text companion (`<key>__text`) since a cell did not fit
+#: their kind. The companion stays in the schema in later runs.
+COMPANION_COLUMNS = "columns_with_text_companion"
 
 
 class StopRequested(BaseException):
@@ -120,10 +121,6 @@ class ExportStream(SdkStream):
     reread_setting: ClassVar[str | None] = None
     #: What the API's date range filters on, in words, for the README.
     window_filters_on: ClassVar[str] = ""
-    #: Whether the vendor documents the columns' kinds. When it does not, each file is read once for
-    #: cells that do not fit their guessed kind before any record is written, so a column widens
-    #: before its first record; documented kinds widen where a misfit turns up.
-    column_kinds_documented: ClassVar[bool] = False
 
     def __init__(self, tap: Any, runtime: SourceRuntime) -> None:
         self.runtime = runtime
@@ -137,11 +134,6 @@ class ExportStream(SdkStream):
         self._bookmarks_awaiting_file: list[tuple[dict | None, Window | None]] | None = None
         self.totals = StreamTotals()
         self._fingerprint_warned: set[str] = set()
-        #: Guessed kinds: the stream's SCHEMA waits until its first file was scouted for misfits, so a
-        #: target creates each table with the columns' real types (a later type change makes some
-        #: targets keep the old column beside a new one).
-        self._hold_schema = False  # set when a sync starts (prepare_sync)
-        self._schema_held = False
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
 
@@ -383,8 +375,6 @@ class ExportStream(SdkStream):
         batch files instead (WrittenFiles: parallel_batches.py)."""
         started = time.monotonic()
         try:
-            if not self.column_kinds_documented:
-                self._widen_before_reading(ready, context)
             reader = self._reader_for(ready, context, builder)
             if self._batch_path is not None:
                 yield from self._batch_path.pieces_of(ready.file.path, reader, self._accept_layout)
@@ -410,39 +400,15 @@ class ExportStream(SdkStream):
             requested_fields=list(ready.request.fields) or None,
             constants=dict(context or {}),
             builder=builder,
-            text_columns=self._text_columns(),
-            on_misfit=lambda misfit: self._load_as_text(misfit, describe),
+            text_columns=self._state_list(TEXT_COLUMNS),
+            companion_columns=self._state_list(COMPANION_COLUMNS),
+            on_misfit=lambda misfit: self._add_text_companion(misfit, describe),
             row_key_columns=self.primary_keys or (),
         )
 
     def new_reader(self, columns: dict[str, Column], **options: Any) -> CsvRecordReader:
         """The reader of this stream's files; a source may read more out of them (Voucherify metadata)."""
         return CsvRecordReader(columns, **options)
-
-    def _widen_before_reading(self, ready: ReadyExport, context: dict | None) -> None:
-        """Guessed kinds: widen the columns this file does not fit before any of its records. Before
-        the stream's first record (its SCHEMA held until now), the first file of every partition is
-        scouted too, so a target creates each table with the types the files really have."""
-        files = [(ready, context)]
-        if self._hold_schema:
-            files += self._first_files_of_other_partitions(context)
-        for file_ready, file_context in files:
-            reader = self._reader_for(file_ready, file_context, dict_builder)
-            for misfit in reader.find_misfits(file_ready.file.path):
-                self._load_as_text(misfit, reader.describe)
-        self.release_schema()
-
-    def _first_files_of_other_partitions(self, context: dict | None) -> list[tuple[ReadyExport, dict | None]]:
-        current = tuple(sorted((context or {}).items()))
-        coordinator = self.coordinator
-        found = []
-        deadline = time.monotonic() + FIRST_FILES_WAIT_SECONDS
-        for key, queue in list(self._queues.items()):
-            if key != current:
-                ready = queue.head(max(0.0, deadline - time.monotonic()), coordinator.note_exports_in_flight)
-                if ready is not None:
-                    found.append((ready, dict(key) or None))
-        return found
 
     # ------------------------------------------------------------- fast output
 
@@ -571,19 +537,6 @@ class ExportStream(SdkStream):
         if self._record_path is not None:
             self._record_path.allow_keys(new_keys)
 
-    def holds_schema(self) -> bool:
-        return self._hold_schema
-
-    def note_schema_held(self) -> None:
-        self._schema_held = True
-
-    def release_schema(self) -> None:
-        """The SCHEMA held until the first file was scouted (or until the stream turned out to have no file)."""
-        self._hold_schema = False
-        if self._schema_held:
-            self._schema_held = False
-            self.write_schema()
-
     def _warn_of_fingerprinted_keys(self, layout: CsvLayout) -> None:
         """Once per run and column: the file lacks a key column, so its records carry fingerprints."""
         missing = [key for key in layout.fingerprinted_keys if key not in self._fingerprint_warned]
@@ -621,45 +574,49 @@ class ExportStream(SdkStream):
     def _known_keys(self) -> set[str]:
         return {column.key for column in self.columns()}
 
-    # ------------------------------------------------------ columns loaded as text
+    # ------------------------------------------------------ cells that do not fit
 
-    def _text_columns(self) -> set[str]:
-        return set(self.stream_state.get(TEXT_COLUMNS, []))
+    def _state_list(self, key: str) -> set[str]:
+        return set(self.stream_state.get(key, []))
 
-    def _load_as_text(self, misfit: Misfit, describe: str) -> None:
-        """A cell did not fit its column's kind: the column is text from now on, in later runs too,
-        so every row loads and the warehouse column never flips back."""
-        if misfit.key in self._text_columns():
+    def _add_text_companion(self, misfit: Misfit, describe: str) -> None:
+        """A cell did not fit its column's kind: such cells go to a text column beside it from now on,
+        in later runs too. The typed column keeps its type, so no loader is asked to alter it."""
+        if misfit.key in self._state_list(COMPANION_COLUMNS):
             return
+        companion = companion_key(misfit.key)
         # The cell itself is customer data (an email, a code): its shape says enough to find it.
         self.logger.warning(
-            "%s: column %r is not always a %s: row %d holds a value that is not (%s); loading the column "
-            "as text from now on (in later runs too)",
+            "%s: column %r is not always %s: row %d holds a value that is not (%s); values like it load "
+            "as text into column %r from now on (in later runs too), and %r is null on their rows",
             describe,
             misfit.key,
-            misfit.kind,
+            KIND_IN_WORDS.get(misfit.kind, misfit.kind),
             misfit.row,
             cell_shape(misfit.cell),
+            companion,
+            misfit.key,
         )
-        self.stream_state[TEXT_COLUMNS] = sorted(self._text_columns() | {misfit.key})
-        self._change_properties({misfit.key: text_column_schema(misfit.kind)})
+        self.stream_state[COMPANION_COLUMNS] = sorted(self._state_list(COMPANION_COLUMNS) | {misfit.key})
+        self._change_properties({companion: companion_schema(misfit.key, misfit.kind)})
+        if self._record_path is not None:
+            self._record_path.allow_keys([companion])
 
     def prepare_sync(self) -> None:
-        """Before the sync: columns an earlier run widened stay text, and a stream with guessed kinds
-        holds its SCHEMA until its first files were scouted."""
-        self._load_text_columns_from_state()
-        self._hold_schema = not self.column_kinds_documented
-
-    def _load_text_columns_from_state(self) -> None:
-        """Columns an earlier run widened to text stay text: their SCHEMA says so from the start."""
+        """Before the sync: what earlier runs learnt of the files' cells is in the first SCHEMA."""
         kinds = self._columns_by_key()
-        widened = {
+        legacy_text = {
             key: text_column_schema(kinds[key].kind)
-            for key in self._text_columns()
+            for key in self._state_list(TEXT_COLUMNS)
             if key in kinds and kinds[key].kind != "string"
         }
-        if widened:
-            self._change_properties(widened, write_schema=False)
+        companions = {
+            companion_key(key): companion_schema(key, kinds[key].kind)
+            for key in self._state_list(COMPANION_COLUMNS)
+            if key in kinds
+        }
+        if legacy_text or companions:
+            self._change_properties(legacy_text | companions, write_schema=False)
 
 
 def cell_shape(cell: str) -> str:
@@ -675,6 +632,24 @@ def cell_shape(cell: str) -> str:
         if present
     ]
     return f"{len(cell)} characters: {', '.join(kinds) or 'none'}"
+
+
+KIND_IN_WORDS = {
+    "number": "a number",
+    "integer": "an integer",
+    "boolean": "a boolean",
+    "date-time": "a date-time",
+    "date": "a date",
+    "json": "JSON",
+}
+
+
+def companion_schema(key: str, kind: str) -> dict:
+    return {
+        "type": ["string", "null"],
+        "description": f"The cells of {key!r} that are not {KIND_IN_WORDS.get(kind, kind)}, exactly as written "
+        f"(null where {key!r} holds the value).",
+    }
 
 
 def text_column_schema(kind: str) -> dict:

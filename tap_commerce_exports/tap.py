@@ -307,7 +307,6 @@ class TapCommerceExports(Tap):
         except Exception as exc:
             self.record_failure(stream.name, None, exc)
         if isinstance(stream, ExportStream):
-            stream.release_schema()  # a stream that had no file to read still announces its schema
             stream.totals.finished = time.monotonic()
         stream.finalize_state_progress_markers()
         stream.log_sync_costs()

@@ -94,12 +94,14 @@ def test_a_row_with_extra_fields_is_refused_naming_the_export_and_row():
         read("id,amount\na,1\nb,2,3\n")
 
 
-def test_a_cell_that_does_not_fit_its_kind_turns_the_column_to_text_and_says_where():
+def test_a_cell_that_does_not_fit_its_kind_goes_to_a_text_companion_and_says_where():
     heard: list[Misfit] = []
-    records = read("id,amount,price\na,12,1.5\nb,12x,2\n", on_misfit=heard.append)
-    # The whole block's column is text, each cell exactly as written: a column never mixes kinds in a block.
-    assert [r["amount"] for r in records] == ["12", "12x"]
-    assert [r["price"] for r in records] == [pytest.approx(1.5), 2]
+    records = read("id,amount,price\na,12,1.5\nb,12x,2\nc,,3\n", on_misfit=heard.append)
+    # The column keeps its kind; the cell that does not fit is beside it, exactly as written.
+    assert [r["amount"] for r in records] == [12, None, None]
+    assert [r["amount__text"] for r in records] == [None, "12x", None]
+    assert [r["price"] for r in records] == [pytest.approx(1.5), 2, 3]
+    assert "price__text" not in records[0]
     assert heard == [Misfit("amount", "integer", 2, "12x")]
 
 
@@ -114,7 +116,7 @@ def test_a_cell_that_does_not_fit_its_kind_turns_the_column_to_text_and_says_whe
         ("amount", "1.5"),
     ],
 )
-def test_every_kind_widens_to_text_rather_than_failing(column, cell):
+def test_every_kind_keeps_its_type_and_puts_the_misfit_beside_it(column, cell):
     heard: list[Misfit] = []
     header = "id,amount,price,active,created_at,details,born"
     good = 'a,1,2.5,true,2024-01-05T13:22:10Z,"{}",2022-01-01'
@@ -122,24 +124,38 @@ def test_every_kind_widens_to_text_rather_than_failing(column, cell):
     row[column] = cell
     second = ",".join(f'"{value}"' for value in row.values())
     records = read(f"{header}\n{good}\n{second}\n", on_misfit=heard.append)
-    assert records[1][column] == cell and len(records) == 2
+    assert len(records) == 2
+    assert records[1][f"{column}__text"] == cell and records[1].get(column) is None
+    assert records[0][f"{column}__text"] is None and records[0][column] not in (None, "")
     assert [(m.key, m.row, m.cell) for m in heard] == [(column, 2, cell)]
 
 
-def test_text_columns_are_never_cast():
+def test_text_columns_of_earlier_versions_are_never_cast():
     records = read("id,amount,price\na,007,N/A\n", text_columns={"amount", "price"})
     assert records == [{"id": "a", "amount": "007", "price": "N/A"}]
 
 
-def test_find_misfits_reads_the_whole_file_before_any_record(tmp_path):
+def test_a_column_with_a_companion_from_an_earlier_run_splits_from_the_first_row():
+    records = read("id,amount\na,7\nb,N/A\n", companion_columns={"amount"})
+    assert records == [{"id": "a", "amount": 7, "amount__text": None}, {"id": "b", "amount": None, "amount__text": "N/A"}]
+
+
+def test_a_misfit_in_a_later_block_adds_the_companion_from_that_block_on(tmp_path):
     path = tmp_path / "f.csv"
-    path.write_text(many_rows(lambda n: "ten" if n == 1030 else ("N/A" if n == 5 else str(n))), newline="")
-    reader = CsvRecordReader(COLUMNS, describe="s export e")
-    assert reader.find_misfits(str(path)) == [Misfit("amount", "integer", 5, "N/A")]
-    assert reader.rows_read == 0 and not reader.misfits  # the reader itself has read nothing
-    reader.report_misfits(reader.find_misfits(str(path)))
+    path.write_text(many_rows(lambda n: "ten" if n == 1030 else str(n)), newline="")
+    heard: list[Misfit] = []
+    reader = CsvRecordReader(COLUMNS, describe="s export e", on_misfit=heard.append)
     records = [record for block in reader.read_file(str(path)) for record in block]
-    assert records[0]["amount"] == "1" and records[1029]["amount"] == "ten"  # text from the first row
+    assert len(records) == MANY and heard == [Misfit("amount", "integer", 1030, "ten")]
+    assert "amount__text" not in records[0] and records[0]["amount"] == 1  # the first blocks are as they were
+    assert records[1029]["amount"] is None and records[1029]["amount__text"] == "ten"
+    assert records[1030]["amount"] == 1031 and records[1030]["amount__text"] is None
+
+
+def test_a_companion_and_structs_encode_like_dicts():
+    text = "id,amount\na,1\nb,x\n"
+    as_structs = CsvRecordReader(COLUMNS, describe="s", builder=struct_builder).read(io.StringIO(text, newline=""))
+    assert [msgspec.to_builtins(r) for r in as_structs] == read(text)
 
 
 def test_empty_and_header_only_files_have_no_rows():
@@ -181,7 +197,7 @@ def test_rows_in_later_blocks_are_cast_and_named_by_their_own_row_number():
     records = read(many_rows(lambda n: "ten" if n == 1030 else str(n)), on_misfit=heard.append)
     assert heard == [Misfit("amount", "integer", 1030, "ten")]
     assert records[1023]["amount"] == 1024  # blocks before the misfit's were cast
-    assert records[1024]["amount"] == "1025" and records[1029]["amount"] == "ten"  # its block on: text
+    assert records[1024]["amount"] == 1025 and records[1029]["amount__text"] == "ten"  # typed, misfit beside
 
 
 def test_broken_csv_in_a_later_block_names_its_row_after_the_rows_before_it():
@@ -239,14 +255,15 @@ def struct_builder_as_dicts(keys, constants):
     return lambda columns: [msgspec.to_builtins(record) for record in build(columns)]
 
 
-def test_a_widened_date_time_column_still_converts_the_instants_that_parse():
-    """Text, but not a mix of UTC and a store's local time: cells that parse keep their conversion."""
+def test_a_date_time_column_with_misfits_still_converts_the_instants_that_parse():
+    """Not a mix of UTC and a store's local time: cells that parse keep their conversion."""
     heard: list[Misfit] = []
     text = "id,created_at\na,2024-01-05 08:00:00\nb,01/15/2024 10:30 AM\n"
     records = read(text, naive_zone=ZoneInfo("America/Chicago"), on_misfit=heard.append)
-    assert [r["created_at"] for r in records] == ["2024-01-05T14:00:00+00:00", "01/15/2024 10:30 AM"]
+    assert [r["created_at"] for r in records] == ["2024-01-05T14:00:00+00:00", None]
+    assert [r["created_at__text"] for r in records] == [None, "01/15/2024 10:30 AM"]
     assert [m.key for m in heard] == ["created_at"]
     later = read(
         "id,created_at\nc,2024-02-01 00:00:00\n", naive_zone=ZoneInfo("America/Chicago"), text_columns={"created_at"}
     )
-    assert later[0]["created_at"] == "2024-02-01T06:00:00+00:00"
+    assert later[0]["created_at"] == "2024-02-01T06:00:00+00:00"  # a text column of an earlier version

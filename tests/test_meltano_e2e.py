@@ -20,6 +20,7 @@ duckdb cannot open it.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ import pytest
 
 from commerce_sandbox.server import Sandbox
 from tap_commerce_exports.tap import TapCommerceExports
+from tests.postgres_server import postgres_bin, running_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 MELTANO = str(Path(sys.executable).parent / "meltano")
@@ -275,6 +277,8 @@ class Pipeline:
         self.warehouse = workdir / "warehouse.duckdb"
         self.jsonl_dir = workdir / "jsonl"
         self.jsonl_dir.mkdir()
+        #: The target's settings besides the DuckDB and JSONL paths (target-postgres's server).
+        self.target_env: dict[str, str] = {}
 
     def state_id(self, target: str) -> str:
         return f"{ENVIRONMENT}:tap-commerce-exports-to-{target}:{self.suffix}"
@@ -288,6 +292,7 @@ class Pipeline:
             "TAP_COMMERCE_EXPORTS__SELECT": json.dumps([f"{stream}.*" for stream in self.streams]),
             "TARGET_DUCKDB_PATH": str(self.warehouse),
             "TARGET_JSONL_DESTINATION_PATH": str(self.jsonl_dir),
+            **self.target_env,
             **(env or {}),
         }
         refresh = ["--full-refresh"] if full_refresh else []
@@ -504,69 +509,165 @@ def as_utc_text(cell: str, zone: Any) -> str | None:
     return (moment.replace(tzinfo=zone) if moment.tzinfo is None else moment).astimezone(UTC).isoformat()
 
 
+TEXT_TYPES = {"VARCHAR", "TEXT", "CHARACTER VARYING"}
+WHOLE_NUMBER_TYPES = {"SMALLINT", "INTEGER", "BIGINT", "HUGEINT"}
+
+
 def loaded_as_written(value: Any, cell: str, data_type: str, zone: Any) -> bool:
-    """Whether a DuckDB value is the CSV cell, read the way its column's type reads it."""
-    if cell == "":
-        return value is None
-    if data_type == "VARCHAR":  # a widened date-time column still converts the instants that parse
-        return value == cell or value == as_utc_text(cell, zone)
+    """Whether a warehouse value is the CSV cell, read the way its column's type reads it (DuckDB's
+    and Postgres's type names)."""
+    data_type = data_type.upper()
+    if cell == "" or value is None:
+        return cell == "" and value is None
+    if data_type in TEXT_TYPES:
+        return value == cell
     if data_type == "BOOLEAN":
         return value == (cell.strip().lower() in ("true", "t", "yes", "y", "1"))
-    if data_type in NUMERIC_TYPES or data_type.startswith("DECIMAL"):
+    if data_type in WHOLE_NUMBER_TYPES or data_type in ("NUMERIC", "DOUBLE", "DOUBLE PRECISION"):
         return math.isclose(float(value), float(cell), rel_tol=1e-12)
-    if data_type in TIMESTAMP_TYPES:
+    if data_type.startswith(("DECIMAL", "NUMERIC")):
+        return math.isclose(float(value), float(cell), rel_tol=1e-12)
+    if data_type in TIMESTAMP_TYPES or data_type == "TIMESTAMP WITHOUT TIME ZONE":
         moment = dt.datetime.fromisoformat(cell)
         moment = moment.replace(tzinfo=zone) if moment.tzinfo is None else moment
         got = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
         return got == moment.astimezone(UTC).replace(tzinfo=None)
-    if data_type == "JSON":
+    if data_type in ("JSON", "JSONB"):
         return (json.loads(value) if isinstance(value, str) else value) == json.loads(cell)
+    if data_type == "DATE":
+        return str(value) == cell
     raise AssertionError(f"unexpected column type {data_type}")
 
 
-def check_every_cell_loaded(pipeline: Pipeline, sandbox: Sandbox, stream: Any, end: str) -> set[str]:
-    """Every row of the files is in the table once, every cell as written; returns the text columns."""
+class DuckDbTables:
+    """The loaded tables of a DuckDB warehouse, as the checks below read them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def columns(self, table: str) -> dict[str, str]:
+        return duckdb_columns(self.path, table)
+
+    def rows(self, table: str) -> list[dict]:
+        return duckdb_records(self.path, table)
+
+    def count(self, table: str, where: str = "true") -> int:
+        ((rows,),) = duckdb_query(self.path, f'select count(*) from {SCHEMA}."{table}" where {where}')
+        return int(rows)
+
+
+class PostgresTables:
+    """The loaded tables of one schema of a Postgres warehouse (values as row_to_json gives them)."""
+
+    def __init__(self, server: Any, schema: str) -> None:
+        self.server, self.schema = server, schema
+
+    def columns(self, table: str) -> dict[str, str]:
+        text = self.server.query(
+            "select json_object_agg(column_name, data_type) from information_schema.columns "
+            f"where table_schema = '{self.schema}' and table_name = '{table}'"
+        )
+        return json.loads(text or "{}")
+
+    def rows(self, table: str) -> list[dict]:
+        text = self.server.query(f'select coalesce(json_agg(t), \'[]\') from {self.schema}."{table}" t')
+        return json.loads(text, parse_float=decimal.Decimal)
+
+    def count(self, table: str, where: str = "true") -> int:
+        return int(self.server.query(f'select count(*) from {self.schema}."{table}" where {where}'))
+
+
+def check_every_cell_loaded(tables: Any, stream: Any, raw: list[dict], zone: Any) -> set[str]:
+    """Every row of the files is in the table once, and every cell is either in its column, read as
+    the column's type reads it, or (a cell that did not fit) exactly as written in its text companion.
+    Returns the columns with a companion."""
     name = stream.name
-    raw = getattr(sandbox, name.split("_", 1)[0]).raw_rows(name, end=end)
-    assert pipeline.count(name) == len(raw), name
-    columns = duckdb_columns(pipeline.warehouse, name)
+    assert tables.count(name) == len(raw), name
+    columns = tables.columns(name)
     assert not [c for c in columns if c.rsplit("_", 2)[-2:][0].isdigit()], f"{name}: a column was versioned: {columns}"
     key = tuple(stream.primary_keys)
-    loaded = {tuple(row[k] for k in key): row for row in duckdb_records(pipeline.warehouse, name)}
-    zone = ZoneInfo(sandbox.nextcommerce.store_timezone if name.startswith("nextcommerce") else "UTC")
+    loaded = {tuple(row[k] for k in key): row for row in tables.rows(name)}
     for cells in raw:
         row = loaded[tuple(cells[k] for k in key)]
-        wrong = [c for c, cell in cells.items() if not loaded_as_written(row[c], cell, columns[c], zone)]
+        wrong = [
+            c
+            for c, cell in cells.items()
+            if not loaded_as_written(row[c], cell, columns[c], zone)
+            and not (row[c] is None and row.get(f"{c}__text") == cell)
+        ]
         assert not wrong, f"{name} {cells[key[-1]]}: {[(c, row[c], cells[c], columns[c]) for c in wrong][:3]}"
-    return {c for c, data_type in columns.items() if data_type == "VARCHAR"}
+    companions = {c.removesuffix("__text") for c in columns if c.endswith("__text")}
+    for c in companions:
+        assert columns[f"{c}__text"].upper() in TEXT_TYPES, (name, c)
+        assert not [row for row in loaded.values() if row[c] is not None and row[f"{c}__text"] is not None]
+    return companions
 
 
-def test_files_unlike_the_guesses_load_every_row_and_cell_into_duckdb(meltano, sandbox, tmp_path):
-    """Next Commerce publishes no columns: its files here carry ids of any shape, N/A in a number column,
-    another date format, yes/no booleans, text in a JSON column and a renamed column. Every row lands, each
-    cell as written; the columns that did not fit their guessed kind are text from the first run on, and
-    stay text in the next run (no versioned column, no type flip)."""
-    sandbox.nextcommerce.messy_cells = sandbox.intelligems.messy_cells = True
-    pipeline = Pipeline(meltano, sandbox, tmp_path, GUESSED_STREAMS)
+def check_files_unlike_the_guesses_load(pipeline: Pipeline, tables: Any, target: str) -> None:
+    """Run 1 loads clean Next Commerce files and messy Intelligems ones; run 2 loads messy files of
+    both. Every row lands, each cell as written; no column ever changes type (so no loader is asked
+    to alter one), and cells that do not fit their column are in its text companion."""
+    sandbox = pipeline.sandbox
+    sandbox.intelligems.messy_cells = True
     streams = {
         name: TapCommerceExports(config={**FAST_SETTINGS, **sandbox.tap_config()}).streams[name]
         for name in GUESSED_STREAMS
     }
-
-    pipeline.run("target-duckdb", end_date=MIDDLE)
-    widened = {}
+    zones = {
+        name: ZoneInfo(sandbox.nextcommerce.store_timezone if name.startswith("nextcommerce") else "UTC")
+        for name in GUESSED_STREAMS
+    }
+    raw = {name: getattr(sandbox, name.split("_", 1)[0]).raw_rows(name, end=MIDDLE) for name in GUESSED_STREAMS}
+    pipeline.run(target, end_date=MIDDLE)
+    first_types = {}
     for name, stream in streams.items():
-        text_columns = check_every_cell_loaded(pipeline, sandbox, stream, MIDDLE)
-        guessed_typed = {c for c, p in stream.schema["properties"].items() if kind_of(p) != "string"}
-        widened[name] = text_columns & guessed_typed
-    assert all(widened.values()), f"the messy files widened no column of some stream: {widened}"
-    state = pipeline.state("target-duckdb")
+        check_every_cell_loaded(tables, stream, raw[name], zones[name])
+        first_types[name] = tables.columns(name)
+
+    sandbox.nextcommerce.messy_cells = True
     for name in GUESSED_STREAMS:
-        assert set(state["bookmarks"][name]["columns_loaded_as_text"]) >= widened[name], name
-
-    pipeline.run("target-duckdb", end_date=END)
+        raw[name] += getattr(sandbox, name.split("_", 1)[0]).raw_rows(name, start=MIDDLE, end=END)
+    pipeline.run(target, end_date=END)
+    state = pipeline.state(target)
     for name, stream in streams.items():
-        assert check_every_cell_loaded(pipeline, sandbox, stream, END) & widened[name] == widened[name], name
+        companions = check_every_cell_loaded(tables, stream, raw[name], zones[name])
+        assert companions, f"{name}: the messy files put no cell beside its column"
+        assert set(state["bookmarks"][name]["columns_with_text_companion"]) == companions, name
+        now = tables.columns(name)
+        assert {c: t for c, t in now.items() if c in first_types[name]} == first_types[name], name
+
+
+def test_files_unlike_the_guesses_load_every_row_and_cell_into_duckdb(meltano, sandbox, tmp_path):
+    """Next Commerce and Intelligems publish no columns: their files here carry ids of any shape, N/A
+    in a number column, another date format, yes/no booleans, text in a JSON column and a renamed
+    column, from the first run (Intelligems) or only from the second (Next Commerce)."""
+    pipeline = Pipeline(meltano, sandbox, tmp_path, GUESSED_STREAMS)
+    check_files_unlike_the_guesses_load(pipeline, DuckDbTables(pipeline.warehouse), "target-duckdb")
+
+
+@pytest.fixture(scope="module")
+def postgres_server(meltano):
+    """A throwaway PostgreSQL and meltano.yml's target-postgres, for the tests that load it."""
+    if postgres_bin() is None:
+        pytest.skip("no PostgreSQL binaries (Debian's postgresql package)")
+    meltano("install", "loader", "target-postgres")
+    with running_postgres() as server:
+        yield server
+
+
+def postgres_pipeline(meltano, sandbox, tmp_path, server, streams: tuple[str, ...]) -> tuple[Pipeline, PostgresTables]:
+    """A Pipeline into its own schema of the server, so tests never see each other's tables."""
+    pipeline = Pipeline(meltano, sandbox, tmp_path, streams)
+    schema = f"s_{pipeline.suffix}"
+    pipeline.target_env = {**server.environment(), "TARGET_POSTGRES_DEFAULT_TARGET_SCHEMA": schema}
+    return pipeline, PostgresTables(server, schema)
+
+
+def test_files_unlike_the_guesses_load_every_row_and_cell_into_postgres(meltano, sandbox, tmp_path, postgres_server):
+    """The same files into target-postgres, which refuses to alter a column's type: every row loads,
+    since no column ever changes type."""
+    pipeline, tables = postgres_pipeline(meltano, sandbox, tmp_path, postgres_server, GUESSED_STREAMS)
+    check_files_unlike_the_guesses_load(pipeline, tables, "target-postgres")
 
 
 def test_the_sdks_own_settings_reach_the_tap_from_the_environment(meltano, sandbox):
@@ -594,10 +695,11 @@ def test_a_merged_state_cannot_bring_back_exports_already_read(pipeline, sandbox
         assert merged["bookmarks"][name]["exports_in_flight"] == [], name
 
 
-def test_warehouse_values_as_users_query_them(pipeline, sandbox):
+def test_warehouse_values_as_users_query_them(meltano, sandbox, tmp_path):
     """Empty JSON cells are SQL NULL (not the JSON literal 'null'); ids keep their text; money is a
     number. What the loader cannot do is stated in the README: target-duckdb 0.8 stores JSON numbers as
-    DOUBLE and `format: date` columns as VARCHAR."""
+    DOUBLE and `format: date` columns as VARCHAR (ISO dates, cast with ::DATE)."""
+    pipeline = Pipeline(meltano, sandbox, tmp_path, ("nextcommerce_order_list", "voucherify_customers"))
     pipeline.run("target-duckdb", end_date=END)
     name = "nextcommerce_order_list"
     want = expected(sandbox, name)
@@ -610,3 +712,37 @@ def test_warehouse_values_as_users_query_them(pipeline, sandbox):
     ids = {record["order_number"] for record in want}
     loaded = {row[0] for row in duckdb_query(pipeline.warehouse, f'select order_number from {SCHEMA}."{name}"')}
     assert loaded == ids  # leading zeros, letters and all
+    customers = {c["id"]: c for c in expected(sandbox, "voucherify_customers")}
+    assert duckdb_columns(pipeline.warehouse, "voucherify_customers")["birthday"] == "VARCHAR"
+    birthdays = duckdb_query(pipeline.warehouse, f"select id, birthday::date from {SCHEMA}.voucherify_customers")
+    assert len(birthdays) == len(customers) and any(day for _, day in birthdays)
+    assert all((str(day) if day else None) == customers[id_]["birthday"] for id_, day in birthdays)
+
+
+def test_warehouse_values_in_postgres_as_users_query_them(meltano, sandbox, tmp_path, postgres_server):
+    """target-postgres keeps money exact (NUMERIC), dates as DATE and instants as UTC TIMESTAMP without a
+    zone. It stores an absent JSON value as the JSON literal null (SQLAlchemy's JSONB default), which
+    the README's query `NULLIF(metadata, 'null'::jsonb) IS NULL` finds."""
+    streams = ("nextcommerce_order_list", "voucherify_customers")
+    pipeline, tables = postgres_pipeline(meltano, sandbox, tmp_path, postgres_server, streams)
+    pipeline.run("target-postgres", end_date=END)
+    name = "nextcommerce_order_list"
+    want = {record["order_number"]: record for record in expected(sandbox, name)}
+    empty = sum(1 for record in want.values() if record.get("metadata") is None)
+    assert 0 < empty < len(want)
+    columns = tables.columns(name)
+    assert columns["metadata"] == "jsonb" and columns["order_number"] == "text"
+    assert tables.count(name, "nullif(metadata, 'null'::jsonb) is null") == empty
+    assert columns["total_incl_tax"] == "numeric" and columns["date_created"] == "timestamp without time zone"
+    raw = {row["order_number"]: row for row in sandbox.nextcommerce.raw_rows(name)}
+    rows = tables.rows(name)
+    assert {row["order_number"] for row in rows} == set(want)
+    for row in rows:
+        cell = raw[row["order_number"]]["total_incl_tax"]
+        assert row["total_incl_tax"] == (decimal.Decimal(cell) if cell else None), row["order_number"]  # exact
+        moment = dt.datetime.fromisoformat(row["date_created"]).replace(tzinfo=UTC)
+        assert moment == instant(want[row["order_number"]]["date_created"]), row["order_number"]  # UTC
+    customers = {c["id"]: c for c in expected(sandbox, "voucherify_customers")}
+    assert tables.columns("voucherify_customers")["birthday"] == "date"
+    loaded = {row["id"]: row["birthday"] for row in tables.rows("voucherify_customers")}
+    assert loaded == {id_: customer["birthday"] for id_, customer in customers.items()}

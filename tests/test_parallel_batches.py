@@ -255,7 +255,8 @@ def test_a_misfit_in_a_slice_is_reported_before_its_files_naming_its_row_in_the_
     written = write_batches(path, tmp_path / "out", 50, pool, on_misfit=heard.append)
     assert written.error is None and len(written.rows) == 2000
     assert heard == [Misfit("amount", "integer", 1778, "17x7")]
-    assert written.rows[1777]["amount"] == "17x7" and written.rows[0]["amount"] == 0
+    assert written.rows[1777]["amount__text"] == "17x7" and written.rows[1777]["amount"] is None
+    assert written.rows[0]["amount"] == 0
 
 
 def test_a_broken_row_ends_the_file_after_a_prefix_of_its_rows_and_leaves_no_stray_file(tmp_path, pool, monkeypatch):

@@ -1,15 +1,16 @@
 """Where CSV rows become records: the reader, its misfits, and the builders of dicts and structs.
 
-A cell that does not fit its column's kind never fails the file: the column is read as text from that
-block on (its cells exactly as written) and the reader reports a `Misfit`, so the stream widens the
-column's schema before the first record that needs it. Columns already known to be text
-(`text_columns`) are never cast.
+A cell that does not fit its column's kind never fails the file. The column keeps its kind, and the
+cell goes, exactly as written, into a text column beside it (`<key>__text`, see `companion_key`): the
+reader reports a `Misfit`, so the stream adds that column to its schema before the first record that
+needs it. A warehouse column thus never changes type, which some loaders refuse (target-postgres
+cannot alter a column) and others do by renaming the old column away (pipelinewise targets).
+Columns an earlier version of the tap loaded as text (`text_columns`) are still read as text.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import datetime as dt
 import decimal
@@ -50,6 +51,14 @@ class CsvFormatError(ValueError):
 
     def __reduce__(self) -> tuple:  # crosses from worker processes (parallel_batches.py)
         return (CsvFormatError, (self.describe, self.row, self.problem))
+
+
+#: What a column's text companion is called: it holds the column's cells that do not fit its kind.
+COMPANION_SUFFIX = "__text"
+
+
+def companion_key(key: str) -> str:
+    return key + COMPANION_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,17 @@ class CsvLayout:
     build: RecordBuilder
     #: Key columns the file lacks: each record carries a fingerprint of its row there (see `row_key_columns`).
     fingerprinted_keys: list[str] = field(default_factory=list)
+    #: Indexes of the typed columns with a text companion, in the order their companions were added.
+    companions: list[int] = field(default_factory=list)
+
+    @property
+    def companion_keys(self) -> list[str]:
+        return [companion_key(self.keys[index]) for index in self.companions]
+
+    @property
+    def record_keys(self) -> list[str]:
+        """The keys of the columns `build` takes, in order: the file's, fingerprints, companions."""
+        return self.keys + self.fingerprinted_keys + self.companion_keys
 
 
 class CsvRecordReader:
@@ -164,6 +184,7 @@ class CsvRecordReader:
         constants: dict[str, Any] | None = None,
         builder: BuilderFactory = dict_builder,
         text_columns: Iterable[str] = (),
+        companion_columns: Iterable[str] = (),
         on_misfit: Callable[[Misfit], None] | None = None,
         row_key_columns: Sequence[str] = (),
     ) -> None:
@@ -175,11 +196,13 @@ class CsvRecordReader:
         self.constants = constants or {}
         #: How cast columns become records: dicts, or Structs for records that are only encoded.
         self.builder = builder
-        #: Columns read as text whatever their kind: widened by an earlier file or run.
+        #: Columns read as text whatever their kind: an earlier version of the tap widened them.
         self.text_columns = set(text_columns)
+        #: Typed columns whose misfits go to a text companion: met in an earlier file or run.
+        self.companion_columns = set(companion_columns)
         #: Told of each column's first misfit, before the records of its block are built.
         self.on_misfit = on_misfit
-        #: The first misfit of each column widened while reading, by key.
+        #: The first misfit of each column met while reading, by key.
         self.misfits: dict[str, Misfit] = {}
         #: Columns every record needs (the stream's primary key). A file without one of them (the key
         #: was a guess, or renamed) still loads: each record carries a fingerprint of its row there.
@@ -198,18 +221,6 @@ class CsvRecordReader:
         for misfit in misfits:
             self._note_misfit(misfit)
 
-    def find_misfits(self, path: str) -> list[Misfit]:
-        """Every column of the file at `path` that holds a cell its kind does not fit, with the first
-        such cell: a read of the whole file that builds no records. A broken row ends the search; the
-        real read meets it again and says where."""
-        scout = copy.copy(self)
-        scout.builder, scout.on_misfit, scout.misfits, scout.rows_read = _no_records, None, {}, 0
-        scout.text_columns, scout._fingerprints_seen = set(self.text_columns), {}
-        with contextlib.suppress(CsvFormatError):
-            for _ in scout.read_file(path):
-                pass
-        return list(scout.misfits.values())
-
     def layout(self, header: list[str]) -> CsvLayout:
         keys = record_keys(header, self.requested_fields)
         unknown = [key for key in keys if key not in self.columns]
@@ -223,15 +234,26 @@ class CsvRecordReader:
             for key, kind in zip(keys, kinds)
         ]
         missing = [key for key in self.row_key_columns if key not in keys and key not in self.constants]
+        companions = [
+            index
+            for index, key in enumerate(keys)
+            if key in self.companion_columns and key not in self.text_columns and casters[index] is not None
+        ]
+        layout = CsvLayout(keys, casters, unknown, _unbuilt, missing, companions)
+        layout.build = self.make_build(layout)
+        return layout
+
+    def make_build(self, layout: CsvLayout) -> RecordBuilder:
+        """The RecordBuilder of `layout.record_keys`; made again when a column gains a companion."""
         # An empty JSON cell is left out of the record rather than sent as null: targets store a JSON
         # null as the JSON literal 'null', which `IS NULL` does not find.
-        json_keys = frozenset(key for key, kind in zip(keys, kinds) if kind == "json")
-        build = (
-            self.builder(keys + missing, self.constants, json_keys)
-            if json_keys
-            else self.builder(keys + missing, self.constants)
-        )
-        return CsvLayout(keys, casters, unknown, build, missing)
+        json_keys = self.json_keys(layout)
+        if json_keys:
+            return self.builder(layout.record_keys, self.constants, json_keys)
+        return self.builder(layout.record_keys, self.constants)
+
+    def json_keys(self, layout: CsvLayout) -> frozenset[str]:
+        return frozenset(key for key in layout.keys if key not in self.text_columns and self._kind_of(key) == "json")
 
     def read(self, text: TextIO, on_layout: Callable[[CsvLayout], None] | None = None) -> Iterator[dict]:
         """Yield one record per data row. `on_layout` hears the columns before the first record."""
@@ -311,9 +333,15 @@ class CsvRecordReader:
     def _cast_rows(self, block: list[list[str]], layout: CsvLayout, first_row: int) -> list[Any]:
         """The hot loop of the tap, done a column at a time: a cast mapped over a column runs in C,
         where a loop over cells would run in Python."""
-        columns = [self._cast_column(layout, index, cells, first_row) for index, cells in enumerate(zip(*block))]
+        cells_by_column = list(zip(*block))
+        columns = [self._cast_column(layout, index, cells, first_row) for index, cells in enumerate(cells_by_column)]
         if layout.fingerprinted_keys:
             columns += [self._fingerprints(block)] * len(layout.fingerprinted_keys)
+        for index in layout.companions:
+            cast = layout.casters[index]
+            assert cast is not None  # only typed columns get a companion
+            columns[index], misfits = self._split_column(cast, cells_by_column[index])
+            columns.append(misfits)
         return layout.build(columns)
 
     def _cast_column(self, layout: CsvLayout, index: int, cells: tuple[str, ...], first_row: int) -> Sequence[Any]:
@@ -321,6 +349,8 @@ class CsvRecordReader:
         has_empty = "" in cells
         if cast is None:
             return [cell or None for cell in cells] if has_empty else cells
+        if index in layout.companions:
+            return cells  # split by _cast_rows
         try:
             return [cast(cell) if cell else None for cell in cells] if has_empty else list(map(cast, cells))
         except (ValueError, decimal.InvalidOperation, OverflowError):
@@ -328,17 +358,31 @@ class CsvRecordReader:
         # Some cell needs the lenient cast, or does not fit: cell by cell, to find which.
         key = layout.keys[index]
         try:
-            return [self._cast_cell(key, cast, cell, row) for row, cell in enumerate(cells, start=first_row)]
+            return [self._cast_cell(cast, cell, row) for row, cell in enumerate(cells, start=first_row)]
         except _DoesNotFit as misfit:
             self._note_misfit(Misfit(key, self._kind_of(key), misfit.row, misfit.cell))
-            widened = layout.casters[index] = self._widened_caster(key)
-            if widened is None:
-                return [cell or None for cell in cells]
-            return [widened(cell) if cell else None for cell in cells]
+            layout.companions.append(index)
+            layout.build = self.make_build(layout)
+            return cells  # split by _cast_rows
+
+    def _split_column(self, cast: Caster, cells: Sequence[str]) -> tuple[list[Any], list[str | None]]:
+        """A column with a text companion: the cells that fit, cast, and beside them the ones that do
+        not, exactly as written."""
+        typed: list[Any] = []
+        misfits: list[str | None] = []
+        for cell in cells:
+            try:
+                typed.append(self._cast_cell(cast, cell, 0))
+                misfits.append(None)
+            except _DoesNotFit:
+                typed.append(None)
+                misfits.append(cell)
+        return typed, misfits
 
     def _widened_caster(self, key: str) -> Caster | None:
-        """How a column widened to text reads its cells. Instants that parse are still converted (the
-        same UTC ISO text as before, not a store's local time); every other cell is kept as written."""
+        """How a column an earlier version widened to text reads its cells. Instants that parse are
+        still converted (the same UTC ISO text as before, not a store's local time); every other cell
+        is kept as written."""
         kind = self._kind_of(key)
         if kind not in INSTANT_KINDS:
             return None
@@ -352,7 +396,7 @@ class CsvRecordReader:
 
         return as_text
 
-    def _cast_cell(self, key: str, cast: Caster, cell: str, row: int) -> Any:
+    def _cast_cell(self, cast: Caster, cell: str, row: int) -> Any:
         if not cell:
             return None
         try:
@@ -373,11 +417,12 @@ class CsvRecordReader:
         return keys
 
     def _note_misfit(self, misfit: Misfit) -> None:
-        """The column is text from now on, in this file and (through the stream) in later ones."""
+        """The column has a text companion from now on, in this file and (through the stream) in
+        later ones."""
         if misfit.key in self.misfits:
             return
         self.misfits[misfit.key] = misfit
-        self.text_columns.add(misfit.key)
+        self.companion_columns.add(misfit.key)
         if self.on_misfit is not None:
             self.on_misfit(misfit)
 
@@ -424,7 +469,5 @@ def row_fingerprint(row: list[str]) -> str:
     return "row-sha1:" + hashlib.sha1("\x1f".join(row).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _no_records(
-    keys: list[str], constants: dict[str, Any], omit_if_null: frozenset[str] = frozenset()
-) -> RecordBuilder:
-    return lambda columns: []
+def _unbuilt(columns: list[Sequence[Any]]) -> list[Any]:
+    raise AssertionError("a layout's build is made right after the layout")

@@ -85,7 +85,7 @@ from tap_commerce_exports.exports.job import ExportApi, ExportFailed, ExportHand
 from tap_commerce_exports.exports.status_board import statuses_in_listing
 from tap_commerce_exports.exports.windows import Window, parse_instant
 from tap_commerce_exports.records.columns import Column, columns_from_spec, header_key
-from tap_commerce_exports.records.csv_reader import CsvLayout, CsvRecordReader
+from tap_commerce_exports.records.csv_reader import CsvLayout, CsvRecordReader, RecordBuilder
 
 # The same loopback rule as checked_base_url's: plain http and any loopback file host go together.
 from tap_commerce_exports.sources.base import (
@@ -424,25 +424,21 @@ class MetadataColumnsReader(CsvRecordReader):
         super().__init__(columns, **options)
         self.metadata_names = metadata_names
 
-    def layout(self, header: list[str]) -> CsvLayout:
-        layout = super().layout(header)
+    def make_build(self, layout: CsvLayout) -> RecordBuilder:
         derived = [(metadata_column(name), name) for name in self.metadata_names]
         derived = [(key, name) for key, name in derived if key not in layout.keys]
         if "metadata" not in layout.keys or not derived:
-            return layout
+            return super().make_build(layout)
         source = layout.keys.index("metadata")
-        keys = layout.keys + layout.fingerprinted_keys + [key for key, _ in derived]
-        json_keys = frozenset(
-            key for key in layout.keys if key not in self.text_columns and self._kind_of(key) == "json"
-        )
+        keys = layout.record_keys + [key for key, _ in derived]
+        json_keys = self.json_keys(layout)
         inner = self.builder(keys, self.constants, json_keys) if json_keys else self.builder(keys, self.constants)
 
         def build(columns: list[Sequence[Any]]) -> list[Any]:
             metadata = columns[source]
             return inner([*columns, *([_metadata_cell(cell, name) for cell in metadata] for _, name in derived)])
 
-        layout.build = build
-        return layout
+        return build
 
 
 # ------------------------------------------------------------------------ streams
@@ -460,9 +456,6 @@ class VoucherifyStream(ExportStream):
     #: Whether Voucherify documents `metadata.<name>` export fields for this object (orders only);
     #: the others' columns are read out of the documented `metadata` column (MetadataColumnsReader).
     metadata_fields_documented: ClassVar[bool] = False
-    #: Voucherify documents its export fields (the spec's field enums and tables, NOTES.md): a file is
-    #: not read twice for misfits; one that turns up anyway widens its column where it is met.
-    column_kinds_documented = True
 
     @classmethod
     def windows_follow(cls) -> str:
