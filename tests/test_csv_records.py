@@ -137,7 +137,10 @@ def test_text_columns_of_earlier_versions_are_never_cast():
 
 def test_a_column_with_a_companion_from_an_earlier_run_splits_from_the_first_row():
     records = read("id,amount\na,7\nb,N/A\n", companion_columns={"amount"})
-    assert records == [{"id": "a", "amount": 7, "amount__text": None}, {"id": "b", "amount": None, "amount__text": "N/A"}]
+    assert records == [
+        {"id": "a", "amount": 7, "amount__text": None},
+        {"id": "b", "amount": None, "amount__text": "N/A"},
+    ]
 
 
 def test_a_misfit_in_a_later_block_adds_the_companion_from_that_block_on(tmp_path):

@@ -118,3 +118,24 @@ def test_a_companion_added_in_an_earlier_run_is_in_the_first_schema_on(nextcomme
     assert all(r["total_incl_tax__text"] is None for r in records)  # the files fit, this time
     bookmark = output.final_state["bookmarks"]["nextcommerce_order_list"]
     assert bookmark[COMPANION_STATE] == ["total_incl_tax"] and bookmark["columns_loaded_as_text"] == ["is_test"]
+
+
+def test_a_documented_column_whose_file_turns_out_otherwise_loses_no_row(voucherify_sandbox):
+    """Voucherify documents its columns (amounts are integer cents), yet a file may still hold another
+    value: the row loads, the cell in the column's companion, and the column keeps its type."""
+    voucherify_sandbox.faults.arm("misfit_cell", 1)
+    output = run_tap(voucherify_sandbox.tap_config(), streams={"voucherify_orders"})
+    assert output.error is None, output.error
+    records = output.records("voucherify_orders")
+    assert len(records) == len(voucherify_sandbox.voucherify.expected_records("voucherify_orders"))
+    misfits = [(key, r) for r in records for key, value in r.items() if key.endswith("__text") and value == "N/A"]
+    assert len(misfits) == 1, misfits
+    companion, record = misfits[0]
+    column = companion.removesuffix("__text")
+    assert record[column] is None
+    schemas = output.schemas("voucherify_orders")
+    assert "integer" in schemas[0]["properties"][column]["type"]
+    assert all(schema["properties"][column] == schemas[0]["properties"][column] for schema in schemas)
+    assert schemas[-1]["properties"][companion]["type"] == TEXT
+    assert output.final_state["bookmarks"]["voucherify_orders"][COMPANION_STATE] == [column]
+    assert len(re.findall(rf"column '{column}' is not always an integer: row 3 holds", output.log_text)) == 1

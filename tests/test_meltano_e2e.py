@@ -570,7 +570,7 @@ class PostgresTables:
         return json.loads(text or "{}")
 
     def rows(self, table: str) -> list[dict]:
-        text = self.server.query(f'select coalesce(json_agg(t), \'[]\') from {self.schema}."{table}" t')
+        text = self.server.query(f"select coalesce(json_agg(t), '[]') from {self.schema}.\"{table}\" t")
         return json.loads(text, parse_float=decimal.Decimal)
 
     def count(self, table: str, where: str = "true") -> int:

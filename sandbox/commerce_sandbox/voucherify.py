@@ -146,7 +146,8 @@ Faults (armed on `ctx.faults`):
   baked into its file (downloading again gives the same file; only a new export helps):
   `empty_file` (0 bytes), `header_only`, `new_column` ("Loyalty Tier" after the last column),
   `malformed_row` and `bad_utf8` (the third data row, or the last when there are fewer, gets an
-  extra field, or the bytes FF FE at the start of its first cell).
+  extra field, or the bytes FF FE at the start of its first cell), `misfit_cell` (that row's first
+  integer cell, an amount in cents, reads "N/A": a documented column whose file turns out otherwise).
 - The next download: `download_redirect` (302 to another host: the fault's value, a base URL,
   else `https://files.example.invalid`; Voucherify documents no redirect, but a client that
   follows one must not take the X-App headers along), `download_reset` (half the file's bytes,
@@ -234,7 +235,9 @@ LONG_FIELD_VOUCHER_INDEX = 2
 LONG_FIELD_CHARS = 100_000
 #: Where the foreign_download_host fault points by default: a name that never resolves (RFC 6761).
 FOREIGN_DOWNLOAD_BASE = "https://files.example.invalid"
-CONTENT_FAULTS = ("empty_file", "header_only", "new_column", "malformed_row", "bad_utf8")
+CONTENT_FAULTS = ("empty_file", "header_only", "new_column", "malformed_row", "bad_utf8", "misfit_cell")
+#: What the misfit_cell fault writes into a documented integer column.
+MISFIT_CELL = "N/A"
 SERVER_ERROR_STATUSES = (500, 502, 503)
 TEXT_CONDITIONS = ("$is", "$is_not", "$in", "$not_in")
 DATE_CONDITIONS = ("$after", "$before")
@@ -2188,6 +2191,8 @@ class VoucherifyEmulator(Emulator):
         for number, (cells, damaged) in enumerate(_flag_target(self._job_cells(job), FAULT_ROW_NUMBER)):
             if extra:
                 cells.append(NEW_COLUMN_VALUES[number % len(NEW_COLUMN_VALUES)])
+            if damaged and fault == "misfit_cell":
+                cells = _with_misfit_cell(cells)
             line = writer.line(cells).encode()
             yield _damage(line, fault, job.line_ending) if damaged else line
 
@@ -2272,6 +2277,12 @@ class VoucherifyEmulator(Emulator):
 
 def _signed_path(path: str, nonce: str) -> str:
     return f"{path}\n{nonce}"
+
+
+def _with_misfit_cell(cells: list[str]) -> list[str]:
+    """The row with its first integer cell (ids are never digits only) replaced by MISFIT_CELL."""
+    index = next((i for i, cell in enumerate(cells) if cell.isdigit()), None)
+    return cells if index is None else [*cells[:index], MISFIT_CELL, *cells[index + 1 :]]
 
 
 def _damage(line: bytes, fault: str | None, line_ending: str) -> bytes:
