@@ -16,6 +16,8 @@ from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from singer_sdk import metrics
+
 from tap_commerce_exports.exports.in_flight import STATE_KEY as IN_FLIGHT_KEY
 from tap_commerce_exports.exports.in_flight import exports_in_flight, remembered_exports, window_key
 from tap_commerce_exports.exports.job import ExportApi, ExportRequest, ExportTooLarge, ReadyExport
@@ -101,6 +103,15 @@ class StreamTotals:
     def wall_seconds(self) -> float:
         """Wall time, not the sum over exports: a stream's partitions wait in parallel."""
         return (self.finished or time.monotonic()) - self.started
+
+
+class StreamRecordCounter(metrics.Counter):
+    """The record_count of all a stream's partitions together. The SDK gives its counter each
+    partition's context in turn, so the one count logged at the end carried the last partition's
+    context, as if all the stream's records were that partition's."""
+
+    def with_context(self, value: Any) -> None:
+        """No partition's context: the count is the whole stream's."""
 
 
 class ExportStream(SdkStream):
@@ -425,7 +436,8 @@ class ExportStream(SdkStream):
     def get_record_counter(self, **kwargs: Any) -> Any:
         """The SDK's record_count metric of the sync under way: the fast path, whose records bypass
         the SDK's loop, counts into it, so each stream logs one record_count."""
-        self._record_counter = super().get_record_counter(**kwargs)
+        counter = super().get_record_counter(**kwargs)
+        self._record_counter = StreamRecordCounter(counter.metric, counter.tags, log_interval=counter.log_interval)
         return self._record_counter
 
     def get_batches(self, batch_config: Any, context: Mapping[str, Any] | None = None) -> Iterable[tuple]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import click
 from singer_sdk import Tap
 from singer_sdk import singerlib as singer
 from singer_sdk import typing as th
+from singer_sdk.exceptions import ConfigValidationError
 
 from tap_commerce_exports.exports.download import ExportCancelled, FileDownloader
 from tap_commerce_exports.exports.http import install_log_redaction
@@ -43,6 +45,9 @@ CREDENTIAL_CHECK_SECONDS = 30.0
 _NO_SOURCE_MESSAGE = "no source is configured: set the credentials of at least one of " + ", ".join(
     f"{s.name} ({' + '.join(s.credential_settings)})" for s in SOURCES
 )
+_NO_START_DATE_MESSAGE = (
+    "setting 'start_date' is not set: set the date-time to export from, such as 2024-01-01T00:00:00Z"
+)
 
 
 class TapCommerceExports(Tap):
@@ -56,6 +61,13 @@ class TapCommerceExports(Tap):
 
     stop_signal: int = 0
 
+    def __init__(self, *, config: Any = None, parse_env_config: bool = False, **kwargs: Any) -> None:
+        # Before the SDK's schema check, whose error for a config that lost its environment names only
+        # 'start_date' (in `--test` as a traceback) and says nothing of the sources.
+        if isinstance(config, dict):
+            self._check_essentials({**config, **(_environment_config() if parse_env_config else {})})
+        super().__init__(config=config, parse_env_config=parse_env_config, **kwargs)
+
     @classmethod
     def append_builtin_config(cls, config_jsonschema: dict) -> None:
         super().append_builtin_config(config_jsonschema)
@@ -64,6 +76,7 @@ class TapCommerceExports(Tap):
     def discover_streams(self) -> list[ExportStream]:
         install_log_redaction()
         self._check_settings()
+        self._check_catalog_selection()
         self.settings = SyncSettings.of(self.config)
         self.scheduler = ExportScheduler(self.settings.max_concurrent_exports, self.logger)
         streams: list[ExportStream] = []
@@ -84,7 +97,7 @@ class TapCommerceExports(Tap):
             try:
                 results.append((source.name, True, source.check_connection(runtime.api)))
             except Exception as exc:
-                results.append((source.name, False, str(exc)))
+                results.append((source.name, False, source_failure(source.name, exc)))
         return results
 
     @classmethod
@@ -133,13 +146,22 @@ class TapCommerceExports(Tap):
         runner = ExportRunner(api, downloader, self.settings.poll_policy, logger, self.scheduler.stopping)
         return SourceRuntime(api, runner, self.scheduler, self.settings, source.naive_zone(self.config))
 
+    @classmethod
+    def _check_essentials(cls, config: dict) -> None:
+        """The settings no run can do without, all named in one line."""
+        problems = missing_essentials(config)
+        if problems:
+            cls._warn_of_unknown_settings(config)  # a typo in a credential's name is the likeliest cause
+            raise ConfigError("; ".join(problems))
+
     def _check_settings(self) -> None:
         config = self.config
+        self._check_essentials(dict(config))
         try:
             start = parse_instant(config["start_date"])
             end = parse_instant(config["end_date"]) if config.get("end_date") else None
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"setting 'start_date'/'end_date' is missing or not a date-time: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"setting 'start_date' or 'end_date' is not a date-time: {exc}") from None
         if end is not None and end <= start:
             raise ConfigError(
                 f"setting 'end_date' ({end.isoformat()}) must be after 'start_date' ({start.isoformat()})"
@@ -155,21 +177,32 @@ class TapCommerceExports(Tap):
         ):
             if setting in config and float(config[setting]) <= 0:
                 raise ConfigError(f"setting {setting!r} must be greater than 0, got {config[setting]!r}")
-        self._warn_of_unknown_settings()
+        self._warn_of_unknown_settings(config)
         for source in SOURCES:
-            source.check_half_configured(config)
             if source.is_configured(config):
                 source.validate(dict(config))
-        if not any(source.is_configured(config) for source in SOURCES):
-            raise ConfigError(_NO_SOURCE_MESSAGE)
 
-    def _warn_of_unknown_settings(self) -> None:
+    def _check_catalog_selection(self) -> None:
+        """A stream selected in the catalog whose source is not configured would be left out of the sync
+        without a word, and the run would end green."""
+        if self.input_catalog is None:
+            return
+        selected = {
+            entry.tap_stream_id
+            for entry in self.input_catalog.streams
+            if entry.metadata.resolve_selection()[()]  # the SDK's own reading of `selected`
+        }
+        for source in SOURCES:
+            source.check_selected_streams(self.config, selected)
+
+    @classmethod
+    def _warn_of_unknown_settings(cls, config: Any) -> None:
         """A setting the tap does not know is most often a typo of one it does: say which."""
-        known = set(self.config_jsonschema["properties"])
-        for name in sorted(set(self.config) - known):
+        known = set(cls.config_jsonschema["properties"])
+        for name in sorted(set(config) - known):
             closest = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = f"; did you mean {closest[0]!r}?" if closest else ""
-            self.logger.warning("Unknown setting %r is ignored%s", name, hint)
+            cls.logger.warning("Unknown setting %r is ignored%s", name, hint)
 
     def sync_all(self) -> None:  # type: ignore[misc]  # final in the SDK; see the docstring
         """Start every selected stream's first exports, then read the streams one by one.
@@ -189,8 +222,8 @@ class TapCommerceExports(Tap):
         try:
             with collector_tuned_for_rows() as frozen:
                 self.logger.debug(
-                    "garbage collector: %d long-lived objects frozen, young generation collected every %d allocations",
-                    frozen,
+                    "garbage collector: %s frozen, young generation collected every %d allocations",
+                    plural(frozen, "long-lived object"),
                     gc.get_threshold()[0],
                 )
                 self.check_stop()
@@ -248,7 +281,7 @@ class TapCommerceExports(Tap):
         try:
             self.logger.info("Connection to %s: ok (%s)", name, source.check_connection(runtime.api))
         except Exception as exc:
-            detail = str(exc).removeprefix(f"{name}: ")
+            detail = source_failure(name, exc)
             if "HTTP 401" in detail or "HTTP 403" in detail:
                 raise CredentialsRefused(f"{name} refused the credentials: {detail}") from None
             if stops_source(exc):
@@ -385,12 +418,12 @@ class TapCommerceExports(Tap):
         for stream in streams:
             t = stream.totals
             self.logger.info(
-                "Summary %s: %s, %s, %d rows, %d bytes, %s, %s; %.1fs from its first export to its last row",
+                "Summary %s: %s, %s, %s, %s, %s, %s; %.1fs from its first export to its last row",
                 stream.name,
                 plural(t.windows, "window"),
                 plural(t.exports, "export"),
-                t.rows,
-                t.bytes,
+                plural(t.rows, "row"),
+                plural(t.bytes, "byte"),
                 plural(t.polls, "poll"),
                 plural(t.splits, "split"),
                 t.wall_seconds,
@@ -402,6 +435,21 @@ class TapCommerceExports(Tap):
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def source_failure(name: str, error: BaseException) -> str:
+    """A source's error for a line that names the source already: its API's errors start with its name."""
+    return str(error).removeprefix(f"{name}: ")
+
+
+def missing_essentials(config: dict) -> list[str]:
+    """What keeps any run from starting: no start_date, a source half configured, or no source at all."""
+    problems = [problem for source in SOURCES if (problem := source.half_configured(config))]
+    if not problems and not any(source.is_configured(config) for source in SOURCES):
+        problems.append(_NO_SOURCE_MESSAGE)
+    if not config.get("start_date"):
+        problems.append(_NO_START_DATE_MESSAGE)
+    return problems
 
 
 #: How long a stopping run waits for its export threads to leave before it exits without them.
@@ -452,26 +500,36 @@ def _environment_config() -> dict:
     return config
 
 
+def _config_file(path: str) -> dict:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 def check_connection_main(argv: list[str]) -> int:
     """`tap-commerce-exports --check-connection --config FILE` (or `--config ENV`): pass or fail per source."""
     config_path = argv[argv.index("--config") + 1] if "--config" in argv else "ENV"
-    config = _environment_config() if config_path == "ENV" else config_path
+    config = _environment_config() if config_path == "ENV" else _config_file(config_path)
     tap = TapCommerceExports(config=config)
     results = tap.check_connections()
     if not results:
-        print("FAIL: no source is configured (set the credentials of at least one source)")
-        return 1
+        raise ConfigError(_NO_SOURCE_MESSAGE)
     for name, ok, detail in results:
-        print(f"{'PASS' if ok else 'FAIL'}: {name}: {detail.removeprefix(f'{name}: ')}")
+        print(f"{'PASS' if ok else 'FAIL'}: {name}: {detail}")
     return 0 if all(ok for _, ok, _ in results) else 1
+
+
+def configuration_problem(error: ConfigError | ConfigValidationError) -> str:
+    if isinstance(error, ConfigValidationError):
+        return "; ".join(error.errors) or str(error)  # the schema's errors, not the SDK's summary
+    return str(error)
 
 
 def main() -> None:
     if "--check-connection" in sys.argv[1:]:
         try:
             sys.exit(check_connection_main(sys.argv[1:]))
-        except ConfigError as exc:
-            print(f"FAIL: configuration error: {exc}")
+        except (ConfigError, ConfigValidationError) as exc:
+            print(f"FAIL: configuration error: {configuration_problem(exc)}")
             sys.exit(2)
     # Logged at error level, not printed: Meltano shows a plugin's lines at the level they carry.
     logger = logging.getLogger(TapCommerceExports.name)
@@ -480,6 +538,9 @@ def main() -> None:
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         sys.exit(2)
+    except ConfigValidationError as exc:  # `--test`: the SDK reports its schema errors only in a sync
+        logger.error("configuration error: %s", configuration_problem(exc))
+        sys.exit(1)  # the SDK's exit code for them in a sync
     except (SyncFailures, ConnectionTestFailed) as exc:
         logger.error("%s", exc)
         sys.exit(1)

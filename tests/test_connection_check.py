@@ -6,7 +6,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.harness import FAST_SETTINGS, run_tap
+
+#: One wrong credential per source: each source's refusal must name the source once.
+WRONG_CREDENTIALS = {
+    "intelligems": {"intelligems_api_token": "not-the-token"},
+    "nextcommerce": {"nextcommerce_api_token": "not-the-token"},
+    "voucherify": {"voucherify_app_token": "not-the-token"},
+}
 
 
 def check(config: dict, tmp_path) -> subprocess.CompletedProcess:
@@ -74,4 +83,41 @@ def test_singer_test_flag_fails_when_a_source_refuses_the_credentials(full_sandb
     assert result.returncode == 1
     assert "Connection test FAIL: voucherify" in result.stderr and "HTTP 401" in result.stderr
     assert "not-the-token" not in result.stdout + result.stderr
+    assert not full_sandbox.log.entries(method="POST")
+
+
+def tap_process(config: dict, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**FAST_SETTINGS, **config}))
+    return subprocess.run(
+        [sys.executable, "-m", "tap_commerce_exports.tap", "--config", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def assert_each_source_named_once(output: str, sources) -> None:
+    for source in sources:
+        assert f"{source}: GET " in output, (source, output)  # its failure is there, named once
+        assert f"{source}: {source}:" not in output, output
+
+
+@pytest.mark.parametrize("mode", ["--test", "--check-connection"])
+def test_every_refused_source_is_named_once_in_the_connection_checks(full_sandbox, tmp_path, mode):
+    wrong = {setting: value for settings in WRONG_CREDENTIALS.values() for setting, value in settings.items()}
+    result = tap_process({**full_sandbox.tap_config(), **wrong}, tmp_path, mode)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_each_source_named_once(result.stdout + result.stderr, WRONG_CREDENTIALS)
+    if mode == "--test":  # and once more in the closing error, each source once there too
+        [closing] = [line for line in result.stderr.splitlines() if "connection test failed:" in line]
+        assert_each_source_named_once(closing, WRONG_CREDENTIALS)
+
+
+@pytest.mark.parametrize("source", sorted(WRONG_CREDENTIALS))
+def test_a_sync_refused_by_a_source_names_it_once(full_sandbox, tmp_path, source):
+    result = tap_process({**full_sandbox.tap_config(), **WRONG_CREDENTIALS[source]}, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"configuration error: {source} refused the credentials: GET " in result.stderr
+    assert f"{source}: {source}:" not in result.stderr
     assert not full_sandbox.log.entries(method="POST")

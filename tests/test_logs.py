@@ -35,6 +35,41 @@ def test_one_of_a_kind_is_not_plural(voucherify_sandbox):
     assert "1 window, 1 export," in output.log_text and "1 windows" not in output.log_text
 
 
+def test_an_export_ready_at_its_first_poll_says_1_poll(voucherify_sandbox):
+    # One window, polled first well after the sandbox's export is ready: exactly one poll.
+    config = {
+        **voucherify_sandbox.voucherify.tap_config(),
+        "export_window_days": 60,
+        "poll_interval_seconds": 0.3,
+        "poll_max_interval_seconds": 1,
+    }
+    output = run_tap(config, streams={"voucherify_orders"})
+    assert output.error is None, output.error
+    assert re.search(r"voucherify_orders .* export \S+ is \S+ after \d+s \(1 poll\)$", output.log_text, re.MULTILINE)
+    assert "1 polls" not in output.log_text
+    assert ", 1 poll, " in re.search(r"Summary voucherify_orders: (.*)", output.log_text).group(1)
+
+
+def record_count_metrics(log_text: str, stream: str) -> list[dict]:
+    metrics = [json.loads(line.split("METRIC: ", 1)[1]) for line in log_text.splitlines() if "METRIC: " in line]
+    return [m for m in metrics if m["metric"] == "record_count" and m["tags"]["stream"] == stream]
+
+
+def test_a_partitioned_stream_logs_one_record_count_and_a_wall_clock_summary(intelligems_sandbox):
+    """One partition per experience, waited for in parallel: one count for the stream (not one
+    partition's), and the summary's seconds are wall time, not a sum over partitions."""
+    output = run_tap(intelligems_sandbox.intelligems.tap_config(), streams={"intelligems_orders"})
+    assert output.error is None, output.error
+    records = output.records("intelligems_orders")
+    assert len({record["experience_id"] for record in records}) > 1  # several partitions
+    [count] = record_count_metrics(output.log_text, "intelligems_orders")
+    assert count["value"] == len(records)
+    assert not count["tags"].get("context"), count  # the whole stream's count carries no partition
+    summary_seconds = float(re.search(r"Summary intelligems_orders: .*; ([\d.]+)s from", output.log_text).group(1))
+    total_seconds = float(re.search(r"Sync finished in ([\d.]+)s", output.log_text).group(1))
+    assert summary_seconds <= total_seconds
+
+
 def test_a_long_download_reports_the_bytes_so_far(voucherify_sandbox, monkeypatch):
     monkeypatch.setattr(download, "PROGRESS_EVERY_SECONDS", 0.0)  # every chunk counts as "long"
     output = run_tap(voucherify_sandbox.voucherify.tap_config(), streams={"voucherify_orders"})

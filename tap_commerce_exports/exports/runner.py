@@ -185,12 +185,13 @@ class ExportRunner:
             now = time.monotonic()
             if tracked.handle.status != last_status or now - last_report >= policy.progress_every:
                 self.logger.info(
-                    "%s: export %s is %s after %.0fs (%d polls)",
+                    "%s: export %s is %s after %.0fs (%d poll%s)",
                     request.describe(),
                     tracked.handle.export_id,
                     tracked.handle.status,
                     now - tracked.started,
                     tracked.polls,
+                    "" if tracked.polls == 1 else "s",
                 )
                 last_status, last_report = tracked.handle.status, now
         raise AssertionError("unreachable")  # intervals() never ends
@@ -232,9 +233,10 @@ class ExportRunner:
         url = self.api.file_url(request, tracked.handle)
         file = self.downloader.fetch(url, describe=describe, refresh_url=refresh, headers=self.api.file_headers())
         self.logger.info(
-            "%s: downloaded %d bytes in %.1fs (%d attempt%s)",
+            "%s: downloaded %d byte%s in %.1fs (%d attempt%s)",
             describe,
             file.size_bytes,
+            "" if file.size_bytes == 1 else "s",
             file.seconds,
             file.attempts,
             "" if file.attempts == 1 else "s",

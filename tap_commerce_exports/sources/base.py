@@ -44,20 +44,43 @@ class SourceDefinition:
         defaults = {prop.name: prop.to_dict()[prop.name].get("default") for prop in self.settings}
         return [name for name, default in defaults.items() if config.get(name) not in (None, "", [], {}, default)]
 
-    def check_half_configured(self, config: Mapping[str, Any]) -> None:
+    def half_configured(self, config: Mapping[str, Any]) -> str | None:
         """A source with some of its settings set but not all its credentials is a mistake (a typo in a
         credential's name, an environment variable lost): its streams would vanish without a word."""
         if self.is_configured(config):
-            return
+            return None
         given = self.settings_given(config)
-        if given:
-            missing = [setting for setting in self.credential_settings if not config.get(setting)]
+        if not given:
+            return None
+        missing = self.missing_credentials(config)
+        return (
+            f"{self.name} is half configured: {', '.join(repr(s) for s in given)} "
+            f"{'is' if len(given) == 1 else 'are'} set but {' and '.join(repr(s) for s in missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not. Set {' and '.join(missing)}, or remove the "
+            f"{self.name} settings to leave it out"
+        )
+
+    def check_selected_streams(self, config: Mapping[str, Any], selected: set[str]) -> None:
+        """A catalog that selects this source's streams while its credentials are not set (an environment
+        variable lost) would sync without them, exit 0, and not say a word about them."""
+        if self.is_configured(config):
+            return
+        streams = sorted(selected & self.stream_names())
+        if streams:
+            missing = self.missing_credentials(config)
             raise ConfigError(
-                f"{self.name} is half configured: {', '.join(repr(s) for s in given)} "
-                f"{'is' if len(given) == 1 else 'are'} set but {' and '.join(repr(s) for s in missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not. Set {' and '.join(missing)}, or remove the "
-                f"{self.name} settings to leave it out"
+                f"{', '.join(streams)} {'is' if len(streams) == 1 else 'are'} selected in the catalog but "
+                f"{self.name} is not configured: {' and '.join(repr(s) for s in missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set. Set {' and '.join(missing)}, or deselect "
+                f"the {self.name} streams"
             )
+
+    def stream_names(self) -> set[str]:
+        # Every stream type sets `name` on its class; the SDK declares it for instances only.
+        return {stream_type.name for stream_type in self.stream_types}  # type: ignore[misc]
+
+    def missing_credentials(self, config: Mapping[str, Any]) -> list[str]:
+        return [setting for setting in self.credential_settings if not config.get(setting)]
 
 
 def checked_base_url(config: dict, setting: str) -> str:
