@@ -4,6 +4,8 @@ Starts the sandbox (all three emulated APIs) on free 127.0.0.1 ports, hands its 
 credentials to Meltano through the extractor's environment variables, runs
 `meltano --environment sandbox run tap-commerce-exports target-duckdb` (the sandbox environment keeps
 its bookmarks apart from real runs), then prints every loaded table and its rows.
+It loads into output/sandbox.duckdb, the sandbox environment's warehouse (meltano.yml), which it
+deletes first; a real run's output/warehouse.duckdb (environment dev) is never touched.
 Run it with `make demo` (which installs everything first).
 """
 
@@ -21,7 +23,8 @@ import duckdb
 from commerce_sandbox.server import Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
-WAREHOUSE = ROOT / "output" / "warehouse.duckdb"
+#: The sandbox environment's target-duckdb path in meltano.yml; the only file the demo deletes.
+WAREHOUSE = ROOT / "output" / "sandbox.duckdb"
 SCHEMA = "commerce"
 
 
@@ -51,7 +54,8 @@ def print_tables() -> None:
 
 def main() -> int:
     WAREHOUSE.parent.mkdir(exist_ok=True)
-    WAREHOUSE.unlink(missing_ok=True)
+    for path in (WAREHOUSE, WAREHOUSE.with_name(WAREHOUSE.name + ".wal")):  # a killed demo's WAL too
+        path.unlink(missing_ok=True)
     with Sandbox(export_latency_seconds=1.0) as sandbox:
         settings = {
             "start_date": "2024-01-01T00:00:00Z",
@@ -62,7 +66,15 @@ def main() -> int:
             "max_concurrent_exports": 16,
             **sandbox.tap_config(),
         }
-        env = {**os.environ, **tap_environment(settings), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false"}
+        # Nothing a shell holds for real runs (credentials, batch_config, a TARGET_DUCKDB_PATH) reaches
+        # the demo; it loads into the file deleted above.
+        real_runs = ("TAP_COMMERCE_EXPORTS_", "TARGET_DUCKDB_")
+        env = {
+            **{name: value for name, value in os.environ.items() if not name.startswith(real_runs)},
+            **tap_environment(settings),
+            "TARGET_DUCKDB_PATH": str(WAREHOUSE),
+            "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false",
+        }
         meltano = str(Path(sys.executable).parent / "meltano")
         # The sandbox environment keeps the demo's bookmarks apart from a real run's (environment dev).
         command = [
