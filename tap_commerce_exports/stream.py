@@ -215,9 +215,13 @@ class ExportStream(SdkStream):
             bookmark=self.bookmark(context),
             start_date=settings.start_date,
             end_date=settings.end_date,
-            lookback_hours=max(settings.lookback_hours, self.reread_hours()),
+            lookback_hours=max(settings.lookback_hours, self.hours_before_bookmark()),
             now=dt.datetime.now(UTC),
         )
+
+    def hours_before_bookmark(self) -> float:
+        """Hours each run starts before the bookmark, for rows that change after their window was read."""
+        return self.reread_hours()
 
     def reread_hours(self) -> float:
         """Hours re-read before the bookmark on every run, by the source's setting (`reread_setting`)."""

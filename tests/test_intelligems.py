@@ -181,6 +181,30 @@ def test_lookback_re_exports_the_recent_past_so_late_rows_arrive(intelligems_san
     assert {row["order_id"] for row in late} <= got
 
 
+def test_each_run_re_reads_the_settling_hours_once_not_twice(intelligems_sandbox):
+    """The bookmark stays `intelligems_reread_hours` short of the run, and the next run starts at it:
+    the hours not yet settled are read again once, not twice that many."""
+    emulator = intelligems_sandbox.intelligems
+    target = started(emulator)[0]
+    config = {
+        **emulator.tap_config(),
+        "intelligems_experience_ids": [target],
+        "end_date": None,
+        "intelligems_reread_hours": 3,
+    }
+    first = run_tap(config, streams={"intelligems_orders"})
+    assert first.error is None, first.error
+    held = dt.datetime.fromisoformat(
+        first.final_state["bookmarks"]["intelligems_orders"]["partitions"][0]["replication_key_value"]
+    )
+    assert dt.timedelta(hours=2.9) < dt.datetime.now(UTC) - held < dt.timedelta(hours=3.1)
+    calls = len(emulator.exports_for(target))
+    second = run_tap(config, state=first.final_state, streams={"intelligems_orders"})
+    assert second.error is None, second.error
+    starts = [call.requested_start for call in emulator.exports_for(target)[calls:]]
+    assert starts and min(starts) >= held - dt.timedelta(seconds=1)
+
+
 # --------------------------------------------------------------- the seed's reality
 
 WIDENED = {"type": ["string", "null"]}

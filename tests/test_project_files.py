@@ -298,3 +298,15 @@ def test_every_readme_bash_block_is_run_by_a_test_or_says_why_not():
     assert set(run) <= set(headings), f"tests run blocks the README no longer has: {set(run) - set(headings)}"
     assert set(NOT_RUN_HERE) <= set(headings), set(NOT_RUN_HERE) - set(headings)
     assert all(reason.strip() for reason in NOT_RUN_HERE.values())
+
+
+def test_the_hub_definition_declares_the_settings_of_meltano_yml():
+    """plugins/extractors/tap-commerce-exports.yml is what a Hub user installs: the same settings."""
+    import yaml
+
+    path = ROOT / "scripts" / "update_hub_definition.py"
+    spec = importlib.util.spec_from_file_location("update_hub_definition", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    hub = yaml.safe_load(script.HUB_DEFINITION.read_text())
+    assert hub["settings"] == script.extractor_settings(), "run: .venv/bin/python scripts/update_hub_definition.py"

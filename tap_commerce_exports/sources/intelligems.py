@@ -226,6 +226,11 @@ class IntelligemsExportStream(ExportStream):
         bookmark = min(window.end, settled)
         return max(bookmark, previous) if previous is not None else bookmark
 
+    def hours_before_bookmark(self) -> float:
+        """None: the bookmark itself already stays `intelligems_reread_hours` short of the run
+        (bookmark_after), so starting that much earlier again would read those hours twice."""
+        return 0.0
+
     def export_span(self, context: dict | None) -> Window | None:
         span = super().export_span(context)
         experience = self.api.experience(str((context or {})["experience_id"]))
@@ -424,10 +429,11 @@ SOURCE = SourceDefinition(
             "intelligems_reread_hours",
             th.NumberType,
             default=3,
-            description="Every run exports again this many hours before the bookmark: analytics lag behind "
-            "orders by up to ~2 hours (NOTES.md), so recent orders may be missing at first. Re-reads that "
-            "many hours of rows each run; targets deduplicate on the key. Experiment results of an ended or "
-            "paused experience are read until they were read this many hours after it stopped.",
+            description="The bookmark stays this many hours behind the run that wrote it, and the next run "
+            "starts at it: analytics lag behind orders by up to ~2 hours (NOTES.md), so recent orders may be "
+            "missing at first. Each run reads those hours again once; targets deduplicate on the key. Experiment "
+            "results of an ended or paused experience are read until they were read this many hours after it "
+            "stopped.",
         ),
         th.Property(
             "intelligems_results_reread_days",

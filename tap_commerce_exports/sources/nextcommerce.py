@@ -414,8 +414,9 @@ SOURCE = SourceDefinition(
             default=REREAD_HOURS,
             description="Every run exports again this many hours before the bookmark. Which date the export "
             "range filters on is not documented (creation, most likely), so an order refunded or fulfilled "
-            "after its window was read comes back only this way. Costs no extra export per run (the window "
-            "starts earlier) but re-reads that many hours of rows each run; targets deduplicate on the key.",
+            "after its window was read comes back only this way. Re-reads that many hours of rows each run "
+            "(targets deduplicate on the key), and makes ceil((this + hours since the last run) / (24 x "
+            "export_window_days)) exports per stream: 1 for daily runs with the default 30-day windows.",
         ),
         th.Property(
             "nextcommerce_export_row_cap",
