@@ -257,6 +257,12 @@ LOGGED_ERRORS = {
             '"api_calls_cycle"',
         ],
     ),
+    "a cell that does not fit its column": (
+        "stream.py",
+        ["is not always ", "holds a value that is not (", "values like it load ", "as text into column "],
+    ),
+    "selected streams of a source not configured": ("sources/base.py", [" selected in the catalog but "]),
+    "no start_date": ("tap.py", ["setting 'start_date' is not set"]),
 }
 
 
