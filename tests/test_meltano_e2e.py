@@ -66,8 +66,7 @@ FAST_SETTINGS = {
     "poll_interval_seconds": 1,
     "poll_max_interval_seconds": 1,
     "export_timeout_seconds": 120,
-    # Not declared in meltano.yml, so Meltano drops it (the tap then paces at its default 3.8/s);
-    # kept here so it takes effect once meltano.yml declares it. See test_every_tap_setting_reaches_the_tap.
+    # The sandbox's Next Commerce is raised to 100/s below; the e2e runs are not about pacing.
     "nextcommerce_requests_per_second": 20,
     # Runs here load exact ranges; re-reading recent hours is proven in tests/test_nextcommerce.py.
     "nextcommerce_reread_hours": 0,
