@@ -45,7 +45,7 @@ STREAMS = {
 
 
 @pytest.mark.parametrize("api", sorted(STREAMS))
-def test_messy_files_arrive_whole_and_their_misfits_load_beside_their_typed_columns(api, request):
+def test_messy_files_arrive_whole_and_their_misfits_load_beside_their_typed_columns(api, every_seed, request):
     sandbox = request.getfixturevalue(f"{api}_sandbox")
     emulator = getattr(sandbox, api)
     emulator.messy_cells = True
