@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "poll_interval_seconds": 2,
     "poll_max_interval_seconds": 60,
     "export_timeout_seconds": 3600,
-    "max_rate_limit_wait_seconds": 900,
+    "max_rate_limit_wait_seconds": 3660,
     "max_concurrent_exports": 16,
 }
 
@@ -73,9 +73,12 @@ COMMON_SETTINGS = [
         "max_rate_limit_wait_seconds",
         th.NumberType,
         default=DEFAULTS["max_rate_limit_wait_seconds"],
-        description="Longest single wait a rate limit may ask for. A per-minute or per-hour limit is waited "
-        "out (logged with its end time); a longer wait, or a spent billing-cycle quota, stops that source "
-        "with an error while the other sources finish.",
+        description="Longest single wait for a rate limit, whether a 429 asks for it or the tap paces itself "
+        "by the request budget the API reports. A per-minute or per-hour limit is waited out, each wait logged "
+        "with its end time; a longer wait, or a spent billing-cycle quota, stops that source with an error "
+        "while the other sources finish. The default, 3660 (an hour and a minute), waits out the longest "
+        "documented window, a Voucherify Sandbox project's 100 calls per hour (up to 3600 s), with a "
+        "minute to spare for clock difference and rounding.",
     ),
     th.Property(
         "max_concurrent_exports",

@@ -33,6 +33,15 @@ def sandbox_seed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     return seed
 
 
+@pytest.fixture(params=(int(_CHOSEN_SEED),) if _CHOSEN_SEED else SEEDS, ids=lambda seed: f"seed{seed}")
+def every_seed(request: pytest.FixtureRequest, sandbox_seed: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Runs a test once per seed in SEEDS, for the point tests whose answer depends on what a seed varies
+    (optional headers, their formats): one rotated seed would prove one reality. Pass the seed to
+    Sandbox(seed=...) too: fixtures the test asks for before this one already read the variable."""
+    monkeypatch.setenv(SEED_VARIABLE, str(request.param))
+    return request.param
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"sandbox seeds: {_CHOSEN_SEED or ', '.join(map(str, SEEDS)) + ' (rotated by test)'}"
 

@@ -8,10 +8,12 @@ URL/expired URL) are not repeated here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import resource
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -484,20 +486,100 @@ def test_sigterm_mid_window_exits_cleanly_with_a_state_as_its_last_message():
         assert last["type"] == "STATE", f"last message is a {last['type']}: {(last_line or json.dumps(last))[:120]}"
 
 
-def test_sigterm_during_a_long_download_does_not_wait_for_it():
+# ---------------------------------------------- a stop ends every wait in seconds
+
+STOP_SIGNALS = pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+#: Seconds from the signal to the end of the process (exit code 128 + signal, a STATE last).
+STOPS_WITHIN = 5.0
+#: Longer than any test here takes: a tap still running then is killed, and the test fails.
+STUCK_AFTER = 30.0
+#: Imported by the tap process (PYTHONPATH) in the backoff test: every retry of a 5xx waits 30 s, so
+#: a stop that waited one out would show. Jitter is bound as ApiClient's default when http.py loads.
+LONG_BACKOFF = """
+import itertools
+import backoff
+backoff.full_jitter = lambda seconds: seconds
+from tap_commerce_exports.exports import http
+http.ApiClient._backoff_delays = lambda self: itertools.repeat(30.0)
+"""
+
+
+@contextlib.contextmanager
+def voucherify_orders_tap(sandbox: Sandbox, **settings: Any):
+    """The tap in a subprocess, exporting Voucherify orders in one window; killed if a test leaves it running."""
+    config = {**sandbox.voucherify.tap_config(), "export_window_days": ONE_WINDOW, **settings}
+    process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
+    try:
+        yield process, Path(process.stderr_path)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def assert_stops_in_seconds(process, signum: int) -> str:
+    """Signal the tap: it ends within STOPS_WITHIN, with exit code 128 + signal and a STATE last. Its stderr."""
+    stopped_at = time.monotonic()
+    process.send_signal(signum)
+    watchdog = threading.Timer(STUCK_AFTER, process.kill)  # drain reads until the tap closes its stdout
+    watchdog.start()
+    try:
+        messages, _ = drain(process)
+    finally:
+        watchdog.cancel()
+    seconds = time.monotonic() - stopped_at
+    stderr = Path(process.stderr_path).read_text()
+    assert process.returncode == 128 + signum, f"exit code {process.returncode}: {stderr[-2000:]}"
+    assert messages and messages[-1]["type"] == "STATE", f"the last message is no STATE: {stderr[-2000:]}"
+    assert seconds < STOPS_WITHIN, f"the tap took {seconds:.1f}s to stop"
+    return stderr
+
+
+@STOP_SIGNALS
+def test_a_stop_during_a_long_download_does_not_wait_for_it(signum):
     with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS, rows_per_type=10_000) as sandbox:
-        config = {**sandbox.voucherify.tap_config(), "export_window_days": ONE_WINDOW}
-        sandbox.voucherify.faults.arm("download_slow", 1, value=0.3)  # ~2.3 MB in 64 KiB chunks: ~11 s
-        process = start_tap_process(config, catalog=catalog_selecting(config, {"voucherify_orders"}))
-        wait_until(lambda: sandbox.voucherify.faults.fired.get("download_slow"), "the download to start")
-        stopped_at = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        stopped, _ = drain(process)
-        seconds = time.monotonic() - stopped_at
-        stderr = Path(process.stderr_path).read_text()
-        assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-        assert "downloaded" not in stderr and stopped[-1]["type"] == "STATE"
-        assert seconds < 6, f"the tap took {seconds:.1f}s to stop: it waited for the download"
+        sandbox.faults.arm("download_slow", 1, value=0.3)  # ~2.3 MB in 64 KiB chunks: ~11 s
+        with voucherify_orders_tap(sandbox) as (process, _):
+            wait_until(lambda: sandbox.faults.fired.get("download_slow"), "the download to start")
+            stderr = assert_stops_in_seconds(process, signum)
+    assert "downloaded" not in stderr
+
+
+@STOP_SIGNALS
+def test_a_stop_during_a_poll_sleep_ends_the_run_in_seconds(signum):
+    with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS) as sandbox:
+        sandbox.faults.arm("export_latency", 0, value=120.0)  # the export stays in progress
+        with voucherify_orders_tap(sandbox, poll_interval_seconds=60, poll_max_interval_seconds=60) as (process, log):
+            wait_for_log(log, "created export")  # its first poll comes 60 s later
+            time.sleep(0.3)
+            assert_stops_in_seconds(process, signum)
+    assert not sandbox.log.entries(host="voucherify-api", path_pattern=r"^/v1/exports"), "it polled: no sleep"
+
+
+@STOP_SIGNALS
+def test_a_stop_during_a_429_wait_ends_the_run_in_seconds(signum):
+    with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS) as sandbox:
+        sandbox.faults.arm("export_latency", 0, value=120.0)  # polled until the 429
+        with voucherify_orders_tap(sandbox) as (process, log):
+            wait_for_log(log, "created export")
+            sandbox.faults.arm("rate_limit", 1, value=60.0)  # the next poll: a 429 that asks for 60 s
+            wait_for_log(log, "voucherify: rate limited")
+            stderr = assert_stops_in_seconds(process, signum)
+    (asked,) = re.findall(r"waiting (\d+\.\d)s as the API asked", stderr)
+    assert 59 <= float(asked) <= 61.5  # the block's 60 s (to the whole second on some seeds)
+
+
+@STOP_SIGNALS
+def test_a_stop_during_the_backoff_between_5xx_retries_ends_the_run_in_seconds(signum, tmp_path, monkeypatch):
+    (tmp_path / "sitecustomize.py").write_text(LONG_BACKOFF)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with Sandbox(("voucherify",), export_latency_seconds=FAST_EXPORTS) as sandbox:
+        sandbox.faults.arm("export_latency", 0, value=120.0)  # polled until the 5xx
+        with voucherify_orders_tap(sandbox) as (process, log):
+            wait_for_log(log, "created export")
+            sandbox.faults.arm("server_error", -1)
+            wait_for_log(log, "retry 1 of 7 in 30.0s")
+            assert_stops_in_seconds(process, signum)
 
 
 def batch_rows(messages: list[dict]) -> set[str]:

@@ -27,6 +27,7 @@ import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
+from tap_commerce_exports.exports import pacing
 from tap_commerce_exports.exports.http import (
     MIN_RATE_LIMIT_WAIT,
     ApiClient,
@@ -38,12 +39,14 @@ from tap_commerce_exports.exports.http import (
     rate_limit_wait,
     reported_budget,
 )
-from tap_commerce_exports.exports.pacing import RequestPacer
+from tap_commerce_exports.exports.pacing import PacerWaitTooLong, RequestPacer
 
 APP_TOKEN = "app-token-5ecret-4f1c9e"
 SIGNED_QUERY = "sig-5ecret-77d0b2"
 FAR_RESET = datetime(2099, 12, 31, tzinfo=timezone.utc)
 ENDS_SOON = 2.0  # "within ~1 s" of setting stopping, as a generous bound
+#: How logs and errors write a wait's end: a full UTC date-time, since a per-hour wait may end tomorrow.
+ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
 Headers = dict[str, str] | Callable[[], dict[str, str]]
 
@@ -170,7 +173,7 @@ def unix_in(seconds: int) -> float:
 
 
 def waits_logged(caplog: pytest.LogCaptureFixture) -> list[float]:
-    return [float(w) for w in re.findall(r"waiting (\d+\.\d)s as the API asked, until \d\d:\d\d:\d\dZ", caplog.text)]
+    return [float(w) for w in re.findall(rf"waiting (\d+\.\d)s as the API asked, until {ISO_UTC}", caplog.text)]
 
 
 def retried_at(server: ScriptedServer, retry_at: float) -> None:
@@ -280,7 +283,7 @@ def test_the_wait_is_logged_with_the_limit_type_and_its_end_in_utc(server, clien
 
     client.get("/v1/exports")
     assert re.search(
-        r"voucherify: rate limited \(api_calls\), waiting 0\.3s as the API asked, until \d\d:\d\d:\d\dZ", caplog.text
+        rf"voucherify: rate limited \(api_calls\), waiting 0\.3s as the API asked, until {ISO_UTC}", caplog.text
     )
 
 
@@ -328,7 +331,7 @@ def test_a_wait_longer_than_max_rate_limit_wait_seconds_raises_at_once(server):
     message = str(raised.value)
     assert message.startswith("voucherify: GET ") and "/v1/exports" in message
     assert "3600.0s" in message and "max_rate_limit_wait_seconds (5s)" in message and "(api_calls)" in message
-    assert re.search(r"until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", message)
+    assert re.search(rf"until {ISO_UTC}", message)
     assert raised.value.wait_seconds == 3600.0
     assert str(pickle.loads(pickle.dumps(raised.value))) == message
     # The API refuses calls until then: later calls give up the same way without being sent.
@@ -337,11 +340,69 @@ def test_a_wait_longer_than_max_rate_limit_wait_seconds_raises_at_once(server):
     assert server.count() == 1
 
 
-def test_the_default_max_wait_refuses_an_hour_long_voucherify_window(server, client):
+def wait_for_text(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    deadline = time.monotonic() + ENDS_SOON
+    while text not in caplog.text:
+        assert time.monotonic() < deadline, f"nothing logged {text!r}"
+        time.sleep(0.01)
+
+
+def test_the_default_max_wait_waits_out_an_hour_long_voucherify_window_but_no_longer_one(server, client, caplog):
+    """A Sandbox project's 100 calls per hour (NOTES.md): a 429 may ask for up to an hour."""
+    caplog.set_level(logging.INFO)
     server.answer(Answer(429, {"X-Rate-Limit-Retry": f"{unix_in(3600):.0f}"}))
-    with pytest.raises(RateLimitWaitTooLong, match="max_rate_limit_wait_seconds \\(900s\\)"):
-        client.get("/v1/exports")
+    call = in_background(lambda: client.get("/v1/exports"))
+    wait_for_text(caplog, "as the API asked")
+    client.stopping.set()
+    with pytest.raises(ApiError, match="not sent: the run is stopping"):
+        call.result(timeout=ENDS_SOON)
+    assert waits_logged(caplog) == [pytest.approx(3600, abs=1.5)]
+
+    server.answer(Answer(429, {"X-Rate-Limit-Retry": f"{unix_in(3700):.0f}"}))
+    with pytest.raises(RateLimitWaitTooLong, match="max_rate_limit_wait_seconds \\(3660s\\)"):
+        make_client(server).get("/v1/exports")
+    assert server.count() == 2
+
+
+def spent_for(seconds: int) -> dict[str, str]:
+    """A Voucherify answer whose budget is spent until `seconds` from now."""
+    return {"X-Rate-Limit-Limit": "100", "X-Rate-Limit-Remaining": "0", "X-Rate-Limit-Retry": f"{unix_in(seconds):.0f}"}
+
+
+def test_a_pacer_wait_longer_than_max_rate_limit_wait_seconds_raises_at_once_naming_the_budget(server):
+    """The issue: with the budget spent for the hour the tap logged a 35381.6s wait and hung."""
+    client = make_client(server, max_rate_limit_wait_seconds=5.0)
+    server.answer(Answer(200, spent_for(3600)))
+    client.get("/v1/exports/exp_1")
+
+    started = time.monotonic()
+    with pytest.raises(RateLimitWaitTooLong) as raised:
+        client.get("/v1/exports/exp_2")
+    assert time.monotonic() - started < 1.0, "the long wait was started"
     assert server.count() == 1
+    message = str(raised.value)
+    assert message.startswith("voucherify: GET ") and "/v1/exports/exp_2 is rate limited" in message
+    assert "request budget (limit: 100) is spent and renews in 3" in message
+    assert re.search(
+        rf"renews in \d+\.\ds, until {ISO_UTC}; that is longer than max_rate_limit_wait_seconds \(5s\)", message
+    )
+    assert "raise that setting to wait it out" in message
+    assert raised.value.stops_source and raised.value.status == 429
+    assert str(pickle.loads(pickle.dumps(raised.value))) == message
+
+
+def test_an_hour_long_pacer_wait_is_begun_under_the_default_and_logged_with_its_date(server, client, caplog):
+    caplog.set_level(logging.INFO)
+    server.answer(Answer(200, spent_for(3600)))
+    client.get("/v1/exports/exp_1")
+    call = in_background(lambda: client.get("/v1/exports/exp_2"))
+    wait_for_text(caplog, "request budget is spent")
+    client.stopping.set()
+    with pytest.raises(ApiError, match="not sent: the run is stopping"):
+        call.result(timeout=ENDS_SOON)
+    assert server.count() == 1
+    waits = re.findall(rf"exp_2 waits (\d+\.\d)s, until {ISO_UTC}, for it to renew", caplog.text)
+    assert [float(wait) for wait in waits] == [pytest.approx(3600, abs=1.5)]
 
 
 def test_the_total_time_rate_limited_is_capped(server):
@@ -566,6 +627,40 @@ def test_a_waiting_caller_goes_as_soon_as_an_answer_renews_the_budget():
     assert turn.result(timeout=ENDS_SOON) is True
 
 
+def test_a_waiting_caller_that_learns_of_a_reset_beyond_its_max_wait_gives_up_then():
+    pacer = RequestPacer(None)
+    pacer.done("GET", remaining=0, reset_in=None)
+    assert pacer.try_turn("GET") == 0.0  # the one request in flight, whose answer will tell
+    turn = in_background(lambda: pacer.wait_turn("GET", stopping=threading.Event(), max_wait=5.0))
+    time.sleep(0.1)
+    assert not turn.done()
+    pacer.done("GET", remaining=0, reset_in=3600.0, limit=100, shared=False)
+    with pytest.raises(PacerWaitTooLong) as raised:
+        turn.result(timeout=ENDS_SOON)
+    assert raised.value.seconds == pytest.approx(3600, abs=1) and raised.value.limit == 100
+
+
+def test_a_budget_wait_is_announced_once_and_again_when_an_answer_moves_its_end_later(monkeypatch):
+    monkeypatch.setattr(pacing, "ANNOUNCE_SLACK", 0.1)
+    pacer = RequestPacer(None)
+    pacer.done("GET", remaining=0, reset_in=0.3)
+    heard: list[float] = []
+    turn = in_background(lambda: pacer.wait_turn("GET", stopping=threading.Event(), announce=heard.append))
+    time.sleep(0.1)
+    pacer.done("GET", remaining=0, reset_in=0.5)  # another call's answer: the window ends later
+    assert turn.result(timeout=ENDS_SOON) is True
+    assert heard == [pytest.approx(0.3, abs=0.05), pytest.approx(0.5, abs=0.05)]
+
+
+def test_spreading_a_low_budget_never_spaces_calls_wider_than_the_max_wait():
+    """Spacing is the pacer's courtesy: it must not turn into a wait the setting forbids."""
+    clock = FakeClock()
+    pacer = RequestPacer(None, clock=clock)
+    pacer.done("GET", remaining=2, reset_in=100.0, limit=100)
+    assert pacer.try_turn("GET", max_wait=5.0) == 0.0
+    assert pacer.try_turn("GET", max_wait=5.0) == pytest.approx(5.0)  # not 100 s / 2
+
+
 def test_the_token_bucket_and_a_429_pause():
     clock = FakeClock()
     pacer = RequestPacer(4.0, burst=1, clock=clock)
@@ -589,7 +684,7 @@ def test_no_credential_or_query_string_in_any_message_or_log_line(server, caplog
         ),
         (make_client(server, max_tries=2, retry_jitter=lambda s: 0.0), [Answer(503)]),
         (make_client(server), [Answer(404, body={"message": "not found"})]),
-        (make_client(server), [Answer(429, {"Retry-After": "3600"})]),
+        (make_client(server), [Answer(429, {"Retry-After": "86400"})]),
         (make_client(server), [Answer(429, {"X-Rate-Limit-Type": "api_calls_cycle"})]),
     ]
     for client, script in scripts:

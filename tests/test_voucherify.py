@@ -14,7 +14,9 @@ import requests
 from werkzeug.wrappers import Response
 
 from commerce_sandbox.core import Host
+from commerce_sandbox.server import Sandbox
 from commerce_sandbox.voucherify import next_cycle_start
+from tap_commerce_exports.exports import http
 from tap_commerce_exports.exports.job import ExportFailed, ExportRequest
 from tap_commerce_exports.sources import voucherify
 from tests.harness import by_key, run_tap, start_tap_process
@@ -286,22 +288,26 @@ def test_exports_started_but_not_read_are_remembered_in_state_and_resumed(vouche
 # ------------------------------------------------- rate limits (NOTES.md, guides/limits)
 
 ONE_WINDOW = 60  # days: the whole data period in one export, so API calls come one after another
+FAST_EXPORTS = 0.05  # seconds before an emulated export is ready
 WAIT_LOGGED = re.compile(r"voucherify: rate limited[^\n]*?, waiting (\d+(?:\.\d+)?)s as the API asked")
 
 
-def test_a_429_without_retry_after_is_waited_until_the_unix_time_x_rate_limit_retry_names(voucherify_sandbox):
-    """X-Rate-Limit-Retry is the Unix time of the next allowed call, not a delay; Retry-After is optional."""
-    emulator = voucherify_sandbox.voucherify
-    emulator.sends_retry_after = False
-    voucherify_sandbox.faults.arm("rate_limit", 2, value=1.2)  # blocks the API 1.2 s from each 429
-    output = run_tap({**emulator.tap_config(), "export_window_days": ONE_WINDOW}, streams={"voucherify_orders"})
+def test_a_429_without_retry_after_is_waited_until_the_unix_time_x_rate_limit_retry_names(every_seed):
+    """X-Rate-Limit-Retry is the Unix time of the next allowed call, not a delay; Retry-After is optional.
+    Over every seed: they write that time in whole seconds or in milliseconds, with or without the type."""
+    with Sandbox(("voucherify",), seed=every_seed, export_latency_seconds=FAST_EXPORTS) as sandbox:
+        emulator = sandbox.voucherify
+        emulator.sends_retry_after = False
+        sandbox.faults.arm("rate_limit", 2, value=0.6)  # blocks the API 0.6 s from each 429
+        output = run_tap({**emulator.tap_config(), "export_window_days": ONE_WINDOW}, streams={"voucherify_orders"})
 
-    assert output.error is None, output.error
-    assert emitted(output, "voucherify_orders") == expected(emulator, "voucherify_orders")
-    # A call made before the named time would meet the block and be refused again.
-    assert [e.status for e in voucherify_sandbox.log.entries(host="voucherify-api")].count(429) == 2
+        assert output.error is None, output.error
+        assert emitted(output, "voucherify_orders") == expected(emulator, "voucherify_orders")
+        # A call made before the named time would meet the block and be refused again.
+        assert [e.status for e in sandbox.log.entries(host="voucherify-api")].count(429) == 2
     waits = [float(wait) for wait in WAIT_LOGGED.findall(output.log_text)]
-    assert len(waits) == 2 and all(1.0 <= wait <= 2.5 for wait in waits), waits
+    # 0.6 s, or up to a second more where the time is written in whole seconds (rounded up)
+    assert len(waits) == 2 and all(0.4 <= wait <= 1.7 for wait in waits), waits
 
 
 def test_a_per_minute_plan_limit_is_met_by_pacing_not_by_a_storm_of_429s(voucherify_sandbox):
@@ -317,6 +323,35 @@ def test_a_per_minute_plan_limit_is_met_by_pacing_not_by_a_storm_of_429s(voucher
     admitted = [e for e in voucherify_sandbox.log.entries(host="voucherify-api") if e.status != 429]
     assert len(admitted) > 2 * emulator.requests_per_minute, "the run fit in two windows: nothing needed pacing"
     assert emulator.rate_limited <= 3, f"{emulator.rate_limited} calls were answered 429"
+
+
+PACER_WAIT_LOGGED = re.compile(
+    r"voucherify: the API's request budget is spent; GET \S+ waits (\d+\.\d)s, until (\S+Z), for it to renew"
+)
+
+
+def test_a_pacer_wait_within_max_rate_limit_wait_seconds_is_waited_out_and_logged_with_its_end(
+    voucherify_sandbox, monkeypatch
+):
+    """A Sandbox project's 100 calls an hour, shrunk to 2 calls per 2 s: once the budget is spent, the next
+    call waits for the window to end (under the setting), and the log says until when, date included."""
+    monkeypatch.setattr(http, "PACING_NOTICE_SECONDS", 0.5)  # waits this short are logged too
+    emulator = voucherify_sandbox.voucherify
+    emulator.use_plan("sandbox")
+    emulator.requests_per_minute, emulator.rate_window_seconds = 2, 2.0
+    time.sleep(2.0 - time.time() % 2.0)  # start with a window, so the first wait is about as long as one
+    config = {**emulator.tap_config(), "export_window_days": ONE_WINDOW, "max_rate_limit_wait_seconds": 5}
+    output = run_tap(config, streams={"voucherify_orders"})
+
+    assert output.error is None, output.error
+    assert emitted(output, "voucherify_orders") == expected(emulator, "voucherify_orders")
+    assert emulator.rate_limited == 0, "a call went before the budget renewed"
+    waits = PACER_WAIT_LOGGED.findall(output.log_text)
+    assert waits and all(0.5 <= float(seconds) <= 2.0 for seconds, _ in waits), waits
+    arrivals = [entry.at for entry in voucherify_sandbox.log.entries(host="voucherify-api")]
+    for _, until in waits:  # to the second: the next call came once that moment had passed, and soon
+        ends = dt.datetime.fromisoformat(until.replace("Z", "+00:00")).timestamp()
+        assert 0 <= min(at for at in arrivals if at >= ends) - ends < 1.5
 
 
 def test_a_spent_billing_cycle_quota_ends_the_run_at_once_instead_of_waiting_for_next_month(voucherify_sandbox):

@@ -23,7 +23,9 @@ Choices:
   `max_rate_limit_wait_seconds` raises `RateLimitWaitTooLong` instead of holding the run up for
   it; `max_rate_limited_seconds` still caps the total waited on 429s by one call.
 - The budget an API reports on every answer is spent down by the pacer (`RequestPacer`), so a
-  100/minute plan meets its limit as a pause, not as a storm of 429s.
+  100/minute plan meets its limit as a pause, not as a storm of 429s. The pacer's wait for a spent
+  budget obeys `max_rate_limit_wait_seconds` too: it is the same limit, met before the 429.
+- Rate-limit waits are logged with their end as a full UTC date-time: a per-hour wait may end tomorrow.
 - Every wait (429, pacer, backoff between retries) ends when `stopping` is set (the pacer's within
   `PACER_WAIT_SLICE`), with `ApiError("... not sent: the run is stopping")`. The `backoff` library
   gives the retry schedule only: its decorators sleep with `time.sleep`, which nothing can cut short."""
@@ -47,7 +49,7 @@ import backoff
 import requests
 import requests.adapters
 
-from tap_commerce_exports.exports.pacing import RequestPacer
+from tap_commerce_exports.exports.pacing import PacerWaitTooLong, RequestPacer
 
 TIMEOUT = (10.0, 120.0)  # connect, read: every request has both
 RETRIABLE_STATUSES = {500, 502, 503, 504}
@@ -101,23 +103,41 @@ class QuotaExhausted(ApiError):
 
 
 class RateLimitWaitTooLong(ApiError):
-    """A 429 asked for a wait longer than `ApiClient.max_rate_limit_wait_seconds`: not waited."""
+    """A rate limit would hold a call up longer than `ApiClient.max_rate_limit_wait_seconds`: not waited.
+
+    Either a 429 asked for the wait (`of_answer`) or the budget the API reports on every answer is
+    spent and renews that far ahead (`of_budget`, the pacer's wait); both end the same way.
+    """
 
     #: The client refuses further calls until then, so the source's other exports stop too.
     stops_source = True
 
-    def __init__(self, api_name: str, where: str, limit: RateLimitAnswer, until: datetime, setting: float) -> None:
+    def __init__(
+        self, api_name: str, why: str, wait_seconds: float, until: datetime, setting: float, limit_type: str | None
+    ) -> None:
         super().__init__(
-            f"{api_name}: {where} is rate limited{limit.type_note}: the API asked to wait {limit.wait_seconds:.1f}s, "
-            f"until {iso_utc(until)}; that is longer than max_rate_limit_wait_seconds ({setting:g}s), so the call "
-            "is given up instead: raise that setting to wait it out",
+            f"{api_name}: {why} {wait_seconds:.1f}s, until {iso_utc(until)}; that is longer than "
+            f"max_rate_limit_wait_seconds ({setting:g}s), so the call is given up instead: raise that setting "
+            "to wait it out",
             429,
         )
         self.api_name = api_name
-        self.wait_seconds = limit.wait_seconds
+        self.wait_seconds = wait_seconds
         self.until = until
-        self.limit_type = limit.limit_type
-        self._args = (api_name, where, limit, until, setting)
+        self.limit_type = limit_type
+        self._args = (api_name, why, wait_seconds, until, setting, limit_type)
+
+    @classmethod
+    def of_answer(cls, api_name: str, where: str, answer: RateLimitAnswer, setting: float) -> RateLimitWaitTooLong:
+        why = f"{where} is rate limited{answer.type_note}: the API asked to wait"
+        return cls(api_name, why, answer.wait_seconds, answer.resume_at, setting, answer.limit_type)
+
+    @classmethod
+    def of_budget(cls, api_name: str, where: str, spent: PacerWaitTooLong, setting: float) -> RateLimitWaitTooLong:
+        limit = f" (limit: {spent.limit})" if spent.limit is not None else ""
+        why = f"{where} is rate limited: the API's request budget{limit} is spent and renews in"
+        until = datetime.now(timezone.utc) + timedelta(seconds=spent.seconds)
+        return cls(api_name, why, spent.seconds, until, setting, None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), self._args
@@ -323,10 +343,12 @@ class ApiClient:
     #: Backoff between retries of 5xx / dropped connections: backoff.expo(factor), then `retry_jitter`.
     retry_backoff_factor: float = 0.5
     retry_jitter: Callable[[float], float] = backoff.full_jitter
-    #: Cap on the total one call waits on 429s.
-    max_rate_limited_seconds: float = 900.0
-    #: A single 429 wait longer than this is not waited: RateLimitWaitTooLong (tap setting of that name).
-    max_rate_limit_wait_seconds: float = 900.0
+    #: Cap on the total one call waits on 429s; None: twice `max_rate_limit_wait_seconds`, so a
+    #: wait that setting allows is never cut short by this one.
+    max_rate_limited_seconds: float | None = None
+    #: A single rate-limit wait (a 429's, or the pacer's for a spent budget) longer than this is not
+    #: waited: RateLimitWaitTooLong. The tap sets it from its setting of that name (settings.py).
+    max_rate_limit_wait_seconds: float = 3660.0
     #: Which rate-limit bucket a call draws on, from its method and URL: APIs with one bucket per kind
     #: of call (Intelligems) say which; by default each HTTP method is a bucket of its own.
     bucket_of: Callable[[str, str], str] = lambda method, url: method
@@ -410,11 +432,11 @@ class ApiClient:
         wait, until = answer.wait_seconds, answer.resume_at
         if wait > self.max_rate_limit_wait_seconds:
             self._blocked = answer
-            raise RateLimitWaitTooLong(self.api_name, where, answer, until, self.max_rate_limit_wait_seconds)
-        if waited_before + wait > self.max_rate_limited_seconds:
+            raise RateLimitWaitTooLong.of_answer(self.api_name, where, answer, self.max_rate_limit_wait_seconds)
+        if waited_before + wait > (total := self._max_rate_limited()):
             raise ApiError(
                 f"{self.api_name}: {where} was still rate limited after {waited_before:.0f}s of waiting as the API "
-                f"asked, and asked for {wait:.1f}s more (max_rate_limited_seconds: {self.max_rate_limited_seconds:g})",
+                f"asked, and asked for {wait:.1f}s more (max_rate_limited_seconds: {total:g})",
                 429,
             )
         asked = "as the API asked" if answer.header else "(the API did not say how long)"
@@ -424,11 +446,16 @@ class ApiClient:
             answer.type_note,
             wait,
             asked,
-            until.strftime("%H:%M:%SZ"),
+            iso_utc(until),
         )
         self.pacer.pause_for(wait)
         self._sleep(wait, where)
         return wait
+
+    def _max_rate_limited(self) -> float:
+        if self.max_rate_limited_seconds is not None:
+            return self.max_rate_limited_seconds
+        return 2 * self.max_rate_limit_wait_seconds
 
     def _sleep(self, seconds: float, where: str) -> None:
         if self.stopping.wait(seconds):
@@ -446,19 +473,7 @@ class ApiClient:
         self._refuse_if_quota_spent()
         self._raise_if_blocked()
         kind = self.bucket_of(method, url)
-        wait = self.pacer.try_turn(kind)
-        if wait > 0:
-            if wait >= PACING_NOTICE_SECONDS:
-                until = datetime.now(timezone.utc) + timedelta(seconds=wait)
-                self.logger.info(
-                    "%s: the API's request budget is spent; %s waits %.1fs, until %s, for it to renew",
-                    self.api_name,
-                    where,
-                    wait,
-                    until.strftime("%H:%M:%SZ"),
-                )
-            if not self.pacer.wait_turn(kind, stopping=self.stopping):
-                self._raise_stopping(where)
+        self._take_turn(kind, where)
         with self._calls_lock:
             self.calls += 1
         timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT
@@ -479,6 +494,32 @@ class ApiClient:
         if response.status_code in RETRIABLE_STATUSES:
             raise _Retriable(f"HTTP {response.status_code}")
         return response
+
+    def _take_turn(self, kind: str, where: str) -> None:
+        """The pacer's turn, waiting as long as `max_rate_limit_wait_seconds` allows and no longer."""
+        try:
+            taken = self.pacer.wait_turn(
+                kind,
+                self.stopping,
+                max_wait=self.max_rate_limit_wait_seconds,
+                announce=lambda wait: self._announce_pacing(where, wait),
+            )
+        except PacerWaitTooLong as spent:
+            cap = self.max_rate_limit_wait_seconds
+            raise RateLimitWaitTooLong.of_budget(self.api_name, where, spent, cap) from None
+        if not taken:
+            self._raise_stopping(where)
+
+    def _announce_pacing(self, where: str, wait: float) -> None:
+        if wait >= PACING_NOTICE_SECONDS:
+            until = datetime.now(timezone.utc) + timedelta(seconds=wait)
+            self.logger.info(
+                "%s: the API's request budget is spent; %s waits %.1fs, until %s, for it to renew",
+                self.api_name,
+                where,
+                wait,
+                iso_utc(until),
+            )
 
     def _raise_rate_limited(self, answer: RateLimitAnswer) -> None:
         """NOTES.md (Voucherify): `X-Rate-Limit-Type: api_calls_cycle` is the billing-cycle quota."""

@@ -6,10 +6,12 @@ See exports/http.py for what each API documents about its limits (NOTES.md).
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Below this share of the reported limit, the remaining requests are spread until the reset.
 LOW_BUDGET_FRACTION = 0.10
@@ -17,6 +19,25 @@ LOW_BUDGET_FRACTION = 0.10
 SHARED_BUDGET = "*"
 #: Longest single sleep of a pacer wait: how soon it notices that the run is stopping.
 PACER_WAIT_SLICE = 0.25
+#: A wait is announced again only when answers push its end later by more than this.
+ANNOUNCE_SLACK = 1.0
+
+
+class PacerWaitTooLong(Exception):
+    """A spent budget renews later than the caller will wait (`wait_turn`'s `max_wait`): no turn taken."""
+
+    def __init__(self, seconds: float, limit: int | None) -> None:
+        super().__init__(f"the reported budget renews in {seconds:.1f}s")
+        self.seconds = seconds
+        self.limit = limit  # as the API reported it, if it did
+
+
+class _Hold(NamedTuple):
+    """How long a turn must wait, and whether for a budget (the waits worth announcing: a 429's
+    pause is logged by the call that met the 429, the per-second bucket's waits are short)."""
+
+    seconds: float
+    for_budget: bool = False
 
 
 # ------------------------------------------------------------------------- pacing
@@ -44,6 +65,9 @@ class RequestPacer:
     reset, so the last one goes out as the budget renews. Budgets are kept per `kind` of call
     (Intelligems' export POSTs have their own bucket), or for all kinds together when the API
     says its budget is `shared` (Voucherify's plan). A 429 pauses every caller (`pause_for`).
+    A caller may cap its wait (`max_wait`, the tap's `max_rate_limit_wait_seconds`): a budget that
+    renews later than that raises `PacerWaitTooLong` instead of a wait, and spreading never spaces
+    requests wider than that.
 
     `clock` (monotonic seconds) is injectable so tests can drive `try_turn` deterministically.
     `done` must come from the thread that took the turn: it is how an answer is matched to its turn.
@@ -66,24 +90,46 @@ class RequestPacer:
         self._flying: dict[str, set[int]] = {}  # per kind: the turns in flight
         self._flew_with: dict[int, frozenset[int]] = {}  # per turn: the turns of its kind in flight when taken
 
-    def wait_turn(self, kind: str = "", stopping: threading.Event | None = None) -> bool:
-        """Wait for a turn to send; False (no turn taken) within PACER_WAIT_SLICE of `stopping` being set."""
+    def wait_turn(
+        self,
+        kind: str = "",
+        stopping: threading.Event | None = None,
+        *,
+        max_wait: float = math.inf,
+        announce: Callable[[float], None] | None = None,
+    ) -> bool:
+        """Wait for a turn to send; False (no turn taken) within PACER_WAIT_SLICE of `stopping` being set.
+
+        A spent budget renewing more than `max_wait` seconds ahead raises PacerWaitTooLong, also when
+        an answer reveals it mid-wait: no wait begins that the caller would give up on anyway.
+        `announce(seconds)` hears each wait for a budget that ends later than the last one it heard
+        (with the lock held, so other callers cannot slip in between: it must not call the pacer).
+        """
+        heard_until = -math.inf
         with self._answered:
             while stopping is None or not stopping.is_set():
-                wait = self._take_turn(kind)
-                if wait <= 0:
+                hold = self._take_turn(kind, max_wait)
+                if hold.seconds <= 0:
                     return True
-                self._answered.wait(min(wait, PACER_WAIT_SLICE))
+                heard_until = self._announce(hold, heard_until, announce)
+                self._answered.wait(min(hold.seconds, PACER_WAIT_SLICE))
         return False
 
-    def try_turn(self, kind: str = "") -> float:
+    def _announce(self, hold: _Hold, heard_until: float, announce: Callable[[float], None] | None) -> float:
+        until = self._clock() + hold.seconds
+        if announce is None or not hold.for_budget or until <= heard_until + ANNOUNCE_SLACK:
+            return heard_until
+        announce(hold.seconds)
+        return until
+
+    def try_turn(self, kind: str = "", max_wait: float = math.inf) -> float:
         """0 and the turn is taken (the caller sends, then calls `done`), or seconds to wait."""
         with self._lock:
-            return self._take_turn(kind)
+            return self._take_turn(kind, max_wait).seconds
 
-    def _take_turn(self, kind: str) -> float:
-        wait = self._wait_needed(kind, self._clock())
-        if wait <= 0:
+    def _take_turn(self, kind: str, max_wait: float) -> _Hold:
+        hold = self._wait_needed(kind, self._clock(), max_wait)
+        if hold.seconds <= 0:
             ticket = self._turn.ticket = next(self._tickets)
             for key in (kind, SHARED_BUDGET):
                 self._alone[key] = ticket if self._in_flight_of(key) == 0 else None
@@ -91,24 +137,25 @@ class RequestPacer:
             flying = self._flying.setdefault(kind, set())
             self._flew_with[ticket] = frozenset(flying)
             flying.add(ticket)
-        return wait
+        return hold
 
-    def _wait_needed(self, kind: str, now: float) -> float:
+    def _wait_needed(self, kind: str, now: float, max_wait: float) -> _Hold:
         """0 and the turn may be taken, or how long to wait. Call with the lock held."""
         if self._paused_until > now:
-            return self._paused_until - now
+            return _Hold(self._paused_until - now)
         budgets = [(key, b) for key in (kind, SHARED_BUDGET) if (b := self._live_budget(key, now)) is not None]
-        if (wait := max((self._budget_wait(key, budget, now) for key, budget in budgets), default=0.0)) > 0:
-            return wait
+        holds = [self._budget_hold(key, budget, now, max_wait) for key, budget in budgets]
+        if (hold := max(holds, default=_Hold(0.0))).seconds > 0:
+            return hold
         if self.per_second is not None:
             self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.per_second)
             self._last = now
             if self._tokens < 1.0:
-                return (1.0 - self._tokens) / self.per_second
+                return _Hold((1.0 - self._tokens) / self.per_second)
             self._tokens -= 1.0
         for key, budget in budgets:
-            self._spread(budget, self._left(key, budget), now)
-        return 0.0
+            self._spread(budget, self._left(key, budget), now, max_wait)
+        return _Hold(0.0)
 
     def _live_budget(self, key: str, now: float) -> _Budget | None:
         budget = self._budgets.get(key)
@@ -128,19 +175,22 @@ class RequestPacer:
     def _left(self, key: str, budget: _Budget) -> int:
         return budget.reported - self._in_flight_of(key)
 
-    def _budget_wait(self, key: str, budget: _Budget, now: float) -> float:
+    def _budget_hold(self, key: str, budget: _Budget, now: float, max_wait: float) -> _Hold:
         if self._left(key, budget) > 0:
-            return max(0.0, budget.next_at - now)
+            return _Hold(max(0.0, budget.next_at - now), for_budget=True)
         if budget.reset_at is not None:
-            return budget.reset_at - now
+            if (wait := budget.reset_at - now) > max_wait:
+                raise PacerWaitTooLong(wait, budget.limit)
+            return _Hold(wait, for_budget=True)
         # Spent, reset unknown (see reported_budget): one request at a time until an answer tells.
-        return PACER_WAIT_SLICE if self._in_flight_of(key) > 0 else 0.0
+        return _Hold(PACER_WAIT_SLICE if self._in_flight_of(key) > 0 else 0.0, for_budget=True)
 
     @staticmethod
-    def _spread(budget: _Budget, left: int, now: float) -> None:
+    def _spread(budget: _Budget, left: int, now: float, max_wait: float) -> None:
+        """Spacing is a courtesy, not a limit: never longer than the caller would wait for a reset."""
         low = budget.limit is not None and left < LOW_BUDGET_FRACTION * budget.limit
         if low and left > 0 and budget.reset_at is not None:
-            budget.next_at = now + (budget.reset_at - now) / left
+            budget.next_at = now + min((budget.reset_at - now) / left, max_wait)
 
     def done(
         self,
