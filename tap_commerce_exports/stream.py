@@ -145,6 +145,8 @@ class ExportStream(SdkStream):
         self._bookmarks_awaiting_file: list[tuple[dict | None, Window | None]] | None = None
         self.totals = StreamTotals()
         self._fingerprint_warned: set[str] = set()
+        #: When this run's sync began: before any of its windows was planned or exported.
+        self.sync_started_at: dt.datetime | None = None
         self._config = dict(tap.config)  # the schema depends on settings (Voucherify metadata fields)
         super().__init__(tap=tap, schema=self._build_schema(), name=self.name)
 
@@ -417,7 +419,8 @@ class ExportStream(SdkStream):
             builder=builder,
             text_columns=self._state_list(TEXT_COLUMNS),
             companion_columns=self._state_list(COMPANION_COLUMNS),
-            on_misfit=lambda misfit: self._add_text_companion(misfit, describe),
+            unselected_columns=self._unselected_columns(),
+            on_misfit=lambda misfit: self._on_misfit(misfit, describe),
             row_key_columns=self.primary_keys or (),
         )
 
@@ -595,6 +598,15 @@ class ExportStream(SdkStream):
     def _state_list(self, key: str) -> set[str]:
         return set(self.stream_state.get(key, []))
 
+    def _unselected_columns(self) -> set[str]:
+        return {key for key in self.schema["properties"] if not self.mask.get(("properties", key), True)}
+
+    def _on_misfit(self, misfit: Misfit, describe: str) -> None:
+        if misfit.key in (self.primary_keys or ()):
+            self._load_key_column_as_text(misfit, describe)
+        else:
+            self._add_text_companion(misfit, describe)
+
     def _add_text_companion(self, misfit: Misfit, describe: str) -> None:
         """A cell did not fit its column's kind: such cells go to a text column beside it from now on,
         in later runs too. The typed column keeps its type, so no loader is asked to alter it."""
@@ -618,18 +630,37 @@ class ExportStream(SdkStream):
         if self._record_path is not None:
             self._record_path.allow_keys([companion])
 
+    def _load_key_column_as_text(self, misfit: Misfit, describe: str) -> None:
+        """A key column cannot be null on a row, so it cannot shed a misfit to a companion: the column
+        is text from now on, in later runs too (a loader that cannot alter a column type refuses it)."""
+        if misfit.key in self._state_list(TEXT_COLUMNS):
+            return
+        self.logger.warning(
+            "%s: key column %r is not always %s: row %d holds a value that is not (%s); loading the column "
+            "as text from now on (in later runs too)",
+            describe,
+            misfit.key,
+            KIND_IN_WORDS.get(misfit.kind, misfit.kind),
+            misfit.row,
+            cell_shape(misfit.cell),
+        )
+        self.stream_state[TEXT_COLUMNS] = sorted(self._state_list(TEXT_COLUMNS) | {misfit.key})
+        self._change_properties({misfit.key: text_column_schema(misfit.kind)})
+
     def prepare_sync(self) -> None:
         """Before the sync: what earlier runs learnt of the files' cells is in the first SCHEMA."""
+        self.sync_started_at = dt.datetime.now(UTC)
         kinds = self._columns_by_key()
         legacy_text = {
             key: text_column_schema(kinds[key].kind)
             for key in self._state_list(TEXT_COLUMNS)
             if key in kinds and kinds[key].kind != "string"
         }
+        unselected = self._unselected_columns()
         companions = {
             companion_key(key): companion_schema(key, kinds[key].kind)
             for key in self._state_list(COMPANION_COLUMNS)
-            if key in kinds
+            if key in kinds and key not in unselected
         }
         if legacy_text or companions:
             self._change_properties(legacy_text | companions, write_schema=False)
@@ -650,11 +681,13 @@ def cell_shape(cell: str) -> str:
     return f"{len(cell)} characters: {', '.join(kinds) or 'none'}"
 
 
+#: Column kinds (records/columns.py) as the warnings and schema descriptions say them.
 KIND_IN_WORDS = {
     "number": "a number",
     "integer": "an integer",
     "boolean": "a boolean",
-    "date-time": "a date-time",
+    "datetime": "a date-time",
+    "epoch_ms": "a time in epoch milliseconds",
     "date": "a date",
     "json": "JSON",
 }
@@ -671,6 +704,6 @@ def companion_schema(key: str, kind: str) -> dict:
 def text_column_schema(kind: str) -> dict:
     return {
         "type": ["string", "null"],
-        "description": f"Guessed or documented as {kind}, but the files hold other values: loaded as text, "
-        "each cell exactly as written.",
+        "description": f"Guessed or documented as {KIND_IN_WORDS.get(kind, kind)}, but the files hold other "
+        "values: loaded as text, each cell exactly as written.",
     }

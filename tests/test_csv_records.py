@@ -130,6 +130,35 @@ def test_every_kind_keeps_its_type_and_puts_the_misfit_beside_it(column, cell):
     assert [(m.key, m.row, m.cell) for m in heard] == [(column, 2, cell)]
 
 
+def test_a_misfit_in_a_key_column_widens_it_in_place_so_no_key_is_null():
+    heard: list[Misfit] = []
+    text = "id,created_at,amount\na,2024-01-05T13:22:10Z,1\nb,01/02/2024 10:00,2\nc,02/02/2024 10:00,3\n"
+    reader = CsvRecordReader(COLUMNS, describe="s", row_key_columns=("id", "created_at"), on_misfit=heard.append)
+    records = list(reader.read(io.StringIO(text, newline="")))
+    assert [r["created_at"] for r in records] == ["2024-01-05T13:22:10+00:00", "01/02/2024 10:00", "02/02/2024 10:00"]
+    assert not [key for r in records for key in r if key.endswith("__text")]
+    assert reader.text_columns == {"created_at"} and heard == [Misfit("created_at", "datetime", 2, "01/02/2024 10:00")]
+
+
+def test_a_deselected_column_sheds_its_misfits_without_a_companion():
+    heard: list[Misfit] = []
+    reader = CsvRecordReader(COLUMNS, describe="s", unselected_columns={"amount"}, on_misfit=heard.append)
+    records = list(reader.read(io.StringIO("id,amount\na,1\nb,N/A\n", newline="")))
+    assert [sorted(r) for r in records] == [["amount", "id"], ["amount", "id"]] and not heard
+
+
+@pytest.mark.parametrize(
+    "column, kind, cell",
+    [("amount", "integer", "inf"), ("amount", "integer", "-Infinity"), ("stamp", "epoch_ms", "99999999999999999999")],
+)
+def test_cells_out_of_range_are_misfits_not_errors(column, kind, cell):
+    columns = {**COLUMNS, "stamp": Column("stamp", "epoch_ms")}
+    reader = CsvRecordReader(columns, describe="s")
+    records = list(reader.read(io.StringIO(f"id,{column}\na,{cell}\n", newline="")))
+    assert records[0][f"{column}__text"] == cell and records[0][column] is None
+    assert reader.misfits[column].kind == kind
+
+
 def test_text_columns_of_earlier_versions_are_never_cast():
     records = read("id,amount,price\na,007,N/A\n", text_columns={"amount", "price"})
     assert records == [{"id": "a", "amount": "007", "price": "N/A"}]

@@ -720,3 +720,10 @@ def test_an_intelligems_count_leaves_out_an_older_request_that_reached_the_api_a
     second.shutdown()
     assert turn_times(pacer, clock, 1, "POST") == [0.0]
     assert pacer.try_turn("POST") == pytest.approx(10.0)
+
+
+def test_a_budget_renewing_beyond_any_date_is_a_wait_too_long_not_a_crash():
+    """X-Rate-Limit-Retry sent in milliseconds (a broken header) with no budget left: the error names
+    the wait, with the latest date there is, instead of an OverflowError."""
+    error = RateLimitWaitTooLong.of_budget("voucherify", "POST /v1/exports", PacerWaitTooLong(1.8e12, 100), 3660)
+    assert error.until.year == 9999 and "max_rate_limit_wait_seconds (3660s)" in str(error)

@@ -136,8 +136,7 @@ class RateLimitWaitTooLong(ApiError):
     def of_budget(cls, api_name: str, where: str, spent: PacerWaitTooLong, setting: float) -> RateLimitWaitTooLong:
         limit = f" (limit: {spent.limit})" if spent.limit is not None else ""
         why = f"{where} is rate limited: the API's request budget{limit} is spent and renews in"
-        until = datetime.now(timezone.utc) + timedelta(seconds=spent.seconds)
-        return cls(api_name, why, spent.seconds, until, setting, None)
+        return cls(api_name, why, spent.seconds, _utc(time.time() + spent.seconds), setting, None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), self._args

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
-import decimal
 import hashlib
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -185,6 +184,7 @@ class CsvRecordReader:
         builder: BuilderFactory = dict_builder,
         text_columns: Iterable[str] = (),
         companion_columns: Iterable[str] = (),
+        unselected_columns: Iterable[str] = (),
         on_misfit: Callable[[Misfit], None] | None = None,
         row_key_columns: Sequence[str] = (),
     ) -> None:
@@ -200,6 +200,8 @@ class CsvRecordReader:
         self.text_columns = set(text_columns)
         #: Typed columns whose misfits go to a text companion: met in an earlier file or run.
         self.companion_columns = set(companion_columns)
+        #: Columns the catalog leaves out: a misfit there leaves with its column (no companion).
+        self.unselected_columns = frozenset(unselected_columns)
         #: Told of each column's first misfit, before the records of its block are built.
         self.on_misfit = on_misfit
         #: The first misfit of each column met while reading, by key.
@@ -353,17 +355,23 @@ class CsvRecordReader:
             return cells  # split by _cast_rows
         try:
             return [cast(cell) if cell else None for cell in cells] if has_empty else list(map(cast, cells))
-        except (ValueError, decimal.InvalidOperation, OverflowError):
+        except (ValueError, ArithmeticError, OSError):  # OSError: an epoch out of the platform's range
             pass
         # Some cell needs the lenient cast, or does not fit: cell by cell, to find which.
         key = layout.keys[index]
         try:
             return [self._cast_cell(cast, cell, row) for row, cell in enumerate(cells, start=first_row)]
         except _DoesNotFit as misfit:
+            if key in self.unselected_columns:
+                return [None] * len(cells)
             self._note_misfit(Misfit(key, self._kind_of(key), misfit.row, misfit.cell))
-            layout.companions.append(index)
-            layout.build = self.make_build(layout)
-            return cells  # split by _cast_rows
+        if key in self.text_columns:
+            # A key column cannot be null on a row, so it is widened to text in place instead.
+            widened = layout.casters[index] = self._widened_caster(key)
+            return [(widened(cell) if widened else cell) if cell else None for cell in cells]
+        layout.companions.append(index)
+        layout.build = self.make_build(layout)
+        return cells  # split by _cast_rows
 
     def _split_column(self, cast: Caster, cells: Sequence[str]) -> tuple[list[Any], list[str | None]]:
         """A column with a text companion: the cells that fit, cast, and beside them the ones that do
@@ -391,7 +399,7 @@ class CsvRecordReader:
         def as_text(cell: str) -> str:
             try:
                 return str(cast(cell))
-            except (ValueError, OverflowError):
+            except (ValueError, ArithmeticError, OSError):
                 return cell
 
         return as_text
@@ -401,7 +409,7 @@ class CsvRecordReader:
             return None
         try:
             return cast(cell)
-        except (ValueError, decimal.InvalidOperation, OverflowError):
+        except (ValueError, ArithmeticError, OSError):
             return self._lenient_cast(cast, cell, row)
 
     def _fingerprints(self, block: list[list[str]]) -> list[str]:
@@ -422,7 +430,10 @@ class CsvRecordReader:
         if misfit.key in self.misfits:
             return
         self.misfits[misfit.key] = misfit
-        self.companion_columns.add(misfit.key)
+        if misfit.key in self.row_key_columns:
+            self.text_columns.add(misfit.key)
+        else:
+            self.companion_columns.add(misfit.key)
         if self.on_misfit is not None:
             self.on_misfit(misfit)
 
@@ -453,7 +464,7 @@ class CsvRecordReader:
         try:
             if cast is int:
                 return to_integer(cell.strip())
-        except (ValueError, decimal.InvalidOperation):
+        except (ValueError, ArithmeticError):  # ArithmeticError: Decimal's errors, OverflowError ('inf')
             pass
         raise _DoesNotFit(row, cell)
 

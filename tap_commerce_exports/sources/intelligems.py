@@ -218,16 +218,18 @@ class IntelligemsExportStream(ExportStream):
 
     def bookmark_after(self, context: dict | None, window: Window) -> dt.datetime:
         """Never past what has settled: analytics lag behind orders by up to ~2 hours (NOTES.md), so
-        the bookmark stops `intelligems_reread_hours` short of now. An ended experience counts as
+        the bookmark stops `intelligems_reread_hours` short of the sync's start: no export of this run
+        was made before then, so whatever it missed arrived after that. An ended experience counts as
         fully exported (no more calls) only once a run read its end after that lag had passed; an
         export made minutes after the end would otherwise be its last, and late rows would be lost."""
-        settled = dt.datetime.now(UTC) - dt.timedelta(hours=self.reread_hours())
+        started = self.sync_started_at or dt.datetime.now(UTC)
+        settled = started - dt.timedelta(hours=self.reread_hours())
         previous = self.bookmark(context)
         bookmark = min(window.end, settled)
         return max(bookmark, previous) if previous is not None else bookmark
 
     def hours_before_bookmark(self) -> float:
-        """None: the bookmark itself already stays `intelligems_reread_hours` short of the run
+        """Zero: the bookmark itself already stays `intelligems_reread_hours` short of the run's start
         (bookmark_after), so starting that much earlier again would read those hours twice."""
         return 0.0
 
