@@ -132,23 +132,6 @@ class ExportQueue:
         self._lookahead = max(1, lookahead)
         self.top_up()
 
-    def head(self, timeout: float, while_waiting: Callable[[], None] = lambda: None) -> ReadyExport | None:
-        """The next export in order once it is ready, without taking it; None if it failed, or is not
-        ready within `timeout` seconds."""
-        self.top_up()
-        if not self._running:
-            return None
-        future = self._running[0][1]
-        deadline = time.monotonic() + timeout
-        while not future.done() and time.monotonic() < deadline:
-            try:
-                future.exception(timeout=min(WAIT_TICK_SECONDS, max(0.0, deadline - time.monotonic())))
-            except FutureTimeout:
-                while_waiting()
-        if not future.done() or future.cancelled() or future.exception() is not None:
-            return None
-        return future.result()
-
     def requests(self) -> list[ExportRequest]:
         """The exports this queue has yet to hand over, running or waiting, in window order."""
         return [request for request, _ in self._running] + list(self._waiting)
